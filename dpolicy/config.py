@@ -1,0 +1,132 @@
+"""Typed configuration: dataclasses validated on construction, built from plain dicts.
+
+YAML (hydra) only composes and overrides; these classes own the defaults, the checks and the
+error messages. ``from_dict`` rejects unknown keys, naming them, so a typo never passes silently.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from dpolicy.errors import ConfigError
+
+
+def from_dict(cls, d: Mapping[str, Any] | None, where: str = ""):
+    """Build dataclass ``cls`` from ``d``; nested dataclass fields are built recursively."""
+    if d is None:
+        return cls()
+    if isinstance(d, cls):
+        return d
+    if not isinstance(d, Mapping):
+        raise ConfigError(f"config section {where or cls.__name__!r} must be a mapping, got {type(d).__name__}.")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - set(fields))
+    if unknown:
+        raise ConfigError(f"unknown config key(s) {', '.join(repr(f'{where}.{k}' if where else k) for k in unknown)}; "
+                          f"valid keys are {sorted(fields)}.")
+    kwargs = {}
+    for k, v in d.items():
+        ftype = fields[k].type
+        sub = _DATACLASSES.get(ftype if isinstance(ftype, str) else getattr(ftype, "__name__", ""))
+        kwargs[k] = from_dict(sub, v, f"{where}.{k}" if where else k) if sub is not None else v
+    return cls(**kwargs)
+
+
+def to_dict(obj) -> dict:
+    return dataclasses.asdict(obj)
+
+
+def _check(cond: bool, msg: str):
+    if not cond:
+        raise ConfigError(msg)
+
+
+@dataclass
+class NetConfig:
+    type: str = "mlp"  # "mlp" (residual MLP, DPPO design) or "unet" (1-D conditional U-Net, Diffusion Policy design)
+    hidden: int = 256  # mlp width
+    depth: int = 3  # mlp residual blocks
+    down_dims: list = field(default_factory=lambda: [64, 128, 256])  # unet channels per level
+    kernel_size: int = 5
+    n_groups: int = 8
+    time_dim: int = 32  # time-embedding width
+
+    def __post_init__(self):
+        _check(self.type in ("mlp", "unet"), f"net.type={self.type!r} is unknown; choose 'mlp' or 'unet'.")
+        _check(self.hidden > 0 and self.depth >= 0, f"net.hidden={self.hidden} / net.depth={self.depth} must be positive.")
+        _check(len(self.down_dims) >= 1 and all(int(d) > 0 for d in self.down_dims),
+               f"net.down_dims={list(self.down_dims)} must be a non-empty list of positive ints.")
+        _check(self.time_dim > 0 and self.time_dim % 2 == 0, f"net.time_dim={self.time_dim} must be a positive even int.")
+        self.down_dims = [int(d) for d in self.down_dims]
+
+
+@dataclass
+class ProcessConfig:
+    type: str = "diffusion"  # "diffusion" or "flow"
+    train_steps: int = 100  # diffusion levels (DDPM)
+    prediction: str = "epsilon"  # diffusion target: "epsilon" or "sample"
+    sampler: str = "ddim"  # diffusion: "ddim" | "ddpm"; flow: "euler" | "heun"
+    eta: float = 0.0  # DDIM stochasticity (0 = deterministic)
+    clip_sample: bool = True
+    time_sampling: str = "uniform"  # flow training times: "uniform" | "logit_normal"
+    steps: int = 10  # default number of sampling steps
+
+    def __post_init__(self):
+        _check(self.type in ("diffusion", "flow"), f"process.type={self.type!r} is unknown; choose 'diffusion' or 'flow'.")
+        ok = ("ddim", "ddpm") if self.type == "diffusion" else ("euler", "heun")
+        _check(self.sampler in ok, f"process.sampler={self.sampler!r} does not fit process.type={self.type!r}; choose one of {ok}.")
+        _check(self.steps >= 1, f"process.steps={self.steps} must be at least 1.")
+
+
+@dataclass
+class PolicyConfig:
+    obs_keys: list = field(default_factory=list)  # observation keys, in order
+    obs_dims: dict = field(default_factory=dict)  # key -> dimension (filled from the dataset)
+    action_dim: int = 0  # filled from the dataset
+    To: int = 2  # observation history
+    Tp: int = 16  # predicted chunk length
+    Ta: int = 8  # executed actions per chunk
+    obs_norm: str = "limits"
+    action_norm: str = "limits"
+    net: NetConfig = field(default_factory=NetConfig)
+    process: ProcessConfig = field(default_factory=ProcessConfig)
+
+    def __post_init__(self):
+        _check(self.To >= 1, f"policy.To={self.To} must be at least 1.")
+        _check(self.Tp >= 1, f"policy.Tp={self.Tp} must be at least 1.")
+        _check(1 <= self.Ta <= self.Tp, f"policy.Ta={self.Ta} must be between 1 and Tp={self.Tp}.")
+        self.obs_keys = list(self.obs_keys)
+        self.obs_dims = {str(k): int(v) for k, v in dict(self.obs_dims).items()}
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 3000  # gradient steps
+    batch_size: int = 256
+    lr: float = 1e-3
+    weight_decay: float = 1e-6
+    betas: list = field(default_factory=lambda: [0.95, 0.999])
+    warmup_steps: int = 100
+    grad_clip: float = 1.0
+    ema_power: float = 0.75
+    ema_max: float = 0.9999
+    log_every: int = 50
+    ckpt_every: int = 1000
+    keep_checkpoints: int = 2
+    seed: int = 0
+    amp: bool = True  # bf16 autocast, CUDA only
+    compile: bool = False  # torch.compile the denoiser, CUDA only
+    max_bad_steps: int = 20  # consecutive non-finite steps before giving up
+    progress: bool = True
+
+    def __post_init__(self):
+        _check(self.steps >= 1, f"train.steps={self.steps} must be at least 1.")
+        _check(self.batch_size >= 1, f"train.batch_size={self.batch_size} must be at least 1.")
+        _check(self.lr > 0, f"train.lr={self.lr} must be positive.")
+        _check(self.ckpt_every >= 1 and self.log_every >= 1, "train.ckpt_every and train.log_every must be at least 1.")
+        _check(self.keep_checkpoints >= 1, f"train.keep_checkpoints={self.keep_checkpoints} must be at least 1.")
+
+
+_DATACLASSES = {c.__name__: c for c in (NetConfig, ProcessConfig, PolicyConfig, TrainConfig)}

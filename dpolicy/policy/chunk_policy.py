@@ -1,0 +1,131 @@
+"""``ChunkPolicy``: the deterministic, batched map (obs history, noise, schedule) -> action chunk.
+
+Observations arrive as a dict of ``(B, To, d_k)`` tensors in environment units; they are
+normalized per key, concatenated in ``obs_keys`` order and flattened into the global
+conditioning vector (Diffusion Policy's ``obs_as_global_cond``). The action chunk is produced
+in normalized space ``(B, Tp, Da)`` in [-1, 1] and unnormalized exactly once, in ``act``.
+``chunk[:, 0]`` is the action for the current step; a controller executes ``chunk[:, :Ta]``.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+from torch import nn
+
+from dpolicy.config import PolicyConfig
+from dpolicy.data.normalizer import DictNormalizer
+from dpolicy.errors import ConfigError, ShapeError
+from dpolicy.nn import build_net
+from dpolicy.process import build_process, sample_loop
+
+
+class ChunkPolicy(nn.Module):
+    def __init__(self, cfg: PolicyConfig, normalizer: DictNormalizer):
+        super().__init__()
+        if not cfg.obs_keys:
+            raise ConfigError("policy.obs_keys is empty; name at least one observation key.")
+        missing = [k for k in cfg.obs_keys if k not in cfg.obs_dims]
+        if missing:
+            raise ConfigError(f"policy.obs_dims has no dimension for observation key(s) {missing}.")
+        if cfg.action_dim < 1:
+            raise ConfigError(f"policy.action_dim={cfg.action_dim} must be at least 1.")
+        for k in cfg.obs_keys:
+            if k not in normalizer.obs or normalizer.obs[k].dim != cfg.obs_dims[k]:
+                raise ConfigError(f"the normalizer has no statistics of dimension {cfg.obs_dims[k]} for observation key {k!r}.")
+        if normalizer.action.dim != cfg.action_dim:
+            raise ConfigError(f"the action normalizer has dimension {normalizer.action.dim}, expected {cfg.action_dim}.")
+        self.cfg = cfg
+        self.normalizer = normalizer
+        self.cond_dim = cfg.To * sum(cfg.obs_dims[k] for k in cfg.obs_keys)
+        self.net = build_net(cfg.net, cfg.action_dim, cfg.Tp, self.cond_dim)
+        self.process = build_process(cfg.process)
+
+    # -- shapes -------------------------------------------------------------------------------
+    obs_keys = property(lambda self: self.cfg.obs_keys)
+    To = property(lambda self: self.cfg.To)
+    Tp = property(lambda self: self.cfg.Tp)
+    Ta = property(lambda self: self.cfg.Ta)
+    action_dim = property(lambda self: self.cfg.action_dim)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.net.parameters()).device
+
+    def chunk_shape(self, batch: int) -> tuple[int, int, int]:
+        return (batch, self.Tp, self.action_dim)
+
+    def check_obs(self, obs: Mapping[str, torch.Tensor]) -> int:
+        """Validate an observation dict; return the batch size. Raises ShapeError naming the culprit."""
+        if not isinstance(obs, Mapping):
+            raise ShapeError(f"observations must be a dict keyed by {self.obs_keys}, got {type(obs).__name__}.")
+        missing = [k for k in self.obs_keys if k not in obs]
+        if missing:
+            raise ShapeError(f"observation key(s) {missing} are missing; the policy needs {self.obs_keys}.")
+        batch = None
+        for k in self.obs_keys:
+            shape = tuple(obs[k].shape)
+            want = (self.To, self.cfg.obs_dims[k])
+            if len(shape) != 3 or shape[1:] != want:
+                raise ShapeError(f"observation {k!r} has shape {shape}; expected (B, {want[0]}, {want[1]}) = (B, To, dim).")
+            if batch is not None and shape[0] != batch:
+                raise ShapeError(f"observation {k!r} has batch size {shape[0]} but others have {batch}.")
+            batch = shape[0]
+        return batch
+
+    # -- the map ------------------------------------------------------------------------------
+    def encode(self, obs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """``{k: (B, To, d_k)}`` in env units -> conditioning ``(B, To * sum d_k)``."""
+        parts = [self.normalizer.obs[k].normalize(obs[k].to(self.device, torch.float32)) for k in self.obs_keys]
+        return torch.cat(parts, dim=-1).flatten(1)
+
+    def field_fn(self, cond: torch.Tensor):
+        """Close over the conditioning: ``(x_t (B,Tp,Da), t float or (B,)) -> field (B,Tp,Da)``."""
+        def fn(x: torch.Tensor, t) -> torch.Tensor:
+            tt = torch.as_tensor(t, device=x.device, dtype=torch.float32)
+            if tt.ndim == 0:
+                tt = tt.expand(x.shape[0])
+            return self.net(x, self.process.net_time(tt), cond)
+        return fn
+
+    def sample_normalized(self, cond: torch.Tensor, noise: torch.Tensor | None = None, steps: int | None = None,
+                          generator: torch.Generator | None = None, t_start: float = 1.0) -> torch.Tensor:
+        """Denoise ``noise`` (B,Tp,Da) into a normalized chunk; ``t_start < 1`` continues a partially noised chunk."""
+        b = cond.shape[0]
+        if noise is None:
+            noise = torch.randn(self.chunk_shape(b), device=cond.device, generator=generator)
+        elif tuple(noise.shape) != self.chunk_shape(b):
+            raise ShapeError(f"noise has shape {tuple(noise.shape)}; expected {self.chunk_shape(b)} = (B, Tp, Da).")
+        schedule = self.process.schedule(steps or self.cfg.process.steps, t_start)
+        return sample_loop(self.process, self.field_fn(cond), noise.to(cond.device, torch.float32), schedule, generator)
+
+    @torch.no_grad()
+    def act(self, obs: Mapping[str, torch.Tensor], noise: torch.Tensor | None = None, steps: int | None = None,
+            generator: torch.Generator | None = None) -> torch.Tensor:
+        """``{k: (B, To, d_k)}`` -> action chunk ``(B, Tp, Da)`` in env units. Same noise, same chunk."""
+        self.check_obs(obs)
+        chunk = self.sample_normalized(self.encode(obs), noise, steps, generator)
+        return self.normalizer.action.unnormalize(chunk)
+
+    def loss(self, obs: Mapping[str, torch.Tensor], actions: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Mean training loss for a batch: obs ``{k: (B,To,d_k)}``, actions ``(B,Tp,Da)``, both in env units."""
+        x0 = self.normalizer.action.normalize(actions)
+        return self.process.loss(self.field_fn(self.encode(obs)), x0, generator).mean()
+
+    def forward(self, obs, actions, generator=None):
+        """``forward`` is the training loss, so DDP / torch.compile can wrap the whole policy."""
+        return self.loss(obs, actions, generator)
+
+    # -- persistence --------------------------------------------------------------------------
+    def save(self, path) -> None:
+        from dpolicy.policy.checkpoint import save_policy
+
+        save_policy(self, path)
+
+    @classmethod
+    def from_checkpoint(cls, path, device: str | torch.device = "cpu") -> "ChunkPolicy":
+        """Load from a policy directory, a step directory, or a run's checkpoint root (follows ``latest``)."""
+        from dpolicy.policy.checkpoint import load_policy
+
+        return load_policy(path, device)
