@@ -129,4 +129,53 @@ class TrainConfig:
         _check(self.keep_checkpoints >= 1, f"train.keep_checkpoints={self.keep_checkpoints} must be at least 1.")
 
 
-_DATACLASSES = {c.__name__: c for c in (NetConfig, ProcessConfig, PolicyConfig, TrainConfig)}
+@dataclass
+class TaskConfig:
+    name: str = "avoid"  # short task name (envs.TASKS) or any gymnasium id with a Box action space
+    env_kwargs: dict = field(default_factory=dict)  # passed to the environment constructor
+    obs_keys: list = field(default_factory=list)  # observation keys the policy sees (empty: all of the dataset's)
+    n_demos: int = 100  # expert demos collected when data.path is not given
+    demo_noise: float = 0.0  # expert action noise for collected demos
+    expert_kwargs: dict = field(default_factory=dict)  # e.g. mode_probs for the multimodal task
+
+    def __post_init__(self):
+        _check(self.n_demos >= 1, f"task.n_demos={self.n_demos} must be at least 1.")
+        self.env_kwargs, self.expert_kwargs, self.obs_keys = dict(self.env_kwargs), dict(self.expert_kwargs), list(self.obs_keys)
+
+
+@dataclass
+class DataConfig:
+    path: str | None = None  # robomimic-layout HDF5; None: collect expert demos into the run directory
+    filter_key: str | None = None  # mask/<filter_key> selects demos (e.g. "train")
+    max_demos: int | None = None
+
+
+@dataclass
+class EvalConfig:
+    episodes: int = 100
+    n_envs: int = 10
+    seed: int = 100000  # evaluation seeds start here, far from the demo seeds
+    steps: int | None = None  # sampling steps (None: the process default)
+    video: bool = True
+    video_episodes: int = 2
+    plot: bool = True
+    every: int = 0  # evaluate every N training steps for the learning curve (0: only at the end)
+    episodes_during: int = 20  # episodes per evaluation during training
+
+    def __post_init__(self):
+        _check(self.episodes >= 1 and self.n_envs >= 1, f"eval.episodes={self.episodes} and eval.n_envs={self.n_envs} must be at least 1.")
+
+
+@dataclass
+class RunConfig:
+    task: TaskConfig = field(default_factory=TaskConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    device: str = "auto"
+    seed: int = 0
+
+
+_DATACLASSES = {c.__name__: c for c in (NetConfig, ProcessConfig, PolicyConfig, TrainConfig, TaskConfig, DataConfig,
+                                         EvalConfig, RunConfig)}

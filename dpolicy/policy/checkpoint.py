@@ -95,7 +95,7 @@ def write_policy_files(policy, out: Path) -> None:
     write_json(out / "meta.json", {
         "format": FORMAT, "format_version": FORMAT_VERSION, "dpolicy_version": __version__,
         "shapes": {"obs": {k: [cfg.To, cfg.obs_dims[k]] for k in cfg.obs_keys}, "action": [cfg.Tp, cfg.action_dim]},
-        "process": cfg.process.type, "net": cfg.net.type,
+        "process": cfg.process.type, "net": cfg.net.type, "metadata": getattr(policy, "metadata", {}),
     })
 
 
@@ -168,6 +168,7 @@ def load_policy(path, device="cpu"):
         raise CheckpointError(f"{d / 'config.json'} is invalid: {e}") from None
     normalizer = DictNormalizer.from_dict(read_json(d / "normalizer.json", "the checkpoint"))
     policy = ChunkPolicy(cfg, normalizer)
+    policy.metadata = dict(meta.get("metadata") or {})
     wfile = d / "model.safetensors"
     if not wfile.exists():
         raise CheckpointError(f"{wfile} is missing; the checkpoint is incomplete.")

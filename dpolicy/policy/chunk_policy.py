@@ -38,6 +38,7 @@ class ChunkPolicy(nn.Module):
             raise ConfigError(f"the action normalizer has dimension {normalizer.action.dim}, expected {cfg.action_dim}.")
         self.cfg = cfg
         self.normalizer = normalizer
+        self.metadata: dict = {}  # JSON-serializable facts saved with the policy, e.g. the env_args of its task
         self.cond_dim = cfg.To * sum(cfg.obs_dims[k] for k in cfg.obs_keys)
         self.net = build_net(cfg.net, cfg.action_dim, cfg.Tp, self.cond_dim)
         self.process = build_process(cfg.process)

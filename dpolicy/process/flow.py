@@ -42,7 +42,8 @@ class Flow(Process):
     def step(self, field_fn: FieldFn, x, t, t_next, generator=None):
         dt = t_next - t
         v = field_fn(x, t)
-        if self.sampler == "euler":
+        if self.sampler == "euler" or t_next <= 0:
+            # Heun's last step is Euler (as in Karras et al.): the field at t=0 is not needed
             return x + dt * v
         x_pred = x + dt * v
         return x + dt * 0.5 * (v + field_fn(x_pred, t_next))
