@@ -21,7 +21,7 @@ from dpolicy.errors import DatasetError
 
 class WindowDataset:
     def __init__(self, demos: Sequence[Demo], obs_keys: Sequence[str], To: int, Tp: int,
-                 device: str | torch.device = "cpu", seed: int = 0, rank: int = 0, world_size: int = 1):
+                 device: str | torch.device = "cpu", seed: int = 0, rank: int | None = None, world_size: int | None = None):
         if not demos:
             raise DatasetError("no demonstrations to train on.")
         self.obs_keys, self.To, self.Tp = list(obs_keys), To, Tp
@@ -37,6 +37,10 @@ class WindowDataset:
         self.n = int(lengths.sum())
         self._obs_off = torch.arange(-To + 1, 1, device=self.device)
         self._act_off = torch.arange(0, Tp, device=self.device)
+        if rank is None or world_size is None:  # under torchrun every rank reads a disjoint shard of one permutation
+            from dpolicy.train.distributed import world
+
+            rank, world_size = world()
         self.rank, self.world_size = rank, world_size
         self.generator = torch.Generator().manual_seed(seed)
         self.perm = torch.empty(0, dtype=torch.long)

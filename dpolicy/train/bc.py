@@ -88,8 +88,7 @@ def train_bc(cfg: RunConfig, run_dir, progress: bool = True) -> dict:
         env_args = {**env_args, "env_kwargs": {**env_args["env_kwargs"], **cfg.task.env_kwargs}}
     demos = read_dataset(path, cfg.task.obs_keys or None, cfg.data.filter_key, cfg.data.max_demos)
     obs_keys = cfg.task.obs_keys or list(demos[0].obs)
-    data = WindowDataset(demos, obs_keys, cfg.policy.To, cfg.policy.Tp, device=device, seed=cfg.seed,
-                         rank=rank, world_size=world_size)
+    data = WindowDataset(demos, obs_keys, cfg.policy.To, cfg.policy.Tp, device=device, seed=cfg.seed)
     policy = build_policy(cfg.policy, data)
     policy.metadata = {"env_args": env_args, "task": cfg.task.name, "dataset": str(path)}
     make_env = env_factory(env_args)
