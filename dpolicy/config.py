@@ -64,7 +64,7 @@ class NetConfig:
 
 @dataclass
 class ProcessConfig:
-    type: str = "diffusion"  # "diffusion" or "flow"
+    type: str = "diffusion"  # "diffusion", "flow" or "regression" (deterministic MSE baseline)
     train_steps: int = 100  # diffusion levels (DDPM)
     prediction: str = "epsilon"  # diffusion target: "epsilon" or "sample"
     sampler: str = "ddim"  # diffusion: "ddim" | "ddpm"; flow: "euler" | "heun"
@@ -74,8 +74,11 @@ class ProcessConfig:
     steps: int = 10  # default number of sampling steps
 
     def __post_init__(self):
-        _check(self.type in ("diffusion", "flow"), f"process.type={self.type!r} is unknown; choose 'diffusion' or 'flow'.")
-        ok = ("ddim", "ddpm") if self.type == "diffusion" else ("euler", "heun")
+        _check(self.type in ("diffusion", "flow", "regression"),
+               f"process.type={self.type!r} is unknown; choose 'diffusion', 'flow' or 'regression'.")
+        ok = {"diffusion": ("ddim", "ddpm"), "flow": ("euler", "heun"), "regression": ("direct",)}[self.type]
+        if self.type == "regression":
+            self.sampler = "direct"
         _check(self.sampler in ok, f"process.sampler={self.sampler!r} does not fit process.type={self.type!r}; choose one of {ok}.")
         _check(self.steps >= 1, f"process.steps={self.steps} must be at least 1.")
 

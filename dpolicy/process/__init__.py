@@ -8,6 +8,7 @@ warm starts (RTI) start mid-schedule and composition (GPC) mix several policies'
 from dpolicy.process.base import Process, sample_loop
 from dpolicy.process.diffusion import Diffusion
 from dpolicy.process.flow import Flow
+from dpolicy.process.regression import Regression
 
 
 def build_process(cfg) -> Process:
@@ -19,7 +20,9 @@ def build_process(cfg) -> Process:
                          clip_sample=cfg.clip_sample)
     if cfg.type == "flow":
         return Flow(sampler=cfg.sampler, time_sampling=cfg.time_sampling)
-    raise ConfigError(f"process.type={cfg.type!r} is unknown; choose 'diffusion' or 'flow'.")
+    if cfg.type == "regression":
+        return Regression()
+    raise ConfigError(f"process.type={cfg.type!r} is unknown; choose 'diffusion', 'flow' or 'regression'.")
 
 
-__all__ = ["Process", "Diffusion", "Flow", "sample_loop", "build_process"]
+__all__ = ["Process", "Diffusion", "Flow", "Regression", "sample_loop", "build_process"]
