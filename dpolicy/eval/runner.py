@@ -106,7 +106,9 @@ def run_episodes(policy, venv, seeds: Sequence[int], *, max_steps: int | None = 
     queue = np.zeros((n_envs, Ta, Da), dtype=np.float32)
     queue_pos = np.full(n_envs, Ta)  # Ta = queue empty, re-plan before the next step
     gens: list[torch.Generator | None] = [None] * n_envs
-    shared_gen = torch.Generator(device=device).manual_seed(int(seeds[0]) if n_eps else 0)
+    # Fallback stream for noise the policy draws itself: all of it when per_episode_noise is off, and
+    # the per-step noise of stochastic samplers (DDPM). Seeded, so runs repeat at a fixed n_envs.
+    shared_gen = _noise_generator(device, int(seeds[0]) if n_eps else 0)
     next_ep = 0
     policy_calls = 0
     hist: dict[str, torch.Tensor] = {}
@@ -149,7 +151,7 @@ def run_episodes(policy, venv, seeds: Sequence[int], *, max_steps: int | None = 
             batch_obs = {k: hist[k][idx] for k in keys}
             noise = (torch.stack([torch.randn(Tp, Da, device=device, generator=gens[r]) for r in rows])
                      if per_episode_noise else None)
-            chunk = policy.act(batch_obs, noise=noise, steps=steps, generator=None if per_episode_noise else shared_gen)
+            chunk = policy.act(batch_obs, noise=noise, steps=steps, generator=shared_gen)
             if tuple(chunk.shape) != (len(rows), Tp, Da):
                 raise ShapeError(f"policy.act returned shape {tuple(chunk.shape)}; expected {(len(rows), Tp, Da)} = (B, Tp, Da).")
             # The one host transfer per re-plan: only the part that will be executed.
