@@ -38,8 +38,8 @@ def envs_section(episodes: int = 1000, steps: int = 20000, log=print) -> str:
         adv = eb.adversarial_check(name, n_sequences=24)
         log(f"[envs] {name}: {sps:.0f} steps/s, expert success {st['success_rate']:.3f}")
         rows.append([name, f"{sps:,.0f}", f"{st['success_rate']:.3f}", f"{st['mean_length']:.1f}", episodes])
-        adv_rows.append([name, adv.get("n_sequences", 24), adv.get("exceptions", "?"), adv.get("nonfinite_obs", "?"),
-                         adv.get("unstable_flagged", "?")])
+        adv_rows.append([name, adv["sequences"], adv["steps"], adv["exceptions"], adv["nonfinite_obs"],
+                         adv["unstable_ended"], adv["unstable_not_ended"]])
         if "mode_frequencies" in st:
             modes[name] = st["mode_frequencies"]
     body = "## Task suite: speed, experts, robustness\n\n"
@@ -48,7 +48,8 @@ def envs_section(episodes: int = 1000, steps: int = 20000, log=print) -> str:
         body += f"\n\nExpert mode frequencies on `{name}` (uniform mix requested): " + ", ".join(
             f"mode {k}: {v:.3f}" for k, v in sorted(freq.items(), key=lambda kv: int(kv[0])))
     body += "\n\nAdversarial actions (±1e6, NaN, ±inf, bang-bang, mixed):\n\n"
-    body += table(["task", "sequences", "uncaught exceptions", "non-finite observations", "unstable rollouts flagged and ended"], adv_rows)
+    body += table(["task", "sequences", "steps", "uncaught exceptions", "non-finite observations",
+                   "unstable steps flagged and ended", "unstable but not ended"], adv_rows)
     return body
 
 

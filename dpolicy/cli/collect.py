@@ -15,13 +15,14 @@ def _run(cfg) -> dict:
     from dpolicy.errors import ConfigError
 
     c = container(cfg)
-    allowed = {"task", "n_demos", "out", "seed", "noise_std", "env_kwargs", "expert_kwargs", "keep_failures", "valid_fraction"}
+    allowed = {"task", "n_demos", "out", "seed", "noise_std", "keep_failures", "valid_fraction"}
     unknown = sorted(set(c) - allowed)
     if unknown:
         raise ConfigError(f"unknown config key(s) {unknown} for dpolicy-collect; valid keys are {sorted(allowed)}.")
-    out = c["out"] or str(run_dir() / f"{c['task']}_demos.hdf5")
-    summary = collect_demos(c["task"], int(c["n_demos"]), out, seed=int(c["seed"]), noise_std=float(c["noise_std"]),
-                            env_kwargs=c["env_kwargs"], expert_kwargs=c["expert_kwargs"],
+    task = c["task"]
+    out = c["out"] or str(run_dir() / f"{task['name']}_demos.hdf5")
+    summary = collect_demos(task["name"], int(c["n_demos"]), out, seed=int(c["seed"]), noise_std=float(c["noise_std"]),
+                            env_kwargs=task.get("env_kwargs") or {}, expert_kwargs=task.get("expert_kwargs") or {},
                             keep_failures=bool(c["keep_failures"]), valid_fraction=float(c["valid_fraction"]))
     (run_dir() / "metrics.json").write_text(json.dumps(summary, indent=2))
     print(json.dumps(summary, indent=2))

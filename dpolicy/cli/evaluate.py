@@ -14,7 +14,8 @@ def _run(cfg) -> dict:
     from dpolicy.errors import ConfigError
     from dpolicy.eval import evaluate
     from dpolicy.policy import load_policy
-    from dpolicy.train.bc import check_env_compat, env_factory
+    from dpolicy.tasks import env_factory
+    from dpolicy.train.bc import check_env_compat
     from dpolicy.utils import resolve_device
 
     c = container(cfg)
@@ -27,9 +28,9 @@ def _run(cfg) -> dict:
     policy = load_policy(c["checkpoint"], resolve_device(c["device"]))
     env_args = policy.metadata.get("env_args")
     if c["task"]:
-        import envs
+        from dpolicy.tasks import env_args as task_env_args
 
-        env_args = envs.env_args(c["task"])
+        env_args = task_env_args(c["task"])
     if env_args is None:
         raise ConfigError(f"checkpoint {c['checkpoint']!r} stores no env_args; pass task=<name>.")
     env_args = {**env_args, "env_kwargs": {**env_args.get("env_kwargs", {}), **(c["env_kwargs"] or {})}}

@@ -18,15 +18,16 @@ def collect_demos(task: str, n_demos: int, out_path, seed: int = 0, noise_std: f
                   expert_kwargs: dict | None = None, keep_failures: bool = False, max_attempts: int | None = None,
                   valid_fraction: float = 0.0, progress: bool = True) -> dict:
     """Roll out the task's scripted expert until ``n_demos`` episodes are kept; write them to ``out_path``."""
-    import envs
     from tqdm import tqdm
+
+    from dpolicy import tasks
 
     if n_demos < 1:
         raise ConfigError(f"n_demos={n_demos} must be at least 1.")
     env_kwargs = dict(env_kwargs or {})
-    args = envs.env_args(task, **env_kwargs)
-    env = envs.make_env_from_args(args)
-    expert = envs.make_expert(env, noise_std=noise_std, seed=seed, **(expert_kwargs or {}))
+    args = tasks.env_args(task, **env_kwargs)
+    env = tasks.make_env(args)
+    expert = tasks.make_expert(env, noise_std=noise_std, seed=seed, **(expert_kwargs or {}))
     max_attempts = max_attempts or 3 * n_demos + 20
     demos, attempts, successes, lengths, modes = [], 0, 0, [], []
     bar = tqdm(total=n_demos, desc=f"collect {task}", disable=not progress, dynamic_ncols=True, leave=False)

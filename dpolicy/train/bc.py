@@ -18,18 +18,10 @@ from dpolicy.data.robomimic import read_dataset, read_env_args
 from dpolicy.data.windows import WindowDataset
 from dpolicy.errors import ShapeError
 from dpolicy.policy.chunk_policy import ChunkPolicy
+from dpolicy.tasks import env_factory
 from dpolicy.train import distributed as dist_utils
 from dpolicy.train.trainer import Trainer
 from dpolicy.utils import resolve_device, seed_everything
-
-
-def env_factory(env_args: dict):
-    """A picklable zero-argument env factory (vector envs call it once per sub-env)."""
-    import functools
-
-    import envs
-
-    return functools.partial(envs.make_env_from_args, env_args)
 
 
 def check_env_compat(env, policy: ChunkPolicy) -> None:

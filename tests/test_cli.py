@@ -1,0 +1,135 @@
+"""End-to-end CLI runs (tiny budgets) and the bad-input table: every malformed dataset, config,
+checkpoint or observation exits non-zero with one line naming the culprit, and no traceback."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+TINY = ["task.n_demos=4", "train.steps=30", "train.batch_size=32", "train.log_every=10", "train.ckpt_every=15",
+        "eval.episodes=3", "eval.n_envs=3", "eval.every=0", "train.progress=false", "policy.net.hidden=32",
+        "policy.net.depth=1", "eval.video_episodes=1"]
+
+
+def run(module, *args, cwd=None):
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    return subprocess.run([sys.executable, "-m", f"dpolicy.cli.{module}", *args], capture_output=True, text=True,
+                          timeout=300, cwd=cwd, env=env)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("train")
+    res = run("train", "task=avoid", "process=flow", *TINY, f"hydra.run.dir={out}")
+    assert res.returncode == 0, res.stderr[-3000:]
+    return out, res.stdout
+
+
+def test_train_writes_metrics_checkpoint_plot_and_prints_where(trained):
+    out, stdout = trained
+    m = json.loads((out / "metrics.json").read_text())
+    assert 0.0 <= m["success_rate"] <= 1.0 and m["eval"]["n_episodes"] == 3 and m["train_steps"] == 30
+    assert "success rate" in stdout and str(out / "metrics.json") in stdout
+    assert (out / "checkpoints" / "latest").exists() and (out / "learning_curve.png").stat().st_size > 0
+    assert (out / "demos.hdf5").exists() and (out / "tb").is_dir()
+    from dpolicy.policy import load_policy
+
+    pol = load_policy(out / "checkpoints")
+    assert pol.metadata["env_args"]["env_name"] == "dpolicy/Avoid-v0"
+
+
+def test_eval_cli_on_the_trained_checkpoint(trained, tmp_path):
+    out, _ = trained
+    res = run("evaluate", f"checkpoint={out}/checkpoints", "episodes=4", "n_envs=2", "video=false", f"hydra.run.dir={tmp_path}")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert json.loads((tmp_path / "metrics.json").read_text())["n_episodes"] == 4
+
+
+def test_collect_cli_writes_a_dataset(tmp_path):
+    out = tmp_path / "d.hdf5"
+    res = run("collect", "task=lift", "n_demos=3", f"out={out}", f"hydra.run.dir={tmp_path}")
+    assert res.returncode == 0, res.stderr[-2000:]
+    summary = json.loads((tmp_path / "metrics.json").read_text())
+    assert summary["demos"] == 3 and summary["expert_success_rate"] > 0
+    with h5py.File(out) as f:
+        assert len([k for k in f["data"] if k.startswith("demo_")]) == 3
+
+
+def _dataset(tmp_path, name, mutate):
+    from dpolicy.data.collect import collect_demos
+
+    path = tmp_path / f"{name}.hdf5"
+    collect_demos("avoid", 3, path, progress=False)
+    with h5py.File(path, "a") as f:
+        mutate(f)
+    return path
+
+
+def _replace(f, key, value):
+    del f[key]
+    f[key] = value
+
+
+BAD_DATASETS = {
+    "missing_key": (lambda f: f["data/demo_0/obs"].__delitem__("agent_vel"), "agent_vel is missing"),
+    "nan_actions": (lambda f: f["data/demo_1/actions"].__setitem__((2, 0), np.nan), "actions holds NaN"),
+    "wrong_obs_shape": (lambda f: [_replace(f, f"data/demo_{i}/obs/agent_pos", np.zeros((f[f"data/demo_{i}/actions"].shape[0], 3))) for i in range(3)],
+                        "'agent_pos' has dimension 3 in the dataset"),
+    "no_env_args": (lambda f: f["data"].attrs.__delitem__("env_args"), "env_args is missing"),
+    "length_mismatch": (lambda f: _replace(f, "data/demo_2/actions", np.zeros((3, 2))), "demo_2"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_DATASETS))
+def test_bad_datasets_exit_with_one_clear_line(tmp_path, case):
+    mutate, match = BAD_DATASETS[case]
+    path = _dataset(tmp_path, case, mutate)
+    res = run("train", "task=avoid", f"data.path={path}", *TINY, f"hydra.run.dir={tmp_path / 'run'}")
+    assert res.returncode != 0
+    err = res.stderr.strip().splitlines()
+    assert "Traceback" not in res.stderr and err[-1].startswith("error:"), res.stderr[-2000:]
+    assert match.replace("'agent_pos' has dimension 3 in the dataset", "agent_pos") in err[-1], err[-1]
+
+
+@pytest.mark.parametrize("args,match", [
+    (["data.path=/nonexistent/demos.hdf5"], "/nonexistent/demos.hdf5"),
+    (["policy.Ta=40"], "policy.Ta=40"),
+    (["process=flow", "policy.process.sampler=ddim"], "sampler='ddim'"),
+    (["task.name=NoSuchTask-v9"], "NoSuchTask-v9"),
+    (["device=cuda:7"] if not __import__("torch").cuda.is_available() else ["policy.net.type=transformer"], "cuda" if not __import__("torch").cuda.is_available() else "transformer"),
+])
+def test_bad_configs_exit_with_one_clear_line(tmp_path, args, match):
+    res = run("train", *TINY, *args, f"hydra.run.dir={tmp_path}")
+    assert res.returncode != 0
+    assert "Traceback" not in res.stderr, res.stderr[-2000:]
+    assert match in res.stderr.strip().splitlines()[-1], res.stderr[-2000:]
+
+
+@pytest.mark.parametrize("args,match", [(["train.no_such_key=1"], "no_such_key"), (["process=nonexistent"], "nonexistent")])
+def test_unknown_config_keys_and_options_fail_in_hydra(tmp_path, args, match):
+    res = run("train", *args, f"hydra.run.dir={tmp_path}")
+    assert res.returncode != 0 and match in res.stderr
+
+
+@pytest.mark.parametrize("corrupt,match", [
+    (lambda d: (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:100]), "truncated"),
+    (lambda d: (d / "meta.json").write_text('{"format": "torch-pickle"}'), "does not describe a dpolicy policy"),
+    (lambda d: (d / "normalizer.json").unlink(), "normalizer.json is missing"),
+])
+def test_bad_checkpoints_exit_with_one_clear_line(trained, tmp_path, corrupt, match):
+    import shutil
+
+    from dpolicy.policy import resolve_checkpoint
+
+    src = resolve_checkpoint(trained[0] / "checkpoints")
+    bad = tmp_path / "bad"
+    shutil.copytree(src, bad)
+    corrupt(bad)
+    res = run("evaluate", f"checkpoint={bad}", "episodes=1", "n_envs=1", "video=false", f"hydra.run.dir={tmp_path / 'e'}")
+    assert res.returncode != 0 and "Traceback" not in res.stderr
+    assert match in res.stderr.strip().splitlines()[-1], res.stderr[-2000:]
