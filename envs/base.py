@@ -12,6 +12,7 @@ supply the MJCF, the reset distribution, the action mapping, the observation and
 from __future__ import annotations
 
 import atexit
+import logging
 import os
 import weakref
 
@@ -20,6 +21,7 @@ import numpy as np
 
 # Offscreen GL must be chosen before mujoco is first imported; EGL (Mesa llvmpipe) works headless here.
 os.environ.setdefault("MUJOCO_GL", "egl")
+logging.getLogger("OpenGL").setLevel(logging.WARNING)  # PyOpenGL's "no OpenGL_accelerate" INFO line
 import mujoco  # noqa: E402
 
 # Envs holding a GL renderer. EGL contexts freed during interpreter teardown raise noisy errors, so

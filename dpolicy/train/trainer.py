@@ -9,6 +9,7 @@ finite is skipped and counted; ``max_bad_steps`` in a row dump the batch and sto
 from __future__ import annotations
 
 import json
+import logging
 import math
 import random
 import shutil
@@ -26,6 +27,8 @@ from dpolicy.errors import CheckpointError, TrainingError
 from dpolicy.policy.checkpoint import COMPLETE, atomic_dir, write_policy_files
 from dpolicy.train import distributed as dist_utils
 from dpolicy.train.ema import EMA
+
+logger = logging.getLogger("dpolicy.train")
 
 
 def cosine_with_warmup(warmup: int, total: int) -> Callable[[int], float]:
@@ -189,6 +192,9 @@ class Trainer:
                 if self.eval_fn is not None and self.eval_every and self.step % self.eval_every == 0 and self.main:
                     rec.update({f"eval_{k}": v for k, v in self.eval_fn(self.ema.model, self.step).items()})
                 self._log(rec)
+                if self.main and (self.step % (10 * self.cfg.log_every) == 0 or len(rec) > 6 or self.step == self.cfg.steps):
+                    logger.info("step %d/%d  %s", self.step, self.cfg.steps, "  ".join(
+                        f"{k}={v:.4g}" for k, v in rec.items() if k not in ("step", "bad_steps") and isinstance(v, float)))
                 bar.set_postfix(loss=f"{rec['loss']:.4f}")
                 losses, t0, n0 = [], time.perf_counter(), self.step
             if self.step % self.cfg.ckpt_every == 0 or self.step == self.cfg.steps:
