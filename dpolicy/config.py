@@ -93,6 +93,7 @@ class PolicyConfig:
     Ta: int = 8  # executed actions per chunk
     obs_norm: str = "limits"
     action_norm: str = "limits"
+    obs_noise: float = 0.0  # training only: std of Gaussian noise on the normalized observations (robustness to drift)
     net: NetConfig = field(default_factory=NetConfig)
     process: ProcessConfig = field(default_factory=ProcessConfig)
 
@@ -100,6 +101,7 @@ class PolicyConfig:
         _check(self.To >= 1, f"policy.To={self.To} must be at least 1.")
         _check(self.Tp >= 1, f"policy.Tp={self.Tp} must be at least 1.")
         _check(1 <= self.Ta <= self.Tp, f"policy.Ta={self.Ta} must be between 1 and Tp={self.Tp}.")
+        _check(0.0 <= float(self.obs_noise) < float("inf"), f"policy.obs_noise={self.obs_noise} must be a finite number >= 0.")
         self.obs_keys = list(self.obs_keys)
         self.obs_dims = {str(k): int(v) for k, v in dict(self.obs_dims).items()}
 
@@ -143,7 +145,8 @@ class TaskConfig:
 
     def __post_init__(self):
         _check(self.n_demos >= 1, f"task.n_demos={self.n_demos} must be at least 1.")
-        self.env_kwargs, self.expert_kwargs, self.obs_keys = dict(self.env_kwargs), dict(self.expert_kwargs), list(self.obs_keys)
+        self.env_kwargs, self.expert_kwargs = dict(self.env_kwargs or {}), dict(self.expert_kwargs or {})
+        self.obs_keys = list(self.obs_keys or [])
 
 
 @dataclass

@@ -73,8 +73,8 @@ class PushEnv(MujocoTaskEnv):
     N_EXTRA = 3  # goal x, y, yaw
 
     def __init__(self, horizon: int = 200, reward_type: str = "sparse", terminate_on_success: bool = True,
-                 render_mode=None, pos_tolerance: float = 0.015, yaw_tolerance: float = 0.15,
-                 randomize_goal: bool = False, object_range: float = 0.15, width: int = 240, height: int = 240, **unknown):
+                 render_mode=None, pos_tolerance: float = 0.02, yaw_tolerance: float = 0.2,
+                 randomize_goal: bool = False, object_range: float = 0.1, width: int = 240, height: int = 240, **unknown):
         check_no_unknown(type(self), unknown)
         self.pos_tolerance = check_positive("pos_tolerance", pos_tolerance)
         self.yaw_tolerance = check_positive("yaw_tolerance", yaw_tolerance)

@@ -15,6 +15,8 @@ def _run(cfg) -> dict:
     from dpolicy.errors import ConfigError
 
     c = container(cfg)
+    for recipe_key in ("train", "policy", "eval"):  # a task file's training recipe does not concern collection
+        c.pop(recipe_key, None)
     allowed = {"task", "n_demos", "out", "seed", "noise_std", "keep_failures", "valid_fraction"}
     unknown = sorted(set(c) - allowed)
     if unknown:

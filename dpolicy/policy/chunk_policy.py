@@ -112,7 +112,10 @@ class ChunkPolicy(nn.Module):
     def loss(self, obs: Mapping[str, torch.Tensor], actions: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Mean training loss for a batch: obs ``{k: (B,To,d_k)}``, actions ``(B,Tp,Da)``, both in env units."""
         x0 = self.normalizer.action.normalize(actions)
-        return self.process.loss(self.field_fn(self.encode(obs)), x0, generator).mean()
+        cond = self.encode(obs)
+        if self.cfg.obs_noise > 0 and self.training:
+            cond = cond + self.cfg.obs_noise * torch.randn(cond.shape, device=cond.device, generator=generator)
+        return self.process.loss(self.field_fn(cond), x0, generator).mean()
 
     def forward(self, obs, actions, generator=None):
         """``forward`` is the training loss, so DDP / torch.compile can wrap the whole policy."""
