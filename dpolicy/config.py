@@ -94,6 +94,9 @@ class PolicyConfig:
     obs_norm: str = "limits"
     action_norm: str = "limits"
     obs_noise: float = 0.0  # training only: std of Gaussian noise on the normalized observations (robustness to drift)
+    # per action dimension, a factor applied after normalization (RTI-DP "scale": e.g. [1, 1, 1, 0.1] shrinks a binary
+    # gripper to +-0.1 so a warm start can flip it in a few denoising steps); None = all 1, checkpoints without it load as before
+    action_scale: list | None = None
     net: NetConfig = field(default_factory=NetConfig)
     process: ProcessConfig = field(default_factory=ProcessConfig)
 
@@ -104,6 +107,16 @@ class PolicyConfig:
         _check(0.0 <= float(self.obs_noise) < float("inf"), f"policy.obs_noise={self.obs_noise} must be a finite number >= 0.")
         self.obs_keys = list(self.obs_keys)
         self.obs_dims = {str(k): int(v) for k, v in dict(self.obs_dims).items()}
+        if self.action_scale is not None:
+            import math
+
+            s = self.action_scale
+            _check(isinstance(s, (list, tuple)) and len(s) > 0 and all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0 for v in s),
+                f"policy.action_scale={s!r} must be a list of finite positive numbers, one per action dimension.")
+            _check(self.action_dim == 0 or len(s) == self.action_dim,
+                   f"policy.action_scale has {len(s)} entries but the action dimension is {self.action_dim}.")
+            self.action_scale = [float(v) for v in s]
 
 
 @dataclass
@@ -185,3 +198,8 @@ class RunConfig:
 
 _DATACLASSES = {c.__name__: c for c in (NetConfig, ProcessConfig, PolicyConfig, TrainConfig, TaskConfig, DataConfig,
                                          EvalConfig, RunConfig)}
+
+
+def register(*classes) -> None:
+    """Let ``from_dict`` build these dataclasses when they appear as fields of another config."""
+    _DATACLASSES.update({c.__name__: c for c in classes})

@@ -59,6 +59,17 @@ class Normalizer(nn.Module):
             return cls(mean, scale, mode)
         raise DatasetError(f"normalizer mode {mode!r} is not one of {MODES}.")
 
+    def rescaled(self, factors) -> "Normalizer":
+        """A copy whose normalized values are multiplied by ``factors`` (one per dimension).
+
+        Folding the factor into ``scale`` keeps the normalizer one affine map, so a checkpoint
+        stores the effective statistics and loads without knowing a factor was ever applied.
+        """
+        f = torch.as_tensor(factors, dtype=torch.float32).flatten()
+        if f.shape != self.scale.shape:
+            raise DatasetError(f"{f.numel()} scale factors for a normalizer of dimension {self.dim}.")
+        return Normalizer(self.offset.clone(), self.scale * f.to(self.scale.device), self.mode)
+
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         return (x - self.offset) * self.scale
 

@@ -148,7 +148,8 @@ def resolve_checkpoint(path) -> Path:
 
 
 def load_policy(path, device="cpu"):
-    """Load a ``ChunkPolicy`` from any checkpoint path, on any device, without hydra."""
+    """Load a ``ChunkPolicy`` (or a ``ComposedPolicy``, kind "composed", or a ``SteeredPolicy``, kind "steered") from any checkpoint
+    path, on any device, without hydra."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -158,6 +159,14 @@ def load_policy(path, device="cpu"):
 
     d = resolve_checkpoint(path)
     meta = read_json(d / "meta.json", "the checkpoint")
+    if isinstance(meta, dict) and meta.get("kind") == "composed":  # parents by reference + weights (GPC)
+        from dpolicy.compose.checkpoint import load_composed
+
+        return load_composed(d, meta, device)
+    if isinstance(meta, dict) and meta.get("kind") == "steered":  # frozen base by reference + DSRL actor
+        from dpolicy.rl.steered import SteeredPolicy
+
+        return SteeredPolicy.from_checkpoint(d, device)
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise CheckpointError(f"{d / 'meta.json'} does not describe a dpolicy policy (format={meta.get('format') if isinstance(meta, dict) else None!r}).")
     if meta.get("format_version") != FORMAT_VERSION:

@@ -59,21 +59,7 @@ class ChunkPolicy(nn.Module):
 
     def check_obs(self, obs: Mapping[str, torch.Tensor]) -> int:
         """Validate an observation dict; return the batch size. Raises ShapeError naming the culprit."""
-        if not isinstance(obs, Mapping):
-            raise ShapeError(f"observations must be a dict keyed by {self.obs_keys}, got {type(obs).__name__}.")
-        missing = [k for k in self.obs_keys if k not in obs]
-        if missing:
-            raise ShapeError(f"observation key(s) {missing} are missing; the policy needs {self.obs_keys}.")
-        batch = None
-        for k in self.obs_keys:
-            shape = tuple(obs[k].shape)
-            want = (self.To, self.cfg.obs_dims[k])
-            if len(shape) != 3 or shape[1:] != want:
-                raise ShapeError(f"observation {k!r} has shape {shape}; expected (B, {want[0]}, {want[1]}) = (B, To, dim).")
-            if batch is not None and shape[0] != batch:
-                raise ShapeError(f"observation {k!r} has batch size {shape[0]} but others have {batch}.")
-            batch = shape[0]
-        return batch
+        return check_obs_dict(obs, self.obs_keys, self.cfg.obs_dims, self.To, "the policy")
 
     # -- the map ------------------------------------------------------------------------------
     def encode(self, obs: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -133,3 +119,23 @@ class ChunkPolicy(nn.Module):
         from dpolicy.policy.checkpoint import load_policy
 
         return load_policy(path, device)
+
+
+def check_obs_dict(obs: Mapping[str, torch.Tensor], keys, dims: Mapping[str, int], To: int, who: str) -> int:
+    """Validate an observation dict of ``(B, To, dim)`` tensors for ``keys``; return the batch size.
+    Raises ShapeError naming the culprit key."""
+    if not isinstance(obs, Mapping):
+        raise ShapeError(f"observations must be a dict keyed by {list(keys)}, got {type(obs).__name__}.")
+    missing = [k for k in keys if k not in obs]
+    if missing:
+        raise ShapeError(f"observation key(s) {missing} are missing; {who} needs {list(keys)}.")
+    batch = None
+    for k in keys:
+        shape = tuple(obs[k].shape)
+        want = (To, dims[k])
+        if len(shape) != 3 or shape[1:] != want:
+            raise ShapeError(f"observation {k!r} has shape {shape}; expected (B, {want[0]}, {want[1]}) = (B, To, dim).")
+        if batch is not None and shape[0] != batch:
+            raise ShapeError(f"observation {k!r} has batch size {shape[0]} but others have {batch}.")
+        batch = shape[0]
+    return batch

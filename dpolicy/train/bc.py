@@ -43,7 +43,10 @@ def check_env_compat(env, policy: ChunkPolicy) -> None:
 def build_policy(policy_cfg: PolicyConfig, data: WindowDataset) -> ChunkPolicy:
     cfg = PolicyConfig(**{**policy_cfg.__dict__, "obs_keys": data.obs_keys, "obs_dims": data.obs_dims,
                           "action_dim": data.action_dim})
-    return ChunkPolicy(cfg, data.fit_normalizer(cfg.obs_norm, cfg.action_norm))
+    normalizer = data.fit_normalizer(cfg.obs_norm, cfg.action_norm)
+    if cfg.action_scale is not None:  # RTI-DP "scale": shrink chosen dimensions in the normalized action space
+        normalizer.action = normalizer.action.rescaled(cfg.action_scale)
+    return ChunkPolicy(cfg, normalizer)
 
 
 def prepare_dataset(cfg: RunConfig, run_dir: Path, progress: bool = True) -> Path:
