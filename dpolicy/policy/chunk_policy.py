@@ -49,6 +49,7 @@ class ChunkPolicy(nn.Module):
     Tp = property(lambda self: self.cfg.Tp)
     Ta = property(lambda self: self.cfg.Ta)
     action_dim = property(lambda self: self.cfg.action_dim)
+    obs_dims = property(lambda self: dict(self.cfg.obs_dims))
 
     @property
     def device(self) -> torch.device:

@@ -33,8 +33,8 @@ def check_env_compat(env, policy: ChunkPolicy) -> None:
         raise ShapeError(f"the environment has no observation key(s) {missing}; it provides {sorted(keys)}.")
     for k in policy.obs_keys:
         d = int(torch.tensor(keys[k].shape).prod())
-        if d != policy.cfg.obs_dims[k]:
-            raise ShapeError(f"observation {k!r} has dimension {d} in the environment but {policy.cfg.obs_dims[k]} in the dataset/policy.")
+        if d != policy.obs_dims[k]:
+            raise ShapeError(f"observation {k!r} has dimension {d} in the environment but {policy.obs_dims[k]} in the dataset/policy.")
     da = int(torch.tensor(env.action_space.shape).prod())
     if da != policy.action_dim:
         raise ShapeError(f"the environment's action dimension is {da} but the dataset/policy has {policy.action_dim}.")

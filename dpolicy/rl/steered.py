@@ -1,0 +1,111 @@
+"""A steered policy: a frozen base policy plus the DSRL actor that picks its noise.
+
+It has the ChunkPolicy interface the evaluator and controllers use (``To, Tp, Ta, action_dim,
+obs_keys, device, act``). ``act`` takes the actor's deterministic noise (the tanh of its mean), so
+evaluation is reproducible; a ``noise`` argument is ignored, since choosing the noise is the point.
+Saved as a directory: ``steered.json`` (kind, the base checkpoint's path, the actor's sizes),
+``actor.safetensors``, and ``meta.json`` marking the kind so ``load_policy`` can dispatch.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from dpolicy.errors import CheckpointError
+
+KIND = "steered"
+
+
+class SteeredPolicy(nn.Module):
+    def __init__(self, base, actor: nn.Module, base_path: str | None = None, steps: int | None = None):
+        super().__init__()
+        self.base, self.actor, self.base_path, self.steps = base, actor, base_path, steps
+        self.base.requires_grad_(False)
+        self.metadata = dict(getattr(base, "metadata", {}))
+
+    obs_keys = property(lambda self: self.base.obs_keys)
+    To = property(lambda self: self.base.To)
+    Tp = property(lambda self: self.base.Tp)
+    Ta = property(lambda self: self.base.Ta)
+    action_dim = property(lambda self: self.base.action_dim)
+    obs_dims = property(lambda self: self.base.obs_dims)
+    cond_dim = property(lambda self: self.base.cond_dim)
+    process = property(lambda self: self.base.process)
+    normalizer = property(lambda self: self.base.normalizer)
+
+    @property
+    def device(self) -> torch.device:
+        return self.base.device
+
+    def check_obs(self, obs):
+        return self.base.check_obs(obs)
+
+    def encode(self, obs):
+        return self.base.encode(obs)
+
+    def field_fn(self, cond):
+        return self.base.field_fn(cond)
+
+    def noise_for(self, cond: torch.Tensor) -> torch.Tensor:
+        w, _ = self.actor(cond, deterministic=True)
+        return w.reshape(cond.shape[0], self.Tp, self.action_dim)
+
+    def sample_normalized(self, cond, noise=None, steps=None, generator=None, t_start: float = 1.0):
+        return self.base.sample_normalized(cond, self.noise_for(cond), steps or self.steps, generator, t_start)
+
+    @torch.no_grad()
+    def act(self, obs, noise=None, steps=None, generator=None) -> torch.Tensor:
+        self.check_obs(obs)
+        chunk = self.sample_normalized(self.encode(obs), None, steps, generator)
+        return self.base.normalizer.action.unnormalize(chunk)
+
+    # -- checkpoints ----------------------------------------------------------------------------------
+    def save(self, path) -> Path:
+        from safetensors.torch import save_file
+
+        from dpolicy.policy.checkpoint import atomic_dir, write_json
+
+        path = Path(path)
+        if self.base_path is None:
+            raise CheckpointError("a steered policy needs its base checkpoint's path to be saved (base_path).")
+        base = Path(self.base_path).resolve()
+        with atomic_dir(path) as tmp:
+            save_file({k: v.detach().cpu().contiguous() for k, v in self.actor.state_dict().items()}, str(tmp / "actor.safetensors"))
+            lin = [m for m in self.actor.net if isinstance(m, nn.Linear)]
+            write_json(tmp / "steered.json", {
+                "kind": KIND, "base": os.path.relpath(base, path.resolve()), "base_abs": str(base),
+                "state_dim": lin[0].in_features, "noise_dim": lin[-1].out_features // 2, "hidden": lin[0].out_features,
+                "layers": len(lin) - 1, "action_magnitude": self.actor.b, "steps": self.steps})
+            write_json(tmp / "meta.json", {"format": "dpolicy-policy", "kind": KIND, "metadata": self.metadata})
+        return path
+
+    @classmethod
+    def from_checkpoint(cls, path, device="cpu") -> "SteeredPolicy":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        from dpolicy.policy.checkpoint import load_policy, read_json
+        from dpolicy.rl.agent import Actor
+
+        path = Path(path)
+        spec = read_json(path / "steered.json", f"steered policy {path}")
+        if spec.get("kind") != KIND:
+            raise CheckpointError(f"{path / 'steered.json'} does not describe a steered policy.")
+        base_dir = (path / spec["base"]).resolve()
+        if not base_dir.exists():
+            base_dir = Path(spec.get("base_abs", ""))
+        if not base_dir.exists():
+            raise CheckpointError(f"the base checkpoint {spec['base']!r} of steered policy {str(path)!r} does not exist.")
+        base = load_policy(base_dir, device)
+        actor = Actor(spec["state_dim"], spec["noise_dim"], spec["hidden"], spec["layers"], spec["action_magnitude"])
+        if spec["state_dim"] != base.cond_dim or spec["noise_dim"] != base.Tp * base.action_dim:
+            raise CheckpointError(f"steered policy {str(path)!r} does not fit its base checkpoint (state or noise size differs).")
+        try:
+            actor.load_state_dict(load_file(str(path / "actor.safetensors")))
+        except (FileNotFoundError, SafetensorError, RuntimeError) as e:
+            raise CheckpointError(f"{path / 'actor.safetensors'} cannot be loaded ({str(e).splitlines()[0]}).") from None
+        return cls(base, actor.to(device).eval(), str(base_dir), spec.get("steps"))

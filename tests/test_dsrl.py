@@ -1,0 +1,219 @@
+"""DSRL: the noise-action wrapper, the agents' updates on a toy problem with a known optimum, the
+steered policy's checkpoint round trip, and the dpolicy-steer loop end to end (tiny sizes)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from dpolicy.config import NetConfig, PolicyConfig, ProcessConfig
+from dpolicy.data.normalizer import DictNormalizer
+from dpolicy.errors import CheckpointError, ConfigError
+from dpolicy.policy import ChunkPolicy
+from dpolicy.policy.checkpoint import load_policy
+from dpolicy.rl.agent import Actor, DSRLAgent, DSRLConfig
+from dpolicy.rl.noise_env import NoiseActionEnv
+from dpolicy.rl.replay import ReplayBuffer
+from dpolicy.rl.steered import SteeredPolicy
+from dpolicy.tasks import env_args, env_factory
+
+
+def avoid_base(sampler="ddim", seed=0, horizon=40):
+    """An untrained policy with the avoid task's shapes and env_args (enough to exercise the plumbing)."""
+    torch.manual_seed(seed)
+    cfg = PolicyConfig(obs_keys=["agent_pos", "agent_vel"], obs_dims={"agent_pos": 2, "agent_vel": 2}, action_dim=2,
+                       To=2, Tp=8, Ta=4, net=NetConfig(hidden=32, depth=1, time_dim=16),
+                       process=ProcessConfig(type="diffusion", sampler=sampler, eta=1.0 if sampler == "ddpm" else 0.0,
+                                             train_steps=20, steps=4))
+    g = torch.Generator().manual_seed(0)
+    norm = DictNormalizer.fit({"agent_pos": torch.rand(50, 2, generator=g) * 2 - 1, "agent_vel": torch.rand(50, 2, generator=g)},
+                              torch.rand(50, 2, generator=g) * 2 - 1)
+    pol = ChunkPolicy(cfg, norm).eval()
+    pol.metadata = {"env_args": env_args("avoid", horizon=horizon), "task": "avoid"}
+    return pol
+
+
+# -- the wrapper -----------------------------------------------------------------------------------------------
+class CountingEnv:
+    """Wraps an env and records every action it executes."""
+
+    def __init__(self, env):
+        self.env, self.actions = env, []
+
+    def reset(self, **kw):
+        return self.env.reset(**kw)
+
+    def step(self, a):
+        self.actions.append(np.array(a))
+        return self.env.step(a)
+
+    def close(self):
+        self.env.close()
+
+
+def test_noise_env_spaces_and_chunk_execution():
+    base = avoid_base()
+    make = env_factory(base.metadata["env_args"])
+    envs = []
+    env = NoiseActionEnv(base, lambda: envs.append(CountingEnv(make())) or envs[-1], n_envs=3, seed=0, action_magnitude=1.5)
+    assert env.noise_dim == base.Tp * base.action_dim == 16 and env.exec_dim == base.Ta * base.action_dim
+    state = env.reset()
+    assert state.shape == (3, base.cond_dim)
+    w = torch.randn(3, env.noise_dim)
+    want = base.normalizer.action.unnormalize(env.decode(state, w.clamp(-1.5, 1.5)))[:, :base.Ta]
+    st = env.step(state, w)
+    assert st.env_steps == 3 * base.Ta and all(len(e.actions) == base.Ta for e in envs)  # Ta actions each, no episode ended
+    for i, e in enumerate(envs):  # the executed actions are the first Ta of the base policy's chunk for that noise
+        assert np.allclose(np.stack(e.actions), want[i].numpy(), atol=1e-5)
+    assert st.executed.shape == (3, env.exec_dim) and st.reward.shape == (3,)
+    assert not torch.equal(st.next_state, state)  # the observation history moved on
+    with pytest.raises(ConfigError, match="noise action has shape"):
+        env.step(st.state, torch.zeros(3, env.noise_dim + 1))
+    env.close()
+
+
+def test_noise_env_stops_a_chunk_when_the_episode_ends_and_resets():
+    base = avoid_base(horizon=6)  # an episode of 6 steps: the second chunk of Ta=4 is cut after 2
+    env = NoiseActionEnv(base, env_factory(base.metadata["env_args"]), n_envs=2, seed=1)
+    state = env.reset()
+    st1 = env.step(state, torch.zeros(2, env.noise_dim))
+    st2 = env.step(st1.state, torch.zeros(2, env.noise_dim))
+    assert st1.env_steps == 8 and st2.env_steps == 4 and st2.done.all()
+    assert not torch.equal(st2.state, st2.next_state)  # the next decision starts a fresh episode
+    assert (st2.terminated == 0).all()  # a truncation is not a termination: the critic still bootstraps
+    env.close()
+
+
+def test_base_is_a_deterministic_function_of_the_noise_and_ddpm_is_flagged():
+    det, sto = avoid_base("ddim"), avoid_base("ddpm")
+    make = env_factory(det.metadata["env_args"])
+    e_det, e_sto = NoiseActionEnv(det, make, n_envs=2), NoiseActionEnv(sto, make, n_envs=2)
+    assert e_det.deterministic and not e_sto.deterministic
+    s = e_det.reset()
+    w = torch.randn(2, e_det.noise_dim)
+    assert torch.equal(e_det.decode(s, w), e_det.decode(s, w))
+    assert not torch.equal(e_det.decode(s, w), e_det.decode(s, -w))
+    assert not torch.allclose(e_sto.decode(s, w), e_sto.decode(s, w))  # DDPM draws fresh noise inside the chain
+
+
+# -- agents on a toy problem ------------------------------------------------------------------------------------
+TARGET = torch.tensor([0.3, -0.2])
+
+
+def toy_batch(n, g, decode=None):
+    """A one-step bandit: state in R^2, noise w in [-1, 1]^2, reward -|a - TARGET|^2 with a = decode(w)."""
+    s = torch.rand(n, 2, generator=g)
+    w = torch.rand(n, 2, generator=g) * 2 - 1
+    a = decode(s, w) if decode is not None else w
+    r = -((a - TARGET) ** 2).sum(-1)
+    return {"state": s, "next_state": s, "noise": w, "executed": a, "reward": r, "terminated": torch.ones(n)}
+
+
+@pytest.mark.parametrize("algo", ["sac", "na"])
+def test_agent_updates_reduce_critic_loss_and_find_the_optimum(algo):
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    decode = (lambda s, w: 0.5 * w) if algo == "na" else None  # NA: the "base" halves the noise
+    cfg = DSRLConfig(algo=algo, hidden=64, layers=2, lr=3e-3, batch_size=128, gamma=0.0, init_alpha=1e-3,
+                     target_entropy=-4.0, action_magnitude=1.0)
+    agent = DSRLAgent(cfg, state_dim=2, noise_dim=2, exec_dim=2, decode=decode)
+    buf = ReplayBuffer(4096, {"state": (2,), "next_state": (2,), "noise": (2,), "executed": (2,), "reward": (), "terminated": ()})
+    buf.add(**toy_batch(4096, g, decode))
+    first = [agent.update(buf.sample(128))["critic_loss"] for _ in range(10)]
+    for _ in range(800):
+        stats = agent.update(buf.sample(128))
+    last = [agent.update(buf.sample(128))["critic_loss"] for _ in range(10)]
+    assert np.mean(last) < 0.2 * np.mean(first)
+    s = torch.rand(64, 2, generator=g)
+    w = agent.act(s, deterministic=True)
+    best = TARGET * (2.0 if algo == "na" else 1.0)  # NA's optimum in noise space undoes the base's halving
+    assert (w - best).abs().max() < 0.15, (w.mean(0), best)
+    if algo == "na":
+        assert "noise_critic_loss" in stats
+
+
+def test_na_needs_the_base_and_config_is_checked():
+    with pytest.raises(ConfigError, match="decode"):
+        DSRLAgent(DSRLConfig(algo="na"), 2, 2, 2, decode=None)
+    with pytest.raises(ConfigError, match="dsrl.algo"):
+        DSRLConfig(algo="ppo")
+    with pytest.raises(ConfigError, match="dsrl.utd"):
+        DSRLConfig(utd=0)
+
+
+def test_actor_log_prob_is_a_density_on_the_box():
+    """The tanh-Gaussian log-density with the b scaling integrates to ~1 over (-b, b) in one dimension."""
+    torch.manual_seed(0)
+    actor = Actor(1, 1, 8, 1, b=1.5)
+    s = torch.zeros(200000, 1)
+    w, logp = actor(s)
+    assert w.abs().max() <= 1.5
+    # importance check: E_w[1 / p(w)] over the box equals its length 3
+    est = (1.0 / logp.exp()).mean()
+    assert abs(float(est) - 3.0) < 0.3
+
+
+# -- the steered policy ------------------------------------------------------------------------------------------
+def test_steered_checkpoint_round_trip(tmp_path):
+    base = avoid_base()
+    base.save(tmp_path / "base")
+    torch.manual_seed(3)
+    actor = Actor(base.cond_dim, base.Tp * base.action_dim, 16, 2, 1.5).eval()
+    steered = SteeredPolicy(base, actor, str(tmp_path / "base"))
+    steered.save(tmp_path / "steered")
+    loaded = load_policy(tmp_path / "steered")
+    assert isinstance(loaded, SteeredPolicy)
+    g = torch.Generator().manual_seed(0)
+    obs = {"agent_pos": torch.randn(5, 2, 2, generator=g), "agent_vel": torch.randn(5, 2, 2, generator=g)}
+    assert torch.allclose(loaded.act(obs), steered.act(obs), atol=1e-6)
+    # the actor chooses the noise: the chunk differs from the base's with zero noise
+    assert not torch.allclose(steered.act(obs), base.act(obs, noise=torch.zeros(5, base.Tp, base.action_dim)))
+    # a moved pair (steered dir next to its base) still loads: the base is stored by relative path
+    (tmp_path / "moved").mkdir()
+    (tmp_path / "base").rename(tmp_path / "moved" / "base")
+    (tmp_path / "steered").rename(tmp_path / "moved" / "steered")
+    assert torch.allclose(load_policy(tmp_path / "moved" / "steered").act(obs), steered.act(obs), atol=1e-6)
+
+
+def test_steered_checkpoint_errors_name_the_culprit(tmp_path):
+    base = avoid_base()
+    base.save(tmp_path / "base")
+    actor = Actor(base.cond_dim, base.Tp * base.action_dim, 16, 2, 1.5)
+    SteeredPolicy(base, actor, str(tmp_path / "base")).save(tmp_path / "s")
+    (tmp_path / "s" / "actor.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(CheckpointError, match="actor.safetensors"):
+        load_policy(tmp_path / "s")
+    SteeredPolicy(base, actor, str(tmp_path / "base")).save(tmp_path / "t")
+    import shutil
+
+    shutil.rmtree(tmp_path / "base")
+    with pytest.raises(CheckpointError, match="base checkpoint"):
+        load_policy(tmp_path / "t")
+
+
+# -- the loop end to end -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("algo", ["na", "sac"])
+def test_steer_loop_writes_metrics_curve_and_a_loadable_policy(tmp_path, algo):
+    from dpolicy.rl.train import SteerConfig, steer
+
+    base = avoid_base(horizon=20)
+    base.save(tmp_path / "base")
+    cfg = SteerConfig(base=str(tmp_path / "base"), dsrl=DSRLConfig(algo=algo, hidden=16, layers=1, batch_size=16, utd=1),
+                      env_steps=240, n_envs=2, init_steps=40, eval_every=120, eval_episodes=4, progress=False)
+    m = steer(cfg, tmp_path / "run", log=lambda *_: None)
+    assert m["updates"] > 0 and m["env_steps"] >= 240 and len(m["history"]) == 3
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["algo"] == algo
+    assert (tmp_path / "run" / "steering_curve.png").stat().st_size > 0
+    pol = load_policy(tmp_path / "run" / "steered")
+    assert isinstance(pol, SteeredPolicy) and pol.actor.state_dict().keys() == SteeredPolicy(base, Actor(
+        base.cond_dim, 16, 16, 1, 1.5)).actor.state_dict().keys()
+
+
+def test_steer_rejects_a_missing_base(tmp_path):
+    from dpolicy.rl.train import SteerConfig
+
+    with pytest.raises(ConfigError, match="base"):
+        SteerConfig(base="")
