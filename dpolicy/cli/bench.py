@@ -1,8 +1,19 @@
 """``dpolicy-bench``: run the measured claims and write them into BENCHMARKS.md.
 
-Sections: ``envs`` (task-suite speed, experts, adversarial actions), ``bc`` (behaviour cloning
-success per task and process, the multimodal comparison; ``--ship`` refreshes checkpoints/),
-``throughput`` (our training loop vs a Chi et al.-style loop).
+Sections (each rewrites its own part of BENCHMARKS.md):
+
+  envs        task-suite speed, experts, adversarial actions
+  throughput  our training loop vs a Chi et al.-style DataLoader loop
+  bc          behaviour-cloning success per task and process, the multimodal comparison
+              (``--ship`` refreshes checkpoints/ and its manifest)
+  steer       DSRL (NA, SAC, stochastic-sampler ablation) from weak bases, several seeds
+  rti         warm-started RTI control vs chunked execution: success per K' and latency (shipped checkpoints)
+  latency     batch-1 CPU latency: RTI vs DDIM-10, DDPM-100 and a diffusers scheduler loop
+  compose     test-time composition (GPC): mixtures vs their best parent, weights searched on held-out seeds
+  drive       driving planning benchmark: PDMS-like expert, masked-token planner + GSPO/GRPO, anchor diffusion
+  robosuite   robosuite Lift/Can from scripted demos (optional extra)
+  pusht       gym-pusht PushT evaluation (optional extra)
+  peers       our diffusion policy vs a diffusers-scheduler loop: inference latency and training throughput
 """
 
 from __future__ import annotations
@@ -15,15 +26,20 @@ import time
 from pathlib import Path
 
 
+SECTIONS = ("envs", "throughput", "bc", "steer", "rti", "latency", "compose", "drive", "robosuite", "pusht", "peers")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="dpolicy-bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sections", default="envs,throughput,bc", help="comma-separated: envs, throughput, bc")
+    ap.add_argument("--sections", default="envs,throughput,bc", help="comma-separated: " + ", ".join(SECTIONS))
     ap.add_argument("--tasks", default="avoid,push,lift", help="tasks for the bc section")
     ap.add_argument("--processes", default="diffusion,flow", help="processes for the bc section")
     ap.add_argument("--episodes", type=int, default=200, help="evaluation episodes per policy (bc)")
     ap.add_argument("--expert-episodes", type=int, default=1000, help="expert episodes per task (envs)")
     ap.add_argument("--out", default="BENCHMARKS.md")
     ap.add_argument("--work", default="runs/bench", help="where bench runs are written")
+    ap.add_argument("--steer-tasks", default="lift,push", help="tasks for the steer section")
+    ap.add_argument("--seeds", type=int, default=3, help="seeds per method (steer)")
     ap.add_argument("--ship", action="store_true", help="copy the bc policies into checkpoints/ with a manifest")
     ap.add_argument("overrides", nargs="*", help="extra hydra overrides for the bc runs, e.g. train.steps=500")
     args = ap.parse_args(argv)
@@ -31,9 +47,9 @@ def main(argv=None) -> int:
     from dpolicy.bench.report import write_section
 
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
-    unknown = set(sections) - {"envs", "throughput", "bc"}
+    unknown = set(sections) - set(SECTIONS)
     if unknown:
-        print(f"error: unknown section(s) {sorted(unknown)}; choose from envs, throughput, bc.", file=sys.stderr)
+        print(f"error: unknown section(s) {sorted(unknown)}; choose from {', '.join(SECTIONS)}.", file=sys.stderr)
         return 2
     command = "dpolicy-bench " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     log = lambda msg: print(msg, flush=True)  # noqa: E731
@@ -50,6 +66,48 @@ def main(argv=None) -> int:
         work.mkdir(parents=True, exist_ok=True)
         (work / "bc_results.json").write_text(json.dumps(results, indent=2, default=str))
         write_section(args.out, "bc:" + ",".join(args.tasks.split(",")), body, command)
+    shipped = [Path("checkpoints") / n for n in ("avoid_diffusion", "avoid_flow", "push_diffusion", "push_flow",
+                                                  "lift_diffusion", "lift_flow")]
+    if "steer" in sections:
+        from dpolicy.bench.steer import steer_section
+
+        body, _ = steer_section(work / "steer", tasks=args.steer_tasks.split(","), seeds=range(args.seeds), log=log)
+        write_section(args.out, "steer", body, command)
+    if "rti" in sections:
+        from dpolicy.bench.latency import rti_success_section
+
+        body, _ = rti_success_section(shipped, episodes=args.episodes, plot_path="docs/img/rti_success_latency.png", log=log)
+        write_section(args.out, "rti", body, command)
+    if "latency" in sections:
+        from dpolicy.bench.latency import latency_section
+
+        body, _ = latency_section(shipped[0], log=log)
+        write_section(args.out, "latency", body, command)
+    if "compose" in sections:
+        from dpolicy.bench.compose import compose_section
+
+        body, _ = compose_section(work / "compose", log=log)
+        write_section(args.out, "compose", body, command)
+    if "drive" in sections:
+        from dpolicy.bench.drive import drive_section
+
+        body, _ = drive_section(work / "drive", log=log)
+        write_section(args.out, "drive", body, command)
+    if "robosuite" in sections:
+        from dpolicy.bench.standard import robosuite_section
+
+        body, _ = robosuite_section(work / "robosuite", log=log)
+        write_section(args.out, "robosuite", body, command)
+    if "pusht" in sections:
+        from dpolicy.bench.standard import pusht_section
+
+        body, _ = pusht_section(work / "pusht", log=log)
+        write_section(args.out, "pusht", body, command)
+    if "peers" in sections:
+        from dpolicy.bench.standard import peers_section
+
+        body, _ = peers_section(log=log)
+        write_section(args.out, "peers", body, command)
     log(f"done in {time.perf_counter() - t0:.0f} s; wrote {args.out}")
     return 0
 

@@ -35,6 +35,7 @@ class DSRLConfig:
     gamma: float = 0.99
     tau: float = 0.005
     utd: int = 20                  # gradient steps per environment step of the vector env
+    noise_critic_steps: int = 1    # NA: distillation steps of Q^W per update (the reference robomimic configs use 10)
     target_entropy: float | None = 0.0   # None: -dim(w)
     init_alpha: float = 1.0
     action_magnitude: float = 1.5  # b: the noise action box
@@ -42,7 +43,7 @@ class DSRLConfig:
     def __post_init__(self):
         if self.algo not in ("na", "sac"):
             raise ConfigError(f"dsrl.algo={self.algo!r} is not one of ['na', 'sac'].")
-        for name in ("hidden", "layers", "batch_size", "utd"):
+        for name in ("hidden", "layers", "batch_size", "utd", "noise_critic_steps"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"dsrl.{name}={getattr(self, name)} must be at least 1.")
         if not 0 <= self.gamma <= 1:
@@ -153,10 +154,11 @@ class DSRLAgent(nn.Module):
         out = {"critic_loss": float(loss_q.detach())}
         s = batch["state"]
         if self.qw is not None:
-            loss_w = self.noise_critic_loss(s)
-            self.opt_qw.zero_grad(set_to_none=True)
-            loss_w.backward()
-            self.opt_qw.step()
+            for _ in range(self.cfg.noise_critic_steps):
+                loss_w = self.noise_critic_loss(s)
+                self.opt_qw.zero_grad(set_to_none=True)
+                loss_w.backward()
+                self.opt_qw.step()
             out["noise_critic_loss"] = float(loss_w.detach())
         w, logp = self.actor(s)
         critic = self.qw if self.qw is not None else self.q

@@ -32,6 +32,8 @@ class SteerConfig:
     buffer_size: int = 1000000
     reward_offset: float = 0.0     # added to every env reward (e.g. -1: a cost per step)
     sampling_steps: int | None = None  # base sampling steps (None: the base's own)
+    base_eta: float | None = None  # diffusion bases only: override DDIM's eta (1.0: stochastic DDPM-style
+                                   # sampling, the ablation DSRL's determinism argument predicts to hurt)
     eval_every: int = 5000         # env steps between evaluations
     eval_episodes: int = 50
     eval_seed: int = 100000
@@ -74,6 +76,15 @@ def steer(cfg: SteerConfig, run_dir, log=None) -> dict:
     device = resolve_device(cfg.device)
     base_dir = resolve_checkpoint(cfg.base)
     base = load_policy(base_dir, device)
+    if cfg.base_eta is not None:
+        from dpolicy.process import Diffusion
+
+        if not isinstance(base.process, Diffusion):
+            raise ConfigError(f"base_eta={cfg.base_eta} applies to diffusion bases only; {str(base_dir)!r} is a {type(base.process).__name__} policy.")
+        if not 0.0 <= cfg.base_eta <= 1.0:
+            raise ConfigError(f"base_eta={cfg.base_eta} must lie in [0, 1].")
+        base.process.eta, base.process.stochastic = float(cfg.base_eta), cfg.base_eta > 0
+        base.process.sampler = "ddpm" if cfg.base_eta == 1.0 else "ddim"
     env_args = base.metadata.get("env_args")
     if env_args is None:
         raise ConfigError(f"base checkpoint {str(base_dir)!r} stores no env_args, so its environment cannot be rebuilt.")
@@ -138,6 +149,7 @@ def steer(cfg: SteerConfig, run_dir, log=None) -> dict:
                "base_success": first["success_rate"], "final_success": history[-1]["success_rate"],
                "final_success_ci95": history[-1]["success_ci95"], "wall_s": wall,
                "wall_s_per_1k_env_steps": wall / max(steps, 1) * 1000, "deterministic_base": env.deterministic,
+               "base_eta": cfg.base_eta,
                "history": history, "checkpoint": str(run_dir / "steered"), "plot": str(plot)}
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
     return metrics
