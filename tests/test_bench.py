@@ -65,11 +65,11 @@ def test_steer_report_lists_seeds_and_first_step_reaching_90(tmp_path):
     def run(task, algo, seed, curve, eta=None):
         hist = [{"env_steps": 2500 * i, "success_rate": s} for i, s in enumerate(curve)]
         return {"task": task, "algo": algo, "seed": seed, "eta": eta, "base_success": curve[0], "final_success": curve[-1],
-                "history": hist, "wall_s_per_1k_env_steps": 10.0 + seed}
+                "history": hist, "wall_s_per_1k_env_steps": 10.0 + seed, "budget": 7500}
 
     results = {"a": run("lift", "na", 0, [0.3, 0.6, 0.92, 0.95]), "b": run("lift", "na", 1, [0.3, 0.8, 0.88, 0.91]),
                "c": run("lift", "sac", 0, [0.3, 0.4, 0.5, 0.6]), "d": run("lift", "na", 0, [0.3, 0.3, 0.2, 0.3], eta=1.0)}
-    body = render(results, 7500, tmp_path / "curves.png")
+    body = render(results, tmp_path / "curves.png")
     rows = {line.split("|")[2].strip(): line for line in body.splitlines() if line.startswith("| lift")}
     assert "5,000 / 7,500" in rows["DSRL-NA"] and "0.95 / 0.91" in rows["DSRL-NA"]
     assert "not reached" in rows["DSRL-SAC"] and "stochastic" in " ".join(rows)

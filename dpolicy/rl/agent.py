@@ -34,10 +34,12 @@ class DSRLConfig:
     batch_size: int = 256
     gamma: float = 0.99
     tau: float = 0.005
-    utd: int = 20                  # gradient steps per environment step of the vector env
+    utd: int = 10                  # gradient steps per environment step of the vector env (reference: 20)
     noise_critic_steps: int = 1    # NA: distillation steps of Q^W per update (the reference robomimic configs use 10)
+    noise_critic_actor_frac: float = 0.5  # NA: share of the distillation noises drawn from the actor instead of
+                                          # N(0, I), so Q^W is also fit where the actor goes (0: the reference)
     target_entropy: float | None = 0.0   # None: -dim(w)
-    init_alpha: float = 1.0
+    init_alpha: float = 0.01       # sparse rewards of at most 1: a large temperature drowns them (reference: 1.0)
     action_magnitude: float = 1.5  # b: the noise action box
 
     def __post_init__(self):
@@ -48,6 +50,8 @@ class DSRLConfig:
                 raise ConfigError(f"dsrl.{name}={getattr(self, name)} must be at least 1.")
         if not 0 <= self.gamma <= 1:
             raise ConfigError(f"dsrl.gamma={self.gamma} must lie in [0, 1].")
+        if not 0 <= self.noise_critic_actor_frac <= 1:
+            raise ConfigError(f"dsrl.noise_critic_actor_frac={self.noise_critic_actor_frac} must lie in [0, 1].")
         if not 0 < self.tau <= 1:
             raise ConfigError(f"dsrl.tau={self.tau} must lie in (0, 1].")
 
@@ -137,9 +141,15 @@ class DSRLAgent(nn.Module):
         return F.mse_loss(q1, y) + F.mse_loss(q2, y)
 
     def noise_critic_loss(self, s: torch.Tensor) -> torch.Tensor:
-        """NA: regress Q^W(s, w) onto Q^A(s, base(s, w)) for w ~ N(0, I)."""
-        w = torch.randn(s.shape[0], self.noise_dim, device=s.device).clamp(-self.cfg.action_magnitude, self.cfg.action_magnitude)
+        """NA: regress Q^W(s, w) onto Q^A(s, base(s, w)) for w ~ N(0, I) and, for a share of the batch,
+        w ~ pi(. | s): the actor must not climb Q^W where it was never fit (the box's corners lie far
+        outside a Gaussian's typical set, and the base decodes them into extreme chunks)."""
+        b = self.cfg.action_magnitude
+        w = torch.randn(s.shape[0], self.noise_dim, device=s.device).clamp(-b, b)
+        n_actor = int(round(self.cfg.noise_critic_actor_frac * s.shape[0]))
         with torch.no_grad():
+            if n_actor:
+                w[:n_actor] = self.actor(s[:n_actor])[0]
             target = torch.min(*self.q(s, self.decode(s, w)))
         p1, p2 = self.qw(s, w)
         return F.mse_loss(p1, target) + F.mse_loss(p2, target)
