@@ -20,6 +20,7 @@ from dpolicy.deploy import (Controller, DiscreteActions, DiscreteDim, evaluate_c
                             run_loop, shift_chunk, warm_schedule)
 from dpolicy.deploy.controller import slot_seed
 from dpolicy.deploy.export import example_inputs
+from dpolicy.deploy.kernel import DecisionStep, FastStep, fast_field
 from dpolicy.errors import ConfigError, ShapeError
 from dpolicy.policy import ChunkPolicy
 from dpolicy.process import Diffusion, Flow, sample_loop
@@ -223,6 +224,93 @@ def test_compositions_and_steered_policies_run_on_the_generic_path():
     assert Controller(steered, "rti", k=2).step(obs[0]).shape == (3,)
     reg = tiny_policy("mlp", "regression", "direct").eval()  # chunked execution of the MSE baseline
     assert np.allclose(Controller(reg, "chunked").step(obs[0]), reg.act(history(obs[:1], reg.To))[0, 0].numpy(), atol=1e-6)
+
+
+# -- the fast path against its references, bit for bit ---------------------------------------------------------
+def with_prediction(pol, prediction):
+    cfg = dataclasses.replace(pol.cfg, process=dataclasses.replace(pol.cfg.process, prediction=prediction))
+    return ChunkPolicy(cfg, pol.normalizer).eval()
+
+
+FAST_KINDS = [("mlp", "diffusion", "ddim", "epsilon"), ("mlp", "diffusion", "ddim", "sample"),
+              ("mlp", "diffusion", "ddpm", "epsilon"), ("mlp", "flow", "euler", None), ("mlp", "flow", "heun", None),
+              ("unet", "diffusion", "ddim", "sample"), ("unet", "flow", "heun", None)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind", FAST_KINDS)
+def test_fast_step_equals_the_decision_step_bitwise(device, kind):
+    net, process, sampler, prediction = kind
+    pol = tiny_policy(net, process, sampler)
+    pol = (with_prediction(pol, prediction) if prediction else pol.eval()).to(device)
+    for B in (1, 3):
+        for warm, renoise, n_out in ((False, True, 4), (True, True, 1), (True, False, 8)):
+            sched = warm_schedule(pol.process, [3, 1, 0]) if warm else pol.process.schedule(5)
+            ref = DecisionStep(pol, pol.process, sched, warm=warm, renoise=renoise, discrete=[DiscreteDim(2, "clip")]).eval()
+            fast = FastStep(ref, B, n_out=n_out)
+            assert fast.field.replayed == (net == "mlp")  # the MLP is replayed from its parameters, others called
+            for seed in range(2):
+                prev, obs, noise, sn = example_inputs(ref, B, torch.Generator().manual_seed(seed))
+                with torch.inference_mode():
+                    want_chunk, want_act = ref(prev, obs, noise, sn)
+                    obs_n = ref.encode(obs).view(obs.shape)  # the controller's normalized history
+                    chunk, act = fast(prev, obs_n, noise, sn)
+                assert torch.equal(chunk, want_chunk) and act.shape == (B, n_out, 3)
+                assert torch.equal(act, want_act[:, :n_out])
+                if warm:  # the warm start matters (the test would pass vacuously if prev were ignored)
+                    assert not torch.equal(chunk, fast(prev * 0.5, obs_n, noise, sn)[0])
+
+
+def test_fast_field_replays_the_mlp_exactly_and_falls_back_when_it_cannot():
+    pol = tiny_policy("mlp", "diffusion", "ddim").eval()
+    tnet = pol.process.net_time(torch.tensor([0.95, 0.5, 0.05]))
+    g = torch.Generator().manual_seed(0)
+    for B in (1, 5):
+        field = fast_field(pol.net, tnet, B)
+        assert field.replayed
+        for i in range(3):
+            x, cond = torch.randn(B, pol.Tp, 3, generator=g), torch.randn(B, pol.cond_dim, generator=g)
+            with torch.inference_mode():
+                assert torch.equal(field(i, x, cond), pol.net(x, tnet[i].expand(B), cond))
+    with torch.no_grad():  # parameters are read by reference: an in-place update is seen
+        pol.net.blocks[0].net[1].weight.mul_(1.5)
+        assert torch.equal(field(0, x, cond), pol.net(x, tnet[0].expand(5), cond))
+    calls = []
+    handle = pol.net.blocks[0].register_forward_hook(lambda *_: calls.append(1))
+    hooked = fast_field(pol.net, tnet, 1)  # a hook the replay would skip: the module is called instead
+    assert not hooked.replayed
+    hooked(0, torch.zeros(1, pol.Tp, 3), torch.zeros(1, pol.cond_dim))
+    assert calls == [1]
+    handle.remove()
+
+
+@pytest.mark.parametrize("kind", [("mlp", "diffusion", "ddim", "sample"), ("mlp", "diffusion", "ddpm", "epsilon"),
+                                  ("mlp", "flow", "heun", None), ("unet", "diffusion", "ddim", "epsilon")])
+@pytest.mark.parametrize("mode", ["rti", "chunked"])
+def test_fast_controller_equals_the_generic_controller_bitwise(kind, mode):
+    """Same actions, bit for bit, from the fast path (normalized history, FastStep) and the generic path
+    (policy.encode, field_fn, sample_loop): the optimizations change the cost, not the numbers."""
+    net, process, sampler, prediction = kind
+    pol = tiny_policy(net, process, sampler)
+    pol = with_prediction(pol, prediction) if prediction else pol.eval()
+    fast, generic = Controller(pol, mode, k=3, seed=4), Controller(pol, mode, k=3, seed=4, fast=False)
+    assert fast.fast and not generic.fast
+    obs = obs_seq(12, seed=3)
+    for c in (fast, generic):
+        c.reset(seed=7)
+        c.prime(obs[0])
+    for i, o in enumerate(obs):
+        if i == 6:  # a new episode midway, without priming: the cold then warm decisions again
+            fast.reset(seed=8)
+            generic.reset(seed=8)
+        a, b = fast.step(o), generic.step(o)
+        assert np.array_equal(a, b), (i, a, b)
+        assert fast.last_nfe == generic.last_nfe
+    assert fast.total_evals == generic.total_evals and fast.decisions == generic.decisions == 12
+    # the history the fast path keeps is DecisionStep.encode of the raw history
+    raw = history(obs[6:], pol.To)
+    want = fast.decision_step("cold").encode(torch.cat([raw["pos"], raw["vel"]], -1))
+    assert torch.equal(fast._hist.flatten(1), want)
 
 
 # -- discrete (gripper) dimensions -----------------------------------------------------------------------------
@@ -495,7 +583,26 @@ def test_latency_bench_sections(avoid_checkpoint, tmp_path):
         assert row in body
     cfgs = res["configs"]
     assert cfgs["chunked DDPM-100"]["nfe_max"] == 100 and cfgs["RTI K'=2"]["nfe_max"] == 2
+    assert cfgs["RTI K'=1"]["nfe_max"] == 1 and "| RTI K'=1 |" in body and "other processes kept" in body
+    assert cfgs["chunked DDIM-10"]["controller"]["fast"] and not cfgs["chunked DDIM-10, eager sample_normalized"]["controller"]["fast"]
+    chk = res["checks"]["RTI K'=2 vs chunked DDIM-10"]
+    ratio = cfgs["chunked DDIM-10"]["latency_ms"]["p99"] / cfgs["RTI K'=2"]["latency_ms"]["p99"]
+    assert chk["wall"] == pytest.approx(ratio) and chk["met"] == (ratio >= 3.0) and "RTI K'=1 vs chunked DDPM-100" in res["checks"]
+    summary = latency.latency_summary([res])
+    assert "`avoid_tiny` (residual MLP" in summary and ("NOT met" in summary) == (not all(v["met"] for v in res["checks"].values()))
+    (tmp_path / "unet" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "unet" / "checkpoints" / "latest").write_text("step_0000001")
+    assert latency.unet_policy(tmp_path / "unet") == tmp_path / "unet" / "checkpoints"  # an existing run is reused
     body, res = latency.rti_success_section([avoid_checkpoint], episodes=2, n_envs=2, ks=(1, 3), latency_episodes=1,
-                                            plot_path=tmp_path / "sv.png", log=lambda *_: None)
+                                            plot_path=tmp_path / "sv.png", candidates=((2, 1, 0), (20, 10, 0)),
+                                            select_episodes=2, log=lambda *_: None)
     assert "| avoid_tiny | RTI K'=3 |" in body and "chunked DDIM-10" in body and (tmp_path / "sv.png").exists()
-    assert set(res["avoid_tiny"]["configs"]) == {"chunked DDIM-10", "RTI K'=1", "RTI K'=3"}
+    r = res["avoid_tiny"]
+    assert set(r["selection"]) == {"[2, 1, 0]", "[20, 10, 0]"} and r["selected"] in ("RTI [2, 1, 0] (selected)",
+                                                                                       "RTI [20, 10, 0] (selected)")
+    best = max(r["selection"].values())
+    assert r["selection"][r["selected"][4:-11]] == best and (best > r["selection"]["[2, 1, 0]"]) == ("20, 10" in r["selected"])
+    assert set(r["configs"]) == {"chunked DDIM-10", "RTI K'=1", "RTI K'=3", r["selected"]}
+    assert r["configs"][r["selected"]]["nfe_per_decision"] <= 3 and "acceptance 1" in body
+    with pytest.raises(ConfigError, match="overlap"):
+        latency.rti_success_section([avoid_checkpoint], episodes=5, select_seed=100003, log=lambda *_: None)

@@ -38,7 +38,7 @@ def main(argv=None) -> int:
     ap.add_argument("--expert-episodes", type=int, default=1000, help="expert episodes per task (envs)")
     ap.add_argument("--out", default="BENCHMARKS.md")
     ap.add_argument("--work", default="runs/bench", help="where bench runs are written")
-    ap.add_argument("--steer-tasks", default="lift,push", help="tasks for the steer section")
+    ap.add_argument("--steer-tasks", default="avoid,push", help="tasks for the steer section")
     ap.add_argument("--seeds", type=int, default=3, help="seeds per method (steer)")
     ap.add_argument("--ship", action="store_true", help="copy the bc policies into checkpoints/ with a manifest")
     ap.add_argument("overrides", nargs="*", help="extra hydra overrides for the bc runs, e.g. train.steps=500")
@@ -71,18 +71,25 @@ def main(argv=None) -> int:
     if "steer" in sections:
         from dpolicy.bench.steer import steer_section
 
-        body, _ = steer_section(work / "steer", tasks=args.steer_tasks.split(","), seeds=range(args.seeds), log=log)
-        write_section(args.out, "steer", body, command)
+        tasks = args.steer_tasks.split(",")
+        body, _ = steer_section(work / "steer", tasks=tasks, seeds=range(args.seeds),
+                                figure=Path(f"docs/img/dsrl_{'_'.join(tasks)}.png"), log=log)
+        write_section(args.out, "steer:" + ",".join(tasks), body, command)
     if "rti" in sections:
         from dpolicy.bench.latency import rti_success_section
 
-        body, _ = rti_success_section(shipped, episodes=args.episodes, plot_path="docs/img/rti_success_latency.png", log=log)
+        body, res = rti_success_section(shipped, episodes=args.episodes, plot_path="docs/img/rti_success_latency.png", log=log)
+        work.mkdir(parents=True, exist_ok=True)
+        (work / "rti_results.json").write_text(json.dumps(res, indent=2, default=str))
         write_section(args.out, "rti", body, command)
     if "latency" in sections:
-        from dpolicy.bench.latency import latency_section
+        from dpolicy.bench.latency import latency_section, latency_summary, unet_policy
 
-        body, _ = latency_section(shipped[0], log=log)
-        write_section(args.out, "latency", body, command)
+        # controller thread at SCHED_FIFO (where permitted), as on a robot; the same for every row
+        body, res = latency_section(shipped[0], priority=10, log=log)  # the shipped residual MLP
+        unet = unet_policy(work / "avoid_unet", demos=work / "avoid_diffusion" / "demos.hdf5", log=log)
+        body_unet, res_unet = latency_section(unet, priority=10, log=log)  # the same measurement with the 1-D U-Net
+        write_section(args.out, "latency", "\n\n".join([body, body_unet, latency_summary([res, res_unet])]), command)
     if "compose" in sections:
         from dpolicy.bench.compose import compose_section
 

@@ -14,12 +14,17 @@ observation history (a fresh episode's first observation repeated ``To`` times) 
 
 ``discrete={-1: "clip"}`` (or ``"scale"``/``"threshold"``) marks binary dimensions (``schedule.py``).
 
-**Fast path** (a ``ChunkPolicy``): each decision is a ``DecisionStep`` (``kernel.py``) on buffers
-allocated once — observation history, previous chunk, noise — run under ``torch.inference_mode``;
-the only host transfers per decision are the observation in and the executed action(s) out. On CUDA
-the whole step (cold and warm separately) is captured in a CUDA graph and replayed; ``compile=True``
-wraps it in ``torch.compile`` first. Other policies (compositions, steered policies) take the generic
-path through ``encode`` / ``field_fn`` / ``sample_loop``, with the same results.
+**Fast path** (a ``ChunkPolicy``): each decision is a ``FastStep`` (``kernel.py``: the
+``DecisionStep`` specialized to the batch size, time embeddings of its fixed timesteps and schedule
+coefficients precomputed, the network replayed without per-module dispatch, bitwise equal to the
+``DecisionStep``) on buffers allocated once — observation history, previous chunk, noise — run under
+``torch.inference_mode``. Each observation is validated and normalized once, on the host, when it
+arrives, so the history holds normalized observations and encoding is a view; only the executed
+actions are unnormalized. The only host transfers per decision are the observation in and the
+executed action(s) out. On CUDA the whole step (cold and warm separately) is captured in a CUDA
+graph and replayed; ``compile=True`` wraps it in ``torch.compile`` first. Other policies
+(compositions, steered policies) take the generic path through ``encode`` / ``field_fn`` /
+``sample_loop`` (raw history), with the same results.
 
 Batches: ``batch_size=B`` runs B independent episodes in lockstep (evaluation); ``reset(mask=...)``
 restarts some of them. Each slot has its own noise generator (``reset(seed=...)`` reseeds), so a
@@ -34,7 +39,7 @@ from typing import Mapping, Sequence
 import numpy as np
 import torch
 
-from dpolicy.deploy.kernel import DecisionStep, DiscreteActions, has_fast_form, shift_chunk
+from dpolicy.deploy.kernel import DecisionStep, DiscreteActions, FastStep, has_fast_form, shift_chunk
 from dpolicy.deploy.schedule import count_evals, parse_discrete, resolve_timesteps, warm_schedule
 from dpolicy.errors import ConfigError, ShapeError
 from dpolicy.process import Diffusion, Flow, sample_loop
@@ -86,10 +91,12 @@ class _Plan:
 
     schedule: list
     evals: int
-    kernel: object = None  # what runs: the DecisionStep, compiled or graph-captured (None: generic path)
-    module: DecisionStep | None = None  # the eager DecisionStep
+    kernel: object = None  # what runs: the FastStep, compiled or graph-captured (None: generic path)
+    module: DecisionStep | None = None  # the eager DecisionStep (the reference, and what export writes)
+    fast: FastStep | None = None  # module specialized to the controller's batch size (kernel before compile/capture)
     step_noise: torch.Tensor | None = None  # (S, B, Tp, Da) static buffer
     n_step_noise: int = 0  # how many of those S tensors are drawn (0 for deterministic schedules)
+    noise_rows: list = dataclasses.field(default_factory=list)  # [slot][j]: views of step_noise[j, slot]
 
 
 class Controller:
@@ -146,18 +153,24 @@ class Controller:
             raise ConfigError("compile=True needs the fast path (a ChunkPolicy).")
 
         B, dev = self.B, self.device
-        self._hist = torch.zeros(B, self.To, sum(self.obs_dims.values()), device=dev)
+        d_obs = sum(self.obs_dims.values())
+        # the history: normalized observations on the fast path (what the FastStep reads), env units on the generic one
+        self._hist = torch.zeros(B, self.To, d_obs, device=dev)
         self._prev = torch.zeros(B, self.Tp, self.Da, device=dev)
         self._noise = torch.zeros(B, self.Tp, self.Da, device=dev)
+        self._noise_rows = [self._noise[r] for r in range(B)]
         cuda = dev.type == "cuda"
         self._host_hist = None if cuda else self._hist.numpy()
-        self._stage = torch.zeros(B, self._hist.shape[-1], pin_memory=cuda) if cuda else None
-        self._stage_np = self._stage.numpy() if cuda else None
+        self._stage = torch.zeros(B, d_obs, pin_memory=cuda) if cuda else None
+        self._row = self._stage.numpy() if cuda else np.zeros((B, d_obs), dtype=np.float32)  # the new observation
+        self._staged = torch.cuda.Event() if cuda else None  # the stage's last host-to-device copy
         self._slices = {}
         off = 0
         for k_ in self.obs_keys:
             self._slices[k_] = slice(off, off + self.obs_dims[k_])
             off += self.obs_dims[k_]
+        self._key_slices = [(k_, self._slices[k_], self.obs_dims[k_]) for k_ in self.obs_keys]
+        self._obs_norm = None  # (offset, scale) as float32 arrays: the fast path normalizes on arrival
         self._discrete_generic = None if self.fast else DiscreteActions(policy.normalizer.action, self.discrete, self.Da)
         self.plans: dict[str, _Plan] = {}
         for name, sched in plans.items():
@@ -166,9 +179,16 @@ class Controller:
                 kern = DecisionStep(policy, self.process, sched, warm=name == "warm", renoise=self.renoise,
                                     discrete=self.discrete).eval()
                 plan.step_noise = torch.zeros(kern.n_step_noise, B, self.Tp, self.Da, device=dev)
-                plan.kernel = torch.compile(kern) if self.compile else kern
+                plan.fast = FastStep(kern, B, n_out=self.execute)
+                plan.kernel = torch.compile(plan.fast.__call__) if self.compile else plan.fast
                 plan.n_step_noise = kern.n_step_noise if kern.stochastic else 0
+                plan.noise_rows = [[plan.step_noise[j, r] for j in range(plan.n_step_noise)] for r in range(B)]
                 plan.module = kern
+                if self._obs_norm is None:
+                    self._obs_norm = (kern.obs_offset.detach().cpu().numpy().astype(np.float32),
+                                      kern.obs_scale.detach().cpu().numpy().astype(np.float32))
+            else:
+                plan.noise_rows = [[] for _ in range(B)]  # the generic path draws per-step noise inside sample_loop
             self.plans[name] = plan
         self._graphs_ready = False
         self._gens = [torch.Generator(device=dev).manual_seed(slot_seed(seed, r)) for r in range(B)]
@@ -178,6 +198,8 @@ class Controller:
         self._queue_pos = np.full(B, self.execute)
         self._primed = np.zeros(B, dtype=bool)  # RTI: the next step returns the primed chunk's first action
         self.last_evals = np.zeros(B, dtype=np.int64)  # network evaluations per slot in the last step
+        self._steady = False  # rti: every slot has a chunk, none is primed or fresh (the per-decision fast branch)
+        self._all_rows = np.arange(B)
         self.decisions = 0
         self.total_evals = 0
 
@@ -211,12 +233,13 @@ class Controller:
         self._has_chunk[rows] = False
         self._queue_pos[rows] = self.execute
         self._primed[rows] = False
+        self._steady = False
 
     def step(self, obs: Mapping[str, np.ndarray]) -> np.ndarray:
         """One control decision: observation dict (``(d,)`` per key, or ``(B, d)``) -> action (``(Da,)`` / ``(B, Da)``)."""
-        parts, batched = self._read_obs(obs)
+        batched = self._read_obs(obs)
         with torch.inference_mode():
-            self._push_obs(parts)
+            self._push_obs()
             out = self._decide()
         return out if batched else out[0]
 
@@ -226,13 +249,14 @@ class Controller:
         """Do the full solve of freshly reset slots now, from their first observation, off the control clock
         (RTI's preparation phase: the robot has not started moving). The next ``step`` with the same
         observation then returns that solve's first action without evaluating the network."""
-        parts, _ = self._read_obs(obs)
+        self._read_obs(obs)
         fresh = self._fresh.copy()
         if not fresh.any():
             return
         rows = np.nonzero(fresh)[0]
+        self._steady = False
         with torch.inference_mode():
-            self._push_obs(parts, only_fresh=True)
+            self._push_obs(only_fresh=True)
             chunk, act = self._run("cold", rows)
             m = torch.as_tensor(fresh, device=self.device)[:, None, None]
             self._prev.copy_(torch.where(m, chunk, self._prev))
@@ -245,50 +269,55 @@ class Controller:
         self.total_evals += self.plans["cold"].evals * len(rows)
 
     # -- observations ------------------------------------------------------------------------------------
-    def _read_obs(self, obs) -> tuple[list, bool]:
-        """Validate an observation dict; return ``[(slice, (B, d) float32 array)]`` and whether it was batched."""
+    def _read_obs(self, obs) -> bool:
+        """Validate an observation dict and write it into ``self._row`` (``(B, Dobs)`` float32, keys in
+        ``obs_keys`` order, normalized on the fast path); return whether it was batched."""
         if not isinstance(obs, Mapping):
             raise ShapeError(f"observations must be a dict keyed by {self.obs_keys}, got {type(obs).__name__}.")
-        parts, batched = [], False
-        for k in self.obs_keys:
-            if k not in obs:
+        row, B, batched = self._row, self.B, False
+        if self._staged is not None:  # CUDA: the pinned stage may still be read by the previous asynchronous copy
+            self._staged.synchronize()
+        for k, sl, d in self._key_slices:
+            try:
+                v = obs[k]
+            except KeyError:
                 missing = [m for m in self.obs_keys if m not in obs]
-                raise ShapeError(f"observation key(s) {missing} are missing; the policy needs {self.obs_keys}.")
-            a = np.asarray(obs[k], dtype=np.float32)
-            d = self.obs_dims[k]
-            if a.ndim <= 1 and a.size == d and self.B == 1:
-                a = a.reshape(1, d)
-            elif a.ndim >= 2 and a.shape[0] == self.B and a[0].size == d:
+                raise ShapeError(f"observation key(s) {missing} are missing; the policy needs {self.obs_keys}.") from None
+            a = np.asarray(v, dtype=np.float32)
+            if a.ndim <= 1 and a.size == d and B == 1:
+                row[0, sl] = a.reshape(d)
+            elif a.ndim >= 2 and a.shape[0] == B and a[0].size == d:
                 batched = True
-                a = a.reshape(self.B, d)
+                row[:, sl] = a.reshape(B, d)
             else:
-                want = f"({d},) or ({self.B}, {d})" if self.B == 1 else f"({self.B}, {d})"
-                raise ShapeError(f"observation {k!r} has shape {np.shape(obs[k])}; expected {want}.")
-            if not np.isfinite(a).all():
-                raise ShapeError(f"observation {k!r} holds NaN or infinite values.")
-            parts.append((self._slices[k], a))
-        return parts, batched
+                want = f"({d},) or ({B}, {d})" if B == 1 else f"({B}, {d})"
+                raise ShapeError(f"observation {k!r} has shape {np.shape(v)}; expected {want}.")
+        if not np.isfinite(row).all():
+            bad = next(k for k, sl, _ in self._key_slices if not np.isfinite(row[:, sl]).all())
+            raise ShapeError(f"observation {bad!r} holds NaN or infinite values.")
+        if self._obs_norm is not None:  # = DecisionStep.encode's (obs - offset) * scale, float32, elementwise
+            np.subtract(row, self._obs_norm[0], out=row)
+            np.multiply(row, self._obs_norm[1], out=row)
+        return batched
 
-    def _push_obs(self, parts: list, only_fresh: bool = False) -> None:
-        """Slide the history by one and write the new observation; fresh slots get it ``To`` times.
+    def _push_obs(self, only_fresh: bool = False) -> None:
+        """Slide the history by one and write ``self._row``; fresh slots get it ``To`` times.
         ``only_fresh`` leaves the other slots' histories alone (``prime``)."""
         fresh = np.nonzero(self._fresh)[0] if self._fresh.any() else None
+        row = self._row
         if self._host_hist is not None:  # CPU: the history tensor's own memory, written through numpy
             h = self._host_hist
             if only_fresh:
-                for sl, a in parts:
-                    h[fresh, :, sl] = a[fresh, None]
+                h[fresh] = row[fresh, None]
             else:
                 if self.To > 1:
                     h[:, :-1] = h[:, 1:]  # numpy handles the overlap
-                for sl, a in parts:
-                    h[:, -1, sl] = a
+                h[:, -1] = row
                 if fresh is not None:
-                    h[fresh] = h[fresh, -1:]
-        else:  # CUDA: stage on the host, one copy, then slide on the device
-            for sl, a in parts:
-                self._stage_np[:, sl] = a
+                    h[fresh] = row[fresh, None]
+        else:  # CUDA: the row is staged in pinned memory; one copy, then slide on the device
             x = self._stage.to(self.device, non_blocking=True)
+            self._staged.record()
             h = self._hist
             if not only_fresh:
                 for i in range(self.To - 1):  # slice by slice: no overlapping copies
@@ -300,18 +329,19 @@ class Controller:
                 else:
                     idx = torch.as_tensor(fresh, device=self.device)
                     h[idx] = x[idx, None].expand(-1, self.To, -1)
-        self._fresh[:] = False
+        if fresh is not None:
+            self._fresh[:] = False
 
     # -- decisions -----------------------------------------------------------------------------------------
     def _draw(self, rows: np.ndarray, plan: _Plan, need_noise: bool) -> None:
         """Per-slot noise for ``rows``, drawn in the order the eager sampler would draw it."""
-        n_sn = plan.n_step_noise
+        randn, shape, dev = torch.randn, (self.Tp, self.Da), self.device
         for r in rows:
             g = self._gens[r]
             if need_noise:
-                torch.randn(self.Tp, self.Da, device=self.device, generator=g, out=self._noise[r])
-            for j in range(n_sn):
-                torch.randn(self.Tp, self.Da, device=self.device, generator=g, out=plan.step_noise[j, r])
+                randn(shape, device=dev, generator=g, out=self._noise_rows[r])
+            for buf in plan.noise_rows[r]:
+                randn(shape, device=dev, generator=g, out=buf)
 
     def _run(self, name: str, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """Run decision kind ``name`` on the whole batch (only ``rows`` get fresh noise); (chunk, actions)."""
@@ -346,6 +376,14 @@ class Controller:
         self._graphs_ready = True
 
     def _decide(self) -> np.ndarray:
+        if self._steady:  # rti, every slot mid-episode: shift, re-noise, k evaluations, first action out
+            plan = self.plans["warm"]
+            chunk, act = self._run("warm", self._all_rows)
+            self._prev.copy_(chunk)
+            self.last_evals.fill(plan.evals)
+            self.decisions += 1
+            self.total_evals += plan.evals * self.B
+            return act[:, 0].to("cpu", torch.float32).numpy().copy()  # the one transfer per decision
         self.last_evals[:] = 0
         if self.mode == "chunked":
             need = self._queue_pos >= self.execute
@@ -356,11 +394,12 @@ class Controller:
                 self._queue[rows] = host[rows]
                 self._queue_pos[rows] = 0
                 self.last_evals[rows] = self.plans["cold"].evals
-            out = self._queue[np.arange(self.B), self._queue_pos].copy()
+            out = self._queue[self._all_rows, self._queue_pos].copy()
             self._queue_pos += 1
         elif self._primed.all():  # every slot's decision was made by prime()
             out = self._queue[:, 0].copy()
             self._primed[:] = False
+            self._steady = True
         else:
             primed = self._primed.copy()
             keep = self._prev.clone() if primed.any() else None
@@ -387,6 +426,7 @@ class Controller:
                 out[primed] = self._queue[primed, 0]
                 self.last_evals[primed] = 0
                 self._primed[:] = False
+            self._steady = True  # every slot now holds a chunk and none is primed
         self.decisions += 1
         self.total_evals += int(self.last_evals.sum())
         return out

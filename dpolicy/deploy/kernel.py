@@ -19,6 +19,13 @@ The arithmetic repeats ``Diffusion.step`` / ``Flow.step`` operation for operatio
 ``sample_loop(process, policy.field_fn(cond), x, schedule)`` (``torch.equal`` on CPU; the tests
 check it against the generic path); only ``ChunkPolicy``-shaped policies (a ``net`` called as
 ``net(x, process.net_time(t), cond)``) have this fast form.
+
+``FastStep`` is the same decision specialized to one batch size, which is what the controller runs:
+the history arrives normalized, the time embeddings of the fixed timesteps are computed once
+(``fast_field``; for the residual MLP the forward is replayed from the parameters with the ATen calls
+the modules make, skipping per-module Python dispatch), and only the executed actions are
+unnormalized. It is bit-for-bit equal to the ``DecisionStep`` (tests/test_deploy.py); the
+``DecisionStep`` stays the reference and the unit ``torch.export`` writes.
 """
 
 from __future__ import annotations
@@ -193,3 +200,141 @@ class DecisionStep(nn.Module):
             x = noise
         chunk = self.integrate(x, cond, step_noise)
         return chunk, self.to_env(chunk)
+
+
+# -- the hot path -------------------------------------------------------------------------------------------
+def _plain_residual_mlp(net) -> bool:
+    """True when ``net`` is exactly the ``ResidualMLP`` layout (no subclass, no hooks), so its forward can be
+    replayed op for op from its parameters."""
+    from dpolicy.nn.embeddings import SinusoidalTimeEmbedding
+    from dpolicy.nn.mlp import ResidualBlock, ResidualMLP
+
+    if type(net) is not ResidualMLP or type(net.time) is not nn.Sequential:
+        return False
+    if any(m._forward_hooks or m._forward_pre_hooks for m in net.modules()):
+        return False
+    kinds = lambda seq, want: len(seq) == len(want) and all(type(m) is w for m, w in zip(seq, want))  # noqa: E731
+    ok = type(net.inp) is nn.Linear and type(net.blocks) is nn.Sequential and type(net.out) is nn.Sequential
+    ok = ok and kinds(net.time, (SinusoidalTimeEmbedding, nn.Linear, nn.Mish, nn.Linear))
+    ok = ok and kinds(net.out, (nn.LayerNorm, nn.Mish, nn.Linear))
+    ok = ok and all(type(b) is ResidualBlock and type(b.net) is nn.Sequential
+                    and kinds(b.net, (nn.LayerNorm, nn.Linear, nn.Mish, nn.Linear)) for b in net.blocks)
+    return ok and all(m.bias is not None for m in net.modules() if isinstance(m, (nn.Linear, nn.LayerNorm)))
+
+
+def fast_field(net, tnet: torch.Tensor, batch_size: int):
+    """``field(i, x, cond)``, bitwise equal to ``net(x, tnet[i].expand(B), cond)`` for ``x`` of batch ``B``.
+
+    The network times of a decision step are fixed, so whatever depends only on them is computed here,
+    once, at the batch size the controller runs (a matrix product's rounding can depend on the number
+    of rows, so a batch-1 constant is not reused for other batches). For the residual MLP that is the
+    whole time-embedding MLP, and the forward is replayed from the parameters with the same ATen calls
+    ``nn.Linear`` / ``nn.LayerNorm`` / ``nn.Mish`` make (``addmm`` with the transposed weight view,
+    ``layer_norm``, ``mish``), without the per-module Python dispatch. Any other network is called as is
+    with its time tensors prebuilt. Parameters are read by reference: in-place weight updates are seen,
+    but build the step again after moving the network to another device or dtype.
+    """
+    B = int(batch_size)
+    times = [tnet[i].expand(B) for i in range(tnet.shape[0])]
+    if not _plain_residual_mlp(net):
+        def field(i: int, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+            return net(x, times[i], cond)
+        field.replayed = False
+        return field
+
+    with torch.no_grad():
+        temb = [net.time(t) for t in times]  # exactly what ResidualMLP.forward computes for these times
+    addmm, layer_norm, mish, cat = torch.addmm, torch.layer_norm, torch._C._nn.mish, torch.cat
+    lin = lambda m: (m.bias, m.weight.t())  # noqa: E731  (what F.linear does for 2-D input: addmm(b, x, W^T))
+    ln = lambda m: (tuple(m.normalized_shape), m.weight, m.bias, m.eps)  # noqa: E731
+    b_in, w_in = lin(net.inp)
+    blocks = [(*ln(b.net[0]), *lin(b.net[1]), *lin(b.net[3])) for b in net.blocks]
+    o_shape, o_w, o_b, o_eps = ln(net.out[0])
+    b_out, w_out = lin(net.out[2])
+    shape = (B, net.horizon, net.action_dim)
+
+    def field(i: int, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        h = addmm(b_in, cat([x.reshape(B, -1), temb[i], cond], -1), w_in)
+        for ns, lw, lb, eps, b1, w1, b2, w2 in blocks:
+            h = h + addmm(b2, mish(addmm(b1, layer_norm(h, ns, lw, lb, eps), w1)), w2)
+        return addmm(b_out, mish(layer_norm(h, o_shape, o_w, o_b, o_eps)), w_out).view(shape)
+
+    field.replayed = True
+    return field
+
+
+class FastStep:
+    """A ``DecisionStep`` specialized to one batch size: the controller's hot path.
+
+    ``(prev (B,Tp,Da), obs_n (B,To,Dobs) normalized, noise, step_noise) -> (chunk (B,Tp,Da), actions (B,n_out,Da))``
+
+    Differences from calling the ``DecisionStep`` (all exact, ``torch.equal`` in the tests):
+
+    * the observation history comes in already normalized (the controller normalizes each observation
+      once, when it arrives, with the same float32 subtract-then-multiply), so encoding is a view;
+    * only the first ``n_out`` actions (the ones the controller executes) are unnormalized;
+    * the network runs through ``fast_field`` (time embeddings of the fixed timesteps precomputed);
+    * the shift is one gather with a precomputed index; schedule coefficients are precomputed floats;
+      intermediates are updated in place where the reference would allocate a new tensor (same kernels,
+      same operand order, so the same bits).
+    """
+
+    def __init__(self, step: DecisionStep, batch_size: int, n_out: int | None = None):
+        self.step, self.B = step, int(batch_size)
+        self.n_out = step.Tp if n_out is None else int(n_out)
+        if not 1 <= self.n_out <= step.Tp:
+            raise ConfigError(f"n_out={n_out} must be between 1 and Tp={step.Tp}.")
+        self.field = fast_field(step.net, step.tnet, self.B)
+        self.warm, self.renoise = step.warm, step.renoise
+        self.renoise_coef = getattr(step, "renoise_coef", None)
+        dev = step.act_offset.device
+        self.shift_index = torch.tensor([min(i + step.shift, step.Tp - 1) for i in range(step.Tp)], device=dev)
+        self.discrete = step.discrete
+        self.act_scale, self.act_offset = step.act_scale, step.act_offset
+        p = step.process
+        self.diffusion = isinstance(p, Diffusion)
+        if self.diffusion:
+            self.epsilon, self.clip = p.prediction == "epsilon", bool(p.clip_sample)
+            self.plan = []
+            for i, ab, ab_next, sigma, z in step.plan:  # the floats DecisionStep.integrate computes, computed once
+                last = ab_next == 1.0 and z < 0
+                self.plan.append((i, math.sqrt(1 - ab), math.sqrt(ab), last, math.sqrt(ab_next),
+                                  math.sqrt(max(1 - ab_next - sigma**2, 0.0)), sigma, z))
+        else:
+            self.plan = list(step.plan)
+
+    def __call__(self, prev: torch.Tensor, obs_n: torch.Tensor, noise: torch.Tensor,
+                 step_noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cond = obs_n.reshape(self.B, -1)
+        if self.warm:
+            x = self.discrete.binarize(prev.index_select(1, self.shift_index))
+            if self.renoise:
+                a, b = self.renoise_coef
+                x = (x * a).add_(noise * b)  # = a * x + b * noise
+        else:
+            x = noise
+        field = self.field
+        if self.diffusion:
+            eps_pred, clip = self.epsilon, self.clip
+            for i, s1ab, sab, last, sab_next, c_eps, sigma, z in self.plan:
+                f = field(i, x, cond)
+                x0 = (x - f * s1ab).div_(sab) if eps_pred else f
+                if clip:
+                    x0 = x0.clamp(-1, 1)
+                if last:  # onto clean data (see DecisionStep.integrate)
+                    x = x0
+                    continue
+                eps = (x - x0 * sab).div_(s1ab)
+                x = (x0 * sab_next).add_(eps.mul_(c_eps))
+                if z >= 0:
+                    x = x.add_(step_noise[z] * sigma)
+        else:
+            for i, dt, heun in self.plan:
+                v = field(i, x, cond)
+                if not heun:
+                    x = x + v * dt
+                else:
+                    x_pred = x + v * dt
+                    x = x + (v + field(i + 1, x_pred, cond)).mul_(dt * 0.5)
+        head = x if self.n_out == x.shape[1] else x[:, :self.n_out]
+        return x, self.discrete.threshold((head / self.act_scale).add_(self.act_offset))
