@@ -104,7 +104,7 @@ def render(results: dict, figure: Path | None) -> str:
                      " / ".join(f"{x:,}" if x is not None else "not reached" for x in reach),
                      f"{np.median([r['wall_s_per_1k_env_steps'] for r in rs]):.1f}"])
     body = ("## Latent-noise steering (DSRL) from weak bases (2-core CPU)\n\n"
-            "Weak bases (few demos, short training): " + "; ".join(f"`{t}`: `{' '.join(v)}`" for t, v in WEAK_BASES.items()
+            "Weak bases (demos from a noisy expert, short training): " + "; ".join(f"`{t}`: `{' '.join(v)}`" for t, v in WEAK_BASES.items()
                                                                      if any(r['task'] == t for r in results.values()))
             + f". Steering settings: {STEER_DEFAULTS}, agent {DSRL_DEFAULTS}. "
             "Success is measured on 50 held-out seeded episodes at each evaluation; per-seed values are listed.\n\n")
