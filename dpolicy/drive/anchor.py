@@ -1,0 +1,149 @@
+"""Continuous planners: truncated anchor diffusion (DiffusionDrive style) and a vanilla diffusion planner.
+
+Both predict the clean trajectory (x0) with a shared-weight MLP over a scene context, on the
+scaled-linear 1000-step schedule. The anchor planner starts from K K-means anchors noised to a small
+step (t = 8 of 1000), denoises each in 2 DDIM steps (8 -> 4 -> 0) and returns the mode with the
+highest confidence; it trains on the truncated range t < 50, with L1 on the mode whose anchor is
+nearest the expert and cross-entropy on the confidences. The vanilla planner trains on all t and
+samples with 20 DDIM steps from pure noise.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dpolicy.drive.encoder import SceneEncoder
+from dpolicy.errors import ConfigError
+
+T_TRAIN = 1000
+SCALE = torch.tensor([45.0, 20.0])
+SHIFT = torch.tensor([40.0, 0.0])
+
+
+def to_norm(traj: torch.Tensor) -> torch.Tensor:
+    return ((traj - SHIFT.to(traj)) / SCALE.to(traj)).flatten(-2)
+
+
+def from_norm(x: torch.Tensor) -> torch.Tensor:
+    return x.unflatten(-1, (-1, 2)) * SCALE.to(x) + SHIFT.to(x)
+
+
+def alphas_cumprod(device=None) -> torch.Tensor:
+    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, T_TRAIN, dtype=torch.float64) ** 2
+    return torch.cumprod(1 - betas, 0).float().to(device)
+
+
+def kmeans(x: torch.Tensor, k: int, iters: int = 30, seed: int = 0) -> torch.Tensor:
+    """K-means centres (k, D) of rows x (N, D), k-means++ seeding, deterministic given ``seed``."""
+    if x.shape[0] < k:
+        raise ConfigError(f"kmeans needs at least k={k} rows, got {x.shape[0]}.")
+    g = torch.Generator().manual_seed(seed)
+    xc = x.cpu()
+    c = [xc[torch.randint(len(xc), (1,), generator=g)][0]]
+    for _ in range(1, k):
+        d = torch.cdist(xc, torch.stack(c)).min(1).values ** 2
+        c.append(xc[torch.multinomial(d / d.sum(), 1, generator=g)][0])
+    c = torch.stack(c)
+    for _ in range(iters):
+        a = torch.cdist(xc, c).argmin(1)
+        for j in range(k):
+            if (a == j).any():
+                c[j] = xc[a == j].mean(0)
+    return c.to(x.device)
+
+
+class Denoiser(nn.Module):
+    def __init__(self, d: int = 64, dim: int = 16, hidden: int = 256):
+        super().__init__()
+        self.encoder = SceneEncoder(d)
+        self.net = nn.Sequential(nn.Linear(dim + 2 * d + 32, hidden), nn.Mish(), nn.Linear(hidden, hidden), nn.Mish(),
+                                 nn.Linear(hidden, dim + 1))
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, ctx: torch.Tensor):
+        """x (B, K, D), t (B,) steps, ctx (B, 2d) -> x0 prediction (B, K, D), confidence logits (B, K)."""
+        f = torch.exp(-math.log(1000.0) * torch.arange(16, device=x.device) / 16)
+        te = torch.cat([torch.sin(t[:, None] * f), torch.cos(t[:, None] * f)], -1)
+        h = torch.cat([x, te[:, None].expand(-1, x.shape[1], -1), ctx[:, None].expand(-1, x.shape[1], -1)], -1)
+        out = self.net(h)
+        return out[..., :-1], out[..., -1]
+
+
+class AnchorDiffusionPlanner(nn.Module):
+    def __init__(self, anchors: torch.Tensor, d: int = 64, t_trunc: int = 50, t_start: int = 8, steps: int = 2):
+        super().__init__()
+        self.register_buffer("anchors", anchors)      # (K, 16) normalised
+        self.register_buffer("ab", alphas_cumprod())
+        self.den = Denoiser(d)
+        self.t_trunc, self.t_start, self.steps = t_trunc, t_start, steps
+
+    def loss(self, obs, traj, gen=None):
+        B = traj.shape[0]
+        x0 = to_norm(traj)
+        t = torch.randint(0, self.t_trunc, (B,), device=x0.device, generator=gen)
+        a = self.anchors[None].expand(B, -1, -1)
+        ab = self.ab[t][:, None, None]
+        xt = (ab.sqrt() * a + (1 - ab).sqrt() * torch.randn(a.shape, device=x0.device, generator=gen)).clamp(-1.5, 1.5)
+        pred, conf = self.den(xt, t.float(), self.den.encoder.pooled(obs))
+        pos = torch.cdist(x0[:, None], a)[:, 0].argmin(1)
+        reg = (pred[torch.arange(B), pos] - x0).abs().mean()
+        return reg + F.cross_entropy(conf, pos)
+
+    @torch.no_grad()
+    def plan(self, obs, gen=None, steps: int | None = None) -> torch.Tensor:
+        steps = self.steps if steps is None else steps
+        ctx = self.den.encoder.pooled(obs)
+        B = ctx.shape[0]
+        a = self.anchors[None].expand(B, -1, -1)
+        ts = [round(self.t_start * (1 - i / steps)) for i in range(steps)] + [-1]
+        ab0 = self.ab[ts[0]]
+        x = ab0.sqrt() * a + (1 - ab0).sqrt() * torch.randn(a.shape, device=a.device, generator=gen)
+        x, conf = ddim_denoise(self.den, x, ts, ctx, self.ab)
+        return from_norm(x[torch.arange(B), conf.argmax(1)])
+
+
+class VanillaDiffusionPlanner(nn.Module):
+    def __init__(self, d: int = 64, steps: int = 20):
+        super().__init__()
+        self.register_buffer("ab", alphas_cumprod())
+        self.den = Denoiser(d)
+        self.steps = steps
+
+    def loss(self, obs, traj, gen=None):
+        B = traj.shape[0]
+        x0 = to_norm(traj)[:, None]
+        t = torch.randint(0, T_TRAIN, (B,), device=x0.device, generator=gen)
+        ab = self.ab[t][:, None, None]
+        xt = ab.sqrt() * x0 + (1 - ab).sqrt() * torch.randn(x0.shape, device=x0.device, generator=gen)
+        pred, _ = self.den(xt, t.float(), self.den.encoder.pooled(obs))
+        return (pred - x0).abs().mean()
+
+    @torch.no_grad()
+    def plan(self, obs, gen=None, steps: int | None = None) -> torch.Tensor:
+        steps = self.steps if steps is None else steps
+        ctx = self.den.encoder.pooled(obs)
+        B = ctx.shape[0]
+        x = torch.randn(B, 1, 16, device=ctx.device, generator=gen)
+        ts = [round((T_TRAIN - 1) * (1 - i / steps)) for i in range(steps)] + [-1]
+        x, _ = ddim_denoise(self.den, x, ts, ctx, self.ab, clamp=1.5)
+        return from_norm(x[:, 0])
+
+
+def ddim_denoise(den, x, ts, ctx, ab, clamp: float | None = None):
+    """Deterministic DDIM from level ``ts[0]`` down the list ``ts`` (ending with -1: clean) with a
+    sample-predicting denoiser ``den(x, t, ctx) -> (x0, confidence)``; returns the clean sample and
+    the last confidence."""
+    B, conf = x.shape[0], None
+    for t, tn in zip(ts[:-1], ts[1:]):
+        pred, conf = den(x, torch.full((B,), float(t), device=x.device), ctx)
+        if clamp is not None:
+            pred = pred.clamp(-clamp, clamp)
+        if tn < 0:
+            return pred, conf
+        ab_t, ab_n = ab[t], ab[tn]
+        eps = (x - ab_t.sqrt() * pred) / (1 - ab_t).sqrt()
+        x = ab_n.sqrt() * pred + (1 - ab_n).sqrt() * eps
+    return x, conf

@@ -1,0 +1,178 @@
+"""Masked discrete-diffusion trajectory planner: a bidirectional transformer over trajectory tokens.
+
+Training (masked diffusion, as in LLaDA / WAM-Diff): draw r ~ U(0, 1], mask each token with
+probability r, and minimise  (1/r) * sum_{masked i} -log p(x0_i | x_r, c) / L, an upper bound on
+-log p(x0 | c) / L. Decoding starts from all-mask and commits a scheduled number of tokens per
+step in one of four orders (confidence, random, causal, reverse). Sequence log-likelihoods for RL
+come from ``logp_one_step`` (d1's one-step unmasking: all free tokens masked, one pass) or
+``logp_elbo`` (stratified ELBO: fixed mask counts, random masks within each), and ``exact_logp``
+enumerates every order for short free sets to measure both.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dpolicy.drive.encoder import SceneEncoder
+from dpolicy.drive.tokenizer import TrajectoryTokenizer
+from dpolicy.errors import ConfigError, ShapeError
+
+ORDERS = ("confidence", "random", "causal", "reverse")
+
+
+def masked_diffusion_loss(logits: torch.Tensor, x0: torch.Tensor, mask: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """(1/r) * sum over masked tokens of cross-entropy, over L, averaged over the batch.
+
+    logits (B, L, V), x0 (B, L) ids, mask (B, L) bool, r (B,) masking probability in (0, 1].
+    """
+    ce = F.cross_entropy(logits.transpose(1, 2), x0, reduction="none")        # (B, L)
+    return ((ce * mask).sum(1) / r / x0.shape[1]).mean()
+
+
+class MaskedTokenPlanner(nn.Module):
+    def __init__(self, tokenizer: TrajectoryTokenizer, d: int = 64, layers: int = 2, heads: int = 4):
+        super().__init__()
+        self.tok = tokenizer
+        self.cfg = {"d": d, "layers": layers, "heads": heads, "tokenizer": tokenizer.config()}
+        self.encoder = SceneEncoder(d)
+        self.embed = nn.Embedding(tokenizer.vocab + 1, d)
+        self.pos = nn.Parameter(torch.randn(tokenizer.length, d) * 0.02)
+        layer = nn.TransformerEncoderLayer(d, heads, 2 * d, dropout=0.0, batch_first=True, norm_first=True)
+        self.body = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.head = nn.Linear(d, tokenizer.vocab)
+        self.register_buffer("valid", tokenizer.valid_mask(), persistent=False)
+
+    def logits(self, obs: dict, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, L) ids (mask id where masked) -> (B, L, V) logits; ids a position cannot take are -inf."""
+        if tokens.dim() != 2 or tokens.shape[1] != self.tok.length:
+            raise ShapeError(f"tokens must have shape (B, {self.tok.length}), got {tuple(tokens.shape)}.")
+        ctx = self.encoder(obs)
+        x = torch.cat([ctx, self.embed(tokens) + self.pos], 1)
+        h = self.body(x)[:, ctx.shape[1]:]
+        return self.head(h).masked_fill(~self.valid, float("-inf"))
+
+    def loss(self, obs: dict, x0: torch.Tensor, gen: torch.Generator | None = None) -> torch.Tensor:
+        B, L = x0.shape
+        # stratified r over the batch lowers the loss variance; r is kept away from 0 (weight 1/r)
+        u = (torch.arange(B, device=x0.device) + torch.rand(B, device=x0.device, generator=gen)) / B
+        r = (u[torch.randperm(B, device=x0.device, generator=gen)]).clamp(min=1.0 / L)
+        mask = torch.rand(B, L, device=x0.device, generator=gen) < r[:, None]
+        xt = torch.where(mask, torch.full_like(x0, self.tok.mask_id), x0)
+        return masked_diffusion_loss(self.logits(obs, xt), x0, mask, r)
+
+    @torch.no_grad()
+    def decode(self, obs: dict, steps: int = 8, order: str = "confidence", temperature: float = 0.0,
+               gen: torch.Generator | None = None, n: int = 1, return_steps: bool = False):
+        """Tokens (B*n, L): ``n`` samples per observation (rows grouped per observation).
+
+        With ``return_steps`` also the decoding step (0-based, (B*n, L)) at which each token was
+        committed, which ``logp_replay`` needs."""
+        if order not in ORDERS:
+            raise ConfigError(f"decoding order {order!r} is unknown; choose from {', '.join(ORDERS)}.")
+        L = self.tok.length
+        if not 1 <= steps <= L:
+            raise ConfigError(f"decoding steps must be in [1, {L}], got {steps}.")
+        if temperature < 0:
+            raise ConfigError(f"temperature must be >= 0, got {temperature}.")
+        if n > 1:
+            obs = {k: v.repeat_interleave(n, 0) for k, v in obs.items()}
+        B = obs["ego"].shape[0]
+        dev = obs["ego"].device
+        x = torch.full((B, L), self.tok.mask_id, dtype=torch.long, device=dev)
+        pos = torch.arange(L, device=dev, dtype=torch.float32)
+        wp = (pos // 2)  # waypoint index of each token (x and y of a waypoint share it)
+        done = 0
+        when = torch.full((B, L), -1, dtype=torch.long, device=dev)
+        for k in range(1, steps + 1):
+            target = math.ceil(L * k / steps)
+            logits = self.logits(obs, x)
+            if temperature == 0:
+                cand = logits.argmax(-1)
+            else:
+                probs = F.softmax(logits / temperature, -1)
+                cand = torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1, generator=gen).reshape(B, L)
+            conf = F.softmax(logits, -1).gather(-1, cand[..., None])[..., 0]
+            if order == "confidence":
+                key = conf
+            elif order == "random":
+                key = torch.rand(B, L, device=dev, generator=gen)
+            elif order == "causal":
+                key = (-wp + 0.1 * (pos % 2 == 0)).expand(B, L)
+            else:
+                key = (wp + 0.1 * (pos % 2 == 0)).expand(B, L)
+            masked = x == self.tok.mask_id
+            key = torch.where(masked, key, torch.full_like(key, float("-inf")))
+            pick = key.topk(target - done, dim=1).indices
+            x.scatter_(1, pick, cand.gather(1, pick))
+            when.scatter_(1, pick, torch.full_like(pick, k - 1))
+            done = target
+        return (x, when) if return_steps else x
+
+    def logp_replay(self, obs: dict, tokens: torch.Tensor, when: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+        """Per-token log-probs (B, L) of a decoded sample at the states decoding actually visited
+        (tokens committed at step >= k masked at step k), as in MDPO. With the decoding order held
+        fixed this is the exact log-likelihood of the sample under temperature-``temperature`` sampling."""
+        out = torch.zeros(tokens.shape, device=tokens.device)
+        for k in range(int(when.max()) + 1):
+            xt = torch.where(when >= k, torch.full_like(tokens, self.tok.mask_id), tokens)
+            lp = F.log_softmax(self.logits(obs, xt) / temperature, -1).gather(-1, tokens[..., None])[..., 0]
+            out = out + lp * (when == k)
+        return out
+
+    def logp_one_step(self, obs: dict, tokens: torch.Tensor, free: torch.Tensor | None = None) -> torch.Tensor:
+        """d1 one-step unmasking: every free token masked, one pass; per-token log-probs (B, L), 0 off ``free``."""
+        free = torch.ones_like(tokens, dtype=torch.bool) if free is None else free
+        xt = torch.where(free, torch.full_like(tokens, self.tok.mask_id), tokens)
+        lp = F.log_softmax(self.logits(obs, xt), -1).gather(-1, tokens[..., None])[..., 0]
+        return lp * free
+
+    def logp_elbo(self, obs: dict, tokens: torch.Tensor, free: torch.Tensor | None = None, nodes: int = 4,
+                  gen: torch.Generator | None = None, stratified: bool = True) -> torch.Tensor:
+        """Per-token ELBO contributions (B, L) whose sum estimates log p(free tokens | the rest).
+
+        ELBO = sum_{m=1}^{K} E_{|M|=m}[(1/m) sum_{i in M} log p(x_i | x outside M)] for K free tokens.
+        ``stratified``: ``nodes`` fixed mask counts spread over 1..K (weight K/nodes each), a random
+        mask within each; otherwise each node draws its count uniformly (plain Monte Carlo).
+        """
+        free = torch.ones_like(tokens, dtype=torch.bool) if free is None else free
+        B, L = tokens.shape
+        K = free.sum(1)                                                        # (B,)
+        out = torch.zeros(B, L, device=tokens.device)
+        for j in range(nodes):
+            if stratified:
+                m = ((j + 0.5) / nodes * K).ceil().clamp(min=1)
+            else:
+                m = (torch.rand(B, device=tokens.device, generator=gen) * K).floor() + 1
+            score = torch.rand(B, L, device=tokens.device, generator=gen).masked_fill(~free, 2.0)
+            rank = score.argsort(1).argsort(1)
+            mask = rank < m[:, None]
+            xt = torch.where(mask, torch.full_like(tokens, self.tok.mask_id), tokens)
+            lp = F.log_softmax(self.logits(obs, xt), -1).gather(-1, tokens[..., None])[..., 0]
+            out = out + lp * mask * (K / nodes / m)[:, None]
+        return out
+
+    @torch.no_grad()
+    def exact_logp(self, obs: dict, tokens: torch.Tensor, free: torch.Tensor) -> torch.Tensor:
+        """log p(free tokens | the rest) under random-order, one-token-per-step decoding (B,), by
+        enumerating all K! orders; K = number of free tokens, the same in every row, at most 6."""
+        K = int(free[0].sum())
+        if not (free.sum(1) == K).all() or K > 6 or K < 1:
+            raise ConfigError(f"exact_logp needs the same 1..6 free tokens in every row, got counts {free.sum(1).tolist()}.")
+        B = tokens.shape[0]
+        idx = free.nonzero()[:, 1].reshape(B, K)
+        total = []
+        for perm in itertools.permutations(range(K)):
+            xt = torch.where(free, torch.full_like(tokens, self.tok.mask_id), tokens)
+            lp = torch.zeros(B, device=tokens.device)
+            for p in perm:
+                pos = idx[:, p]
+                logit = self.logits(obs, xt)[torch.arange(B), pos]
+                lp = lp + F.log_softmax(logit, -1).gather(1, tokens[torch.arange(B), pos][:, None])[:, 0]
+                xt[torch.arange(B), pos] = tokens[torch.arange(B), pos]
+            total.append(lp)
+        return torch.logsumexp(torch.stack(total), 0) - math.log(math.factorial(K))

@@ -1,0 +1,139 @@
+"""Group RL for trajectory-token planners: GSPO (sequence-level ratio) and GRPO (token-level ratio).
+
+Per scene a group of G trajectories is decoded, scored with the PDMS-like scorer, and advantages
+are normalised within the group. No KL term by default. Each rollout batch is split into several
+mini-batches (and optionally epochs) so that the policy moves away from the one that sampled.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from dpolicy.errors import ConfigError
+
+
+def group_advantages(rewards: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """(S, G) rewards -> (S, G) advantages (r - mean) / std within each group; 0 for flat groups."""
+    if rewards.dim() != 2 or rewards.shape[1] < 2:
+        raise ConfigError(f"group rewards must have shape (S, G) with G >= 2, got {tuple(rewards.shape)}.")
+    std = rewards.std(1, unbiased=False, keepdim=True)
+    adv = (rewards - rewards.mean(1, keepdim=True)) / std.clamp(min=eps)
+    return torch.where(std > eps, adv, torch.zeros_like(adv))
+
+
+def gspo_loss(logp: torch.Tensor, logp_old: torch.Tensor, adv: torch.Tensor, eps_low: float = 0.02,
+              eps_high: float = 0.03) -> tuple[torch.Tensor, dict]:
+    """GSPO: s_i = exp(mean_t (logp - logp_old)), loss = -mean_i min(s_i A_i, clip(s_i) A_i).
+
+    logp, logp_old (N, L) per-token log-probs (old ones detached), adv (N,).
+    """
+    s = torch.exp((logp - logp_old.detach()).mean(1))
+    loss = -torch.minimum(s * adv, s.clamp(1 - eps_low, 1 + eps_high) * adv).mean()
+    clipped = ((s < 1 - eps_low) | (s > 1 + eps_high)).float().mean()
+    return loss, {"ratio_dev": float((s.detach() - 1).abs().mean()), "clip_frac": float(clipped)}
+
+
+def grpo_loss(logp: torch.Tensor, logp_old: torch.Tensor, adv: torch.Tensor, eps_low: float = 0.2,
+              eps_high: float = 0.28) -> tuple[torch.Tensor, dict]:
+    """GRPO: per-token r_t = exp(logp_t - logp_old_t), loss = -mean_i mean_t min(r A, clip(r) A)."""
+    r = torch.exp(logp - logp_old.detach())
+    a = adv[:, None]
+    loss = -torch.minimum(r * a, r.clamp(1 - eps_low, 1 + eps_high) * a).mean(1).mean()
+    clipped = ((r < 1 - eps_low) | (r > 1 + eps_high)).float().mean()
+    return loss, {"ratio_dev": float((r.detach() - 1).abs().mean()), "clip_frac": float(clipped)}
+
+
+@dataclass
+class RLConfig:
+    algo: str = "gspo"            # gspo | grpo
+    group: int = 8                # G trajectories per scene
+    scenes_per_iter: int = 32     # scenes per rollout batch
+    iters: int = 40
+    minibatches: int = 4          # updates per rollout batch (per epoch)
+    epochs: int = 1
+    lr: float = 3e-5
+    temperature: float = 1.0
+    steps: int = 8                # decoding steps for rollouts
+    order: str = "confidence"
+    estimator: str = "one_step"   # one_step (d1) | elbo (stratified) | replay (the decoding states, MDPO-like)
+    eps_low: float | None = None  # None: 0.05/0.08 for GSPO (sequence ratio), 0.2/0.28 for GRPO (token ratio)
+    eps_high: float | None = None
+    eval_every: int = 10
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.algo not in ("gspo", "grpo"):
+            raise ConfigError(f"rl.algo {self.algo!r} is unknown; choose gspo or grpo.")
+        if self.estimator not in ("one_step", "elbo", "replay"):
+            raise ConfigError(f"rl.estimator {self.estimator!r} is unknown; choose one_step, elbo or replay.")
+        if self.group < 2:
+            raise ConfigError(f"rl.group must be >= 2 for group-normalised advantages, got {self.group}.")
+        for k in ("scenes_per_iter", "iters", "minibatches", "epochs", "steps"):
+            if getattr(self, k) < 1:
+                raise ConfigError(f"rl.{k} must be >= 1, got {getattr(self, k)}.")
+
+
+def _logp(planner, obs, tokens, cfg: RLConfig, seed: int, when=None):
+    if cfg.estimator == "one_step":
+        return planner.logp_one_step(obs, tokens)
+    if cfg.estimator == "replay":
+        return planner.logp_replay(obs, tokens, when, max(cfg.temperature, 1e-3))
+    # the same masks for the old and the new policy: the ratio is then 1 on-policy
+    gen = torch.Generator(tokens.device).manual_seed(seed)
+    return planner.logp_elbo(obs, tokens, gen=gen)
+
+
+def rl_train(planner, train, evaluate, cfg: RLConfig, log=print) -> list[dict]:
+    """Fine-tune ``planner`` in place. ``train`` is a DriveSet of training scenes; ``evaluate(planner)``
+    returns the mean PDMS-like score on held-out scenes. Returns the history (one record per iteration).
+    """
+    from envs.driving import score
+
+    dev = train.obs["ego"].device
+    gen = torch.Generator(dev).manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    opt = torch.optim.AdamW(planner.parameters(), lr=cfg.lr, weight_decay=0.0)
+    lo = cfg.eps_low if cfg.eps_low is not None else (0.05 if cfg.algo == "gspo" else 0.2)
+    hi = cfg.eps_high if cfg.eps_high is not None else (0.08 if cfg.algo == "gspo" else 0.28)
+    loss_fn = gspo_loss if cfg.algo == "gspo" else grpo_loss
+    hist = [{"iter": 0, "samples": 0, "test_pdms": evaluate(planner)}]
+    samples = 0
+    for it in range(1, cfg.iters + 1):
+        idx = torch.randperm(train.n, device=dev, generator=gen)[:cfg.scenes_per_iter]
+        sub = train.index(idx)
+        planner.eval()
+        toks, when = planner.decode(sub.obs, steps=cfg.steps, order=cfg.order, temperature=cfg.temperature, gen=gen,
+                                    n=cfg.group, return_steps=True)
+        traj = planner.tok.decode(toks).reshape(len(idx), cfg.group, -1, 2)
+        r = score(sub.scenes, traj, best_progress=sub.best_progress)["pdms"]        # (S, G)
+        adv = group_advantages(r).reshape(-1)
+        obs = {k: v.repeat_interleave(cfg.group, 0) for k, v in sub.obs.items()}
+        mseed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen, device=dev))
+        with torch.no_grad():
+            old = _logp(planner, obs, toks, cfg, mseed, when)
+        planner.train()
+        stats = []
+        n = toks.shape[0]
+        for _ in range(cfg.epochs):
+            perm = torch.randperm(n, device=dev, generator=gen)
+            for mb in perm.chunk(cfg.minibatches):
+                o = {k: v[mb] for k, v in obs.items()}
+                lp = _logp(planner, o, toks[mb], cfg, mseed, when[mb])
+                loss, st = loss_fn(lp, old[mb], adv[mb], lo, hi)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(planner.parameters(), 1.0)
+                opt.step()
+                stats.append(st)
+        samples += n
+        rec = {"iter": it, "samples": samples, "reward": float(r.mean()),
+               "ratio_dev": sum(s["ratio_dev"] for s in stats) / len(stats),
+               "clip_frac": sum(s["clip_frac"] for s in stats) / len(stats)}
+        if it % cfg.eval_every == 0 or it == cfg.iters:
+            rec["test_pdms"] = evaluate(planner)
+            log(f"  [{cfg.algo} G={cfg.group} seed={cfg.seed}] iter {it}: rollout {rec['reward']:.3f}, test PDMS-like {rec['test_pdms']}")
+        hist.append(rec)
+    planner.eval()
+    return hist

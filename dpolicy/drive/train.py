@@ -1,0 +1,75 @@
+"""Behaviour cloning and evaluation for the driving planners.
+
+The planners here train on one-step scene -> trajectory pairs held entirely on the device, so the
+loop is small: AdamW, warm-up + cosine, gradient clipping, a non-finite guard. (The repository's
+Trainer is built around windowed chunk datasets and ChunkPolicy checkpoints; these planners are
+neither, see the report.)
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from dpolicy.errors import TrainingError
+from envs.driving import score
+
+
+def fit(model, loss_fn, n: int, steps: int, batch: int = 64, lr: float = 1e-3, seed: int = 0, device="cpu",
+        log=None, log_every: int = 0) -> list[float]:
+    """Minimise ``loss_fn(idx, gen)`` over random index batches of a dataset of size ``n``."""
+    gen = torch.Generator(device).manual_seed(seed)
+    torch.manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    warm = max(1, steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s / steps, 1))))
+    model.train()
+    losses, bad = [], 0
+    for step in range(steps):
+        idx = torch.randint(0, n, (batch,), device=device, generator=gen)
+        loss = loss_fn(idx, gen)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        g = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        if not (torch.isfinite(loss) and torch.isfinite(g)):
+            bad += 1
+            if bad >= 10:
+                raise TrainingError(f"10 non-finite losses in a row at step {step}.")
+            continue
+        bad = 0
+        opt.step()
+        sched.step()
+        losses.append(float(loss.detach()))
+        if log and log_every and (step + 1) % log_every == 0:
+            log(f"  step {step + 1}/{steps}: loss {sum(losses[-log_every:]) / log_every:.4f}")
+    model.eval()
+    return losses
+
+
+def train_token_planner(planner, ds, steps: int, batch: int = 64, lr: float = 1e-3, seed: int = 0, log=None):
+    toks = planner.tok.encode(ds.expert)
+    return fit(planner, lambda idx, gen: planner.loss({k: v[idx] for k, v in ds.obs.items()}, toks[idx], gen),
+               ds.n, steps, batch, lr, seed, toks.device, log, max(steps // 5, 1))
+
+
+def train_continuous(planner, ds, steps: int, batch: int = 64, lr: float = 1e-3, seed: int = 0, log=None):
+    return fit(planner, lambda idx, gen: planner.loss({k: v[idx] for k, v in ds.obs.items()}, ds.expert[idx], gen),
+               ds.n, steps, batch, lr, seed, ds.expert.device, log, max(steps // 5, 1))
+
+
+@torch.no_grad()
+def plan_tokens(planner, ds, steps: int = 8, order: str = "confidence", temperature: float = 0.0, seed: int = 0,
+                chunk: int = 256) -> torch.Tensor:
+    gen = torch.Generator(ds.expert.device).manual_seed(seed)
+    out = []
+    for i in range(0, ds.n, chunk):
+        o = {k: v[i:i + chunk] for k, v in ds.obs.items()}
+        out.append(planner.tok.decode(planner.decode(o, steps=steps, order=order, temperature=temperature, gen=gen)))
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def evaluate(ds, traj: torch.Tensor) -> dict:
+    """Sub-scores and PDMS-like of one trajectory per scene, EP normalised by the expert candidates."""
+    return {k: v[:, 0] for k, v in score(ds.scenes, traj, best_progress=ds.best_progress).items()}

@@ -1,0 +1,11 @@
+"""Procedural driving scenes, a batched PDMS-like scorer and a PDM-Closed-style expert (torch, batched).
+
+This package never imports dpolicy; the planners and RL that use it live in dpolicy/drive.
+"""
+
+from envs.driving.expert import candidates, expert_plan, observe
+from envs.driving.scenes import Scenes, boundary_polygon, generate_scenes, road_points, split_seeds
+from envs.driving.scorer import SUB_SCORES, score, track
+
+__all__ = ["Scenes", "generate_scenes", "split_seeds", "boundary_polygon", "road_points", "score", "track",
+           "SUB_SCORES", "candidates", "expert_plan", "observe"]

@@ -1,0 +1,192 @@
+"""Tokenizer, masked-diffusion planner, likelihood estimators, GSPO/GRPO and the continuous planners."""
+
+import math
+
+import pytest
+import torch
+
+from dpolicy.drive.anchor import AnchorDiffusionPlanner, VanillaDiffusionPlanner, kmeans, to_norm
+from dpolicy.drive.masked import MaskedTokenPlanner, masked_diffusion_loss
+from dpolicy.drive.rl import RLConfig, group_advantages, grpo_loss, gspo_loss, rl_train
+from dpolicy.drive.tokenizer import TrajectoryTokenizer
+from dpolicy.errors import ConfigError, ShapeError
+
+
+@pytest.fixture(scope="module")
+def drive_sets():
+    from dpolicy.drive.data import build_set
+
+    return build_set("train", 6), build_set("test", 4)
+
+
+def _obs(B=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    o = {"ego": torch.randn(B, 4, generator=g), "route": torch.randn(B, 16, 2, generator=g),
+         "bounds": torch.randn(B, 16, 4, generator=g), "agents": torch.randn(B, 8, 7, generator=g)}
+    return o
+
+
+@pytest.mark.parametrize("mode,res,xr,yr", [("waypoints", 0.5, (-2, 90), (-24, 24)), ("deltas", 0.2, (-1, 13), (-3, 3)),
+                                            ("deltas", 0.05, (-1, 13), (-3, 3))])
+def test_tokenizer_round_trip_within_half_a_bin(mode, res, xr, yr):
+    tok = TrajectoryTokenizer(mode, res, xr, yr)
+    g = torch.Generator().manual_seed(0)
+    steps = torch.stack([torch.rand(64, 8, generator=g) * 11, torch.rand(64, 8, generator=g) * 4 - 2], -1)
+    traj = steps.cumsum(1) if mode == "deltas" else steps * torch.tensor([8.0, 5.0])
+    ids = tok.encode(traj)
+    assert ids.shape == (64, 16) and tok.valid_mask()[torch.arange(16), ids].all()
+    err = (tok.decode(ids) - traj).abs().max()
+    assert err <= res / 2 + 1e-5
+    assert err > res / 10  # it really quantizes
+
+
+def test_tokenizer_rejects_bad_input():
+    with pytest.raises(ConfigError, match="mode"):
+        TrajectoryTokenizer("bins")
+    with pytest.raises(ConfigError, match="resolution"):
+        TrajectoryTokenizer(resolution=0)
+    tok = TrajectoryTokenizer()
+    with pytest.raises(ShapeError, match="NaN"):
+        tok.encode(torch.full((1, 8, 2), float("nan")))
+    with pytest.raises(ShapeError, match="mask token"):
+        tok.decode(torch.full((1, 16), tok.mask_id))
+
+
+def test_masked_diffusion_loss_formula_and_weighting():
+    g = torch.Generator().manual_seed(0)
+    logits, x0 = torch.randn(3, 5, 7, generator=g), torch.randint(0, 7, (3, 5), generator=g)
+    mask = torch.rand(3, 5, generator=g) < 0.5
+    r = torch.tensor([0.2, 0.5, 1.0])
+    ce = -torch.log_softmax(logits, -1).gather(-1, x0[..., None])[..., 0]
+    manual = sum(float((ce[b] * mask[b]).sum() / r[b] / 5) for b in range(3)) / 3
+    assert float(masked_diffusion_loss(logits, x0, mask, r)) == pytest.approx(manual, rel=1e-6)
+
+
+def test_planner_loss_is_unbiased_for_a_constant_model():
+    """With the 1/r weight the loss's expectation equals the mean per-token cross-entropy (log of the
+    per-position vocabulary size for a head that outputs zeros); 1/(1-r) or no weight would not."""
+    tok = TrajectoryTokenizer()
+    m = MaskedTokenPlanner(tok, d=16, layers=1, heads=2)
+    torch.nn.init.zeros_(m.head.weight)
+    torch.nn.init.zeros_(m.head.bias)
+    obs = _obs(256)
+    x0 = tok.encode(torch.rand(256, 8, 2).cumsum(1))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        est = sum(float(m.loss(obs, x0, g)) for _ in range(20)) / 20
+    expected = (math.log(tok.sizes[0]) + math.log(tok.sizes[1])) / 2
+    assert est == pytest.approx(expected, rel=0.03)
+
+
+def _tiny():
+    torch.manual_seed(0)
+    return MaskedTokenPlanner(TrajectoryTokenizer(), d=16, layers=1, heads=2).eval()
+
+
+@pytest.mark.parametrize("order,first", [("causal", [0, 1]), ("reverse", [14, 15])])
+def test_decoding_orders_commit_the_right_positions(order, first):
+    m = _tiny()
+    seen = []
+    orig = m.logits
+    m.logits = lambda obs, x: (seen.append(x.clone()), orig(obs, x))[1]
+    out = m.decode(_obs(2), steps=8, order=order)
+    assert len(seen) == 8 and (out != m.tok.mask_id).all()
+    assert (seen[1][:, first] != m.tok.mask_id).all() and (seen[1] != m.tok.mask_id).sum(1).tolist() == [2, 2]
+
+
+def test_decoding_is_deterministic_and_rejects_unknown_order():
+    m = _tiny()
+    o = _obs(3)
+    a = m.decode(o, steps=4, order="random", temperature=1.0, gen=torch.Generator().manual_seed(1), n=2)
+    b = m.decode(o, steps=4, order="random", temperature=1.0, gen=torch.Generator().manual_seed(1), n=2)
+    assert a.shape == (6, 16) and torch.equal(a, b)
+    with pytest.raises(ConfigError, match="order"):
+        m.decode(o, order="sideways")
+
+
+def test_exact_likelihood_is_a_distribution_and_matches_one_step_for_one_token():
+    m = _tiny()
+    tok = m.tok
+    o = _obs(1)
+    x = tok.encode(torch.rand(1, 8, 2).cumsum(1))
+    # K = 1: exact == one-step unmasking
+    free = torch.zeros_like(x, dtype=torch.bool)
+    free[:, 5] = True
+    assert float(m.exact_logp(o, x, free)) == pytest.approx(float(m.logp_one_step(o, x, free).sum().detach()), abs=1e-5)
+    # K = 2 over one (x, y) pair: probabilities of every completion sum to 1
+    xs = torch.arange(tok.sizes[0])[:, None].expand(-1, tok.sizes[1]).reshape(-1)
+    ys = tok.offsets[1] + torch.arange(tok.sizes[1])[None].expand(tok.sizes[0], -1).reshape(-1)
+    X = x.expand(len(xs), -1).clone()
+    X[:, 2], X[:, 3] = xs, ys
+    free = torch.zeros_like(X, dtype=torch.bool)
+    free[:, 2:4] = True
+    ob = {k: v.expand(len(xs), *v.shape[1:]) for k, v in o.items()}
+    assert float(m.exact_logp(ob, X, free).exp().sum()) == pytest.approx(1.0, abs=1e-3)
+    # the stratified ELBO is a lower bound in expectation and equals one-step when K = 1
+    f1 = torch.zeros_like(x, dtype=torch.bool)
+    f1[:, 7] = True
+    assert float(m.logp_elbo(o, x, f1, nodes=3).sum().detach()) == pytest.approx(float(m.logp_one_step(o, x, f1).sum().detach()), abs=1e-5)
+
+
+def test_gspo_and_grpo_agree_on_policy():
+    g = torch.Generator().manual_seed(0)
+    logp = (torch.randn(6, 16, generator=g) - 3).requires_grad_()
+    adv = torch.randn(6, generator=g)
+    l1, _ = gspo_loss(logp, logp.detach(), adv)
+    (g1,) = torch.autograd.grad(l1, logp)
+    l2, _ = grpo_loss(logp, logp.detach(), adv)
+    (g2,) = torch.autograd.grad(l2, logp)
+    assert float(l1.detach()) == pytest.approx(float(l2.detach())) == pytest.approx(-float(adv.mean()))
+    assert torch.allclose(g1, g2, atol=1e-7)
+    # off-policy they differ: the sequence ratio clips as a whole
+    old = logp.detach() + 0.1 * torch.randn(6, 16, generator=g)
+    assert float(gspo_loss(logp, old, adv)[0].detach()) != pytest.approx(float(grpo_loss(logp, old, adv)[0].detach()))
+
+
+def test_group_advantages():
+    r = torch.tensor([[0.0, 1.0, 0.5], [0.7, 0.7, 0.7]])
+    a = group_advantages(r)
+    assert torch.allclose(a[0].mean(), torch.tensor(0.0), atol=1e-6) and a[0].std(unbiased=False) == pytest.approx(1.0, rel=1e-4)
+    assert (a[1] == 0).all()
+    with pytest.raises(ConfigError, match="G >= 2"):
+        group_advantages(torch.ones(3, 1))
+    with pytest.raises(ConfigError, match="algo"):
+        RLConfig(algo="ppo")
+
+
+def test_rl_loop_runs_and_moves_the_policy(drive_sets, monkeypatch):
+    import envs.driving
+
+    train, test = drive_sets
+    m = _tiny()
+    # a random policy scores 0 everywhere (no advantage, no update): reward here = mean lateral position
+    monkeypatch.setattr(envs.driving, "score", lambda sc, traj, best_progress=None: {"pdms": traj[..., 1].mean((-1))})
+    before = [p.detach().clone() for p in m.parameters()]
+    hist = rl_train(m, train, lambda p: 0.0, RLConfig(group=3, scenes_per_iter=2, iters=2, steps=4, eval_every=1))
+    assert len(hist) == 3 and hist[1]["ratio_dev"] > 0
+    assert any(not torch.equal(a, b) for a, b in zip(before, m.parameters()))
+
+
+def test_continuous_planners(drive_sets):
+    train, _ = drive_sets
+    anchors = kmeans(to_norm(train.expert), 4)
+    assert anchors.shape == (4, 16)
+    for p in (AnchorDiffusionPlanner(anchors), VanillaDiffusionPlanner(steps=3)):
+        assert torch.isfinite(p.loss(train.obs, train.expert))
+        out = p.plan(train.obs, gen=torch.Generator().manual_seed(0))
+        assert out.shape == (train.n, 8, 2) and torch.isfinite(out).all()
+
+
+def test_replay_logp_is_the_decoding_chain_rule():
+    """Causal order, one token per step: the replay estimator is the left-to-right chain rule."""
+    m = _tiny()
+    o = _obs(2)
+    toks, when = m.decode(o, steps=16, order="causal", temperature=1.0, gen=torch.Generator().manual_seed(0), return_steps=True)
+    assert when.tolist() == [list(range(16))] * 2
+    with torch.no_grad():
+        manual = torch.zeros(2)
+        for i in range(16):
+            xt = toks.clone()
+            xt[:, i:] = m.tok.mask_id
+            manual += torch.log_softmax(m.logits(o, xt)[:, i], -1).gather(1, toks[:, i:i + 1])[:, 0]
+        assert torch.allclose(m.logp_replay(o, toks, when).sum(1), manual, atol=1e-4)
