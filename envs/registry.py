@@ -16,7 +16,7 @@ from typing import Callable
 
 import gymnasium as gym
 
-from . import adapters, avoid, experts, lift, push
+from . import adapters, avoid, experts, lift, push, robosuite_tasks
 from .base import RENDER_MODES, check_choice
 
 
@@ -77,6 +77,8 @@ def make_env(name_or_id: str, **kwargs) -> gym.Env:
         return gym.make(TASKS[name].env_id, **kwargs)
     if name_or_id in PUSHT_NAMES:
         return adapters.make_pusht(**kwargs)
+    if name_or_id in robosuite_tasks.TASKS:  # optional extra; robosuite is imported only here
+        return robosuite_tasks.make_env(name_or_id, **kwargs)
     try:
         env = gym.make(name_or_id, **kwargs)
     except gym.error.Error as e:
@@ -86,6 +88,8 @@ def make_env(name_or_id: str, **kwargs) -> gym.Env:
 
 def env_args(name: str, **kwargs) -> dict:
     """robomimic-style env_args for ``name`` with our defaults filled in (JSON-serialisable)."""
+    if name in robosuite_tasks.TASKS:
+        return robosuite_tasks.env_args(name, **kwargs)
     task = task_name(name)
     if task is not None:
         t = TASKS[task]
@@ -108,11 +112,15 @@ def make_env_from_args(args: dict, **overrides) -> gym.Env:
     """Rebuild the env described by an ``env_args`` dict (``overrides`` e.g. render_mode win)."""
     if not isinstance(args, dict) or "env_name" not in args:
         raise ValueError(f"env_args {args!r} must be a dict with 'env_name'")
+    if robosuite_tasks.is_robosuite_args(args):  # robomimic's {"type": 1} or our {"env_type": "robosuite"}
+        return robosuite_tasks.RobosuiteEnv(args["env_name"], **{**dict(args.get("env_kwargs") or {}), **overrides})
     env_type = args.get("env_type", "gymnasium")
     if env_type != "gymnasium":
-        raise ValueError(f"env_type={env_type!r} is not supported (only 'gymnasium')")
+        raise ValueError(f"env_type={env_type!r} is not supported (only 'gymnasium' and 'robosuite')")
     return make_env(args["env_name"], **{**dict(args.get("env_kwargs") or {}), **overrides})
 
 
 def make_expert(env, noise_std: float = 0.0, seed=None, **task_kwargs):
+    if isinstance(env.unwrapped, robosuite_tasks.RobosuiteEnv):
+        return robosuite_tasks.make_expert(env, noise_std=noise_std, seed=seed, **task_kwargs)
     return experts.make_expert(env, noise_std=noise_std, seed=seed, **task_kwargs)

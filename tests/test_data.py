@@ -122,6 +122,21 @@ def test_missing_file_group_mask_and_env_args(tmp_path):
         read_env_args(path)
 
 
+def test_public_robomimic_env_args_are_read_as_robosuite(tmp_path):
+    """robomimic's own datasets store {"env_name", "type": 1, "env_kwargs"} without env_type."""
+    import json
+
+    path = write_foreign(tmp_path / "public.hdf5")
+    with h5py.File(path, "a") as f:
+        f["data"].attrs["env_args"] = json.dumps({"env_name": "Lift", "type": 1, "env_kwargs": {"horizon": 400}})
+    args = read_env_args(path)
+    assert args["env_type"] == "robosuite" and args["env_kwargs"]["horizon"] == 400
+    with h5py.File(path, "a") as f:
+        f["data"].attrs["env_args"] = json.dumps({"env_name": "Lift", "type": 3, "env_kwargs": {}})
+    with pytest.raises(DatasetError, match="env_type"):
+        read_env_args(path)
+
+
 def test_windows_pad_at_episode_edges_and_stay_on_device():
     demos = make_demos(2, 5)
     ds = WindowDataset(demos, ["pos"], To=3, Tp=4)

@@ -114,6 +114,8 @@ def read_env_args(path) -> dict:
             args = json.loads(raw)
         except (TypeError, json.JSONDecodeError):
             raise DatasetError(f"{path}: attribute data.env_args is not valid JSON.") from None
+    if "env_type" not in args and args.get("type") == 1:  # robomimic's own files: EnvType.ROBOSUITE_TYPE = 1
+        args = {**args, "env_type": "robosuite"}
     for k in ("env_name", "env_type", "env_kwargs"):
         if k not in args:
             raise DatasetError(f"{path}: data.env_args has no {k!r} entry.")
