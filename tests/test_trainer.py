@@ -120,22 +120,32 @@ KILL_SCRIPT = textwrap.dedent("""
 """)
 
 
+def _latest_step(ckpts: Path) -> int:
+    try:
+        return int((ckpts / "latest").read_text().strip().split("_")[1])
+    except (OSError, IndexError, ValueError):
+        return -1
+
+
 def test_kill_9_at_random_moments_leaves_a_loadable_checkpoint(tmp_path):
     out = tmp_path / "run"
     script = tmp_path / "train.py"
     script.write_text(KILL_SCRIPT.format(tests=str(Path(__file__).parent), out=str(out)))
-    delays = [1.5, 1.8, 2.1, 2.6, 3.0]
+    ckpts = out / "checkpoints"
+    delays = [0.0, 0.05, 0.11, 0.23, 0.4]  # after this run's first new checkpoint: kills land mid-write or mid-step
     last_step = -1
-    for i, d in enumerate(delays):
+    for d in delays:
+        before = _latest_step(ckpts)
         proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 120  # a loaded machine starts python slowly; wait for real progress
+        while _latest_step(ckpts) <= before and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.01)
         time.sleep(d)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-        if not (out / "checkpoints").exists():
-            continue
-        path = resolve_checkpoint(out / "checkpoints")
+        path = resolve_checkpoint(ckpts)
         ChunkPolicy.from_checkpoint(path)  # loadable, whatever moment the kill hit
         step = int(path.parent.name.split("_")[1])
-        assert step >= last_step  # each restart resumed instead of starting over
+        assert step > last_step  # each restart resumed and made progress instead of starting over
         last_step = step
     assert last_step > 0
