@@ -19,6 +19,7 @@ Sections (each rewrites its own part of BENCHMARKS.md):
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import shlex
 import sys
@@ -90,26 +91,14 @@ def main(argv=None) -> int:
         unet = unet_policy(work / "avoid_unet", demos=work / "avoid_diffusion" / "demos.hdf5", log=log)
         body_unet, res_unet = latency_section(unet, priority=10, log=log)  # the same measurement with the 1-D U-Net
         write_section(args.out, "latency", "\n\n".join([body, body_unet, latency_summary([res, res_unet])]), command)
-    if "compose" in sections:
-        from dpolicy.bench.compose import compose_section
-
-        body, _ = compose_section(work / "compose", log=log)
-        write_section(args.out, "compose", body, command)
-    if "drive" in sections:
-        from dpolicy.bench.drive import drive_section
-
-        body, _ = drive_section(work / "drive", log=log)
-        write_section(args.out, "drive", body, command)
-    if "robosuite" in sections:
-        from dpolicy.bench.standard import robosuite_section
-
-        body, _ = robosuite_section(work / "robosuite", log=log)
-        write_section(args.out, "robosuite", body, command)
-    if "pusht" in sections:
-        from dpolicy.bench.standard import pusht_section
-
-        body, _ = pusht_section(work / "pusht", log=log)
-        write_section(args.out, "pusht", body, command)
+    # sections that take (work dir, log) and return (markdown body, results)
+    plain = {"compose": ("dpolicy.bench.compose", "compose_section"), "drive": ("dpolicy.bench.drive", "drive_section"),
+             "robosuite": ("dpolicy.bench.standard", "robosuite_section"),
+             "pusht": ("dpolicy.bench.standard", "pusht_section")}
+    for name, (module, func) in plain.items():
+        if name in sections:
+            body, _ = getattr(importlib.import_module(module), func)(work / name, log=log)
+            write_section(args.out, name, body, command)
     if "peers" in sections:
         from dpolicy.bench.standard import peers_section
 

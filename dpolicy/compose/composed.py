@@ -32,7 +32,7 @@ from torch import nn
 from dpolicy.compose.fields import OPERATORS, check_weights, coefficients, combine, join, matched_time, split
 from dpolicy.errors import ConfigError, ShapeError
 from dpolicy.process import Diffusion, Flow, sample_loop
-from dpolicy.policy.chunk_policy import check_obs_dict
+from dpolicy.policy.chunk_policy import ChunkPolicy, check_obs_dict
 
 # The mixture draws u ~ U[0, 1) per sample as frac(_MIX_FREQ * <noise, r>) for a fixed unit vector r:
 # a deterministic function of the noise (the map stays noise -> chunk), uniform for Gaussian noise,
@@ -324,9 +324,7 @@ class ComposedPolicy(nn.Module):
     def act(self, obs: Mapping[str, torch.Tensor], noise: torch.Tensor | None = None, steps: int | None = None,
             generator: torch.Generator | None = None) -> torch.Tensor:
         """``{k: (B, To, d_k)}`` (union of the parents' keys) -> chunk ``(B, Tp, Da)`` in env units."""
-        self.check_obs(obs)
-        chunk = self.sample_normalized(self.encode(obs), noise, steps, generator)
-        return self.normalizer.action.unnormalize(chunk)
+        return ChunkPolicy.act(self, obs, noise, steps, generator)  # the same check, encode, sample, unnormalize
 
     # -- persistence --------------------------------------------------------------------------
     def save(self, path, relative: bool = True):
