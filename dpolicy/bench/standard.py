@@ -21,7 +21,6 @@ import importlib.metadata
 import importlib.util
 import shutil
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
@@ -264,11 +263,8 @@ def peers_section(log=print, task: str = "lift", nets=("mlp", "unet"), batch_siz
     import diffusers
 
     from dpolicy.bench.latency import torch_threads
-    from dpolicy.bench.suite import compose_run
+    from dpolicy.bench.suite import compose_run, task_windows
     from dpolicy.bench.throughput import our_loop
-    from dpolicy.data.collect import collect_demos
-    from dpolicy.data.robomimic import read_dataset
-    from dpolicy.data.windows import WindowDataset
     from dpolicy.train.bc import build_policy
 
     import os
@@ -276,65 +272,53 @@ def peers_section(log=print, task: str = "lift", nets=("mlp", "unet"), batch_siz
     device = torch.device("cpu")
     lat_rows, thr_rows, results = [], [], {"latency": {}, "throughput": {}}
     load0 = os.getloadavg()[0]
-    with tempfile.TemporaryDirectory() as d:
-        path = Path(d) / "demos.hdf5"
-        collect_demos(task, 100, path, progress=False)
-        for net in nets:
-            cfg = compose_run([f"task={task}", f"net={net}"])
-            demos = read_dataset(path, cfg.task.obs_keys or None)
-            data = WindowDataset(demos, cfg.task.obs_keys or list(demos[0].obs), cfg.policy.To, cfg.policy.Tp,
-                                 device=device)
-
-            def make():
-                torch.manual_seed(0)
-                return build_policy(cfg.policy, data)
-
-            params = sum(p.numel() for p in make().parameters())
-            n_steps = train_steps if net == "mlp" else max(train_steps // 4, 10)
-            # -- training throughput, alternating repeats
-            ours, peer = [], []
-            with torch_threads(threads):
-                for _ in range(repeats):
-                    pol = make().to(device)
-                    tr = DiffusersDDPMTrainer(pol, data, batch_size, device)
-                    tr.step()  # warm-up (starts the loader worker)
-                    t0 = time.perf_counter()
-                    for _ in range(n_steps):
-                        tr.step()
-                    peer.append(n_steps * batch_size / (time.perf_counter() - t0))
-                    del tr
-                    ours.append(our_loop(make().to(device), data, batch_size, n_steps, device))
-            mo, mp = statistics.median(ours), statistics.median(peer)
-            results["throughput"][net] = {"ours_samples_per_s": mo, "peer_samples_per_s": mp, "ratio": mo / mp,
-                                          "ours_all": ours, "peer_all": peer, "steps": n_steps, "params": params}
-            thr_rows.append([net, f"{params:,}", batch_size, n_steps, f"{mp:,.0f}", f"{mo:,.0f}", f"{mo / mp:.2f}x"])
-            log(f"[peers] train {net}: ours {mo:.0f}/s, diffusers loop {mp:.0f}/s, ratio {mo / mp:.2f}")
-            # -- batch-1 decision latency, interleaved per decision
-            policy = make().to(device).eval()
-            ddpm_cfg = compose_run([f"task={task}", f"net={net}", "policy.process.sampler=ddpm", "policy.process.steps=100"])
-            ours_ddpm = build_policy(ddpm_cfg.policy, data).to(device).eval()
-            ours_ddpm.load_state_dict(policy.state_dict())
-            configs = {"DDIM-10": (lambda o, z: policy.act(o, noise=z), DiffusersSampler(policy, "ddim", 10).act),
-                       "DDPM-100": (lambda o, z: ours_ddpm.act(o, noise=z), DiffusersSampler(policy, "ddpm", 100).act)}
-            n_dec = decisions if net == "mlp" else max(decisions // 4, 20)
-            g = torch.Generator().manual_seed(0)
-            idx = torch.randint(0, len(data.actions), (n_dec,), generator=g)
-            with torch_threads(threads):
-                for sched, (ours_fn, peer_fn) in configs.items():
-                    t_o, t_p = [], []
-                    for j, i in enumerate(idx.tolist()):
-                        o = {k: v[i:i + 1].unsqueeze(1).expand(1, cfg.policy.To, -1).contiguous() for k, v in data.obs.items()}
-                        z = torch.randn(policy.chunk_shape(1), generator=g)
-                        pair = [(ours_fn, t_o), (peer_fn, t_p)]
-                        for fn, acc in (pair if j % 2 == 0 else pair[::-1]):
-                            t0 = time.perf_counter()
-                            fn(o, z)
-                            acc.append((time.perf_counter() - t0) * 1e3)
-                    so, sp = _pcts(t_o[3:]), _pcts(t_p[3:])
-                    results["latency"][f"{net}/{sched}"] = {"ours_ms": so, "peer_ms": sp, "ratio": sp["p50"] / so["p50"]}
-                    lat_rows.append([net, sched, f"{so['p50']:.2f}", f"{so['p90']:.2f}", f"{sp['p50']:.2f}",
-                                     f"{sp['p90']:.2f}", f"{sp['p50'] / so['p50']:.2f}x"])
-                    log(f"[peers] latency {net}/{sched}: ours p50 {so['p50']:.2f} ms, diffusers {sp['p50']:.2f} ms")
+    for net, cfg, data, make in task_windows(task, nets, device):
+        params = sum(p.numel() for p in make().parameters())
+        n_steps = train_steps if net == "mlp" else max(train_steps // 4, 10)
+        # -- training throughput, alternating repeats
+        ours, peer = [], []
+        with torch_threads(threads):
+            for _ in range(repeats):
+                pol = make().to(device)
+                tr = DiffusersDDPMTrainer(pol, data, batch_size, device)
+                tr.step()  # warm-up (starts the loader worker)
+                t0 = time.perf_counter()
+                for _ in range(n_steps):
+                    tr.step()
+                peer.append(n_steps * batch_size / (time.perf_counter() - t0))
+                del tr
+                ours.append(our_loop(make().to(device), data, batch_size, n_steps, device))
+        mo, mp = statistics.median(ours), statistics.median(peer)
+        results["throughput"][net] = {"ours_samples_per_s": mo, "peer_samples_per_s": mp, "ratio": mo / mp,
+                                      "ours_all": ours, "peer_all": peer, "steps": n_steps, "params": params}
+        thr_rows.append([net, f"{params:,}", batch_size, n_steps, f"{mp:,.0f}", f"{mo:,.0f}", f"{mo / mp:.2f}x"])
+        log(f"[peers] train {net}: ours {mo:.0f}/s, diffusers loop {mp:.0f}/s, ratio {mo / mp:.2f}")
+        # -- batch-1 decision latency, interleaved per decision
+        policy = make().to(device).eval()
+        ddpm_cfg = compose_run([f"task={task}", f"net={net}", "policy.process.sampler=ddpm", "policy.process.steps=100"])
+        ours_ddpm = build_policy(ddpm_cfg.policy, data).to(device).eval()
+        ours_ddpm.load_state_dict(policy.state_dict())
+        configs = {"DDIM-10": (lambda o, z: policy.act(o, noise=z), DiffusersSampler(policy, "ddim", 10).act),
+                   "DDPM-100": (lambda o, z: ours_ddpm.act(o, noise=z), DiffusersSampler(policy, "ddpm", 100).act)}
+        n_dec = decisions if net == "mlp" else max(decisions // 4, 20)
+        g = torch.Generator().manual_seed(0)
+        idx = torch.randint(0, len(data.actions), (n_dec,), generator=g)
+        with torch_threads(threads):
+            for sched, (ours_fn, peer_fn) in configs.items():
+                t_o, t_p = [], []
+                for j, i in enumerate(idx.tolist()):
+                    o = {k: v[i:i + 1].unsqueeze(1).expand(1, cfg.policy.To, -1).contiguous() for k, v in data.obs.items()}
+                    z = torch.randn(policy.chunk_shape(1), generator=g)
+                    pair = [(ours_fn, t_o), (peer_fn, t_p)]
+                    for fn, acc in (pair if j % 2 == 0 else pair[::-1]):
+                        t0 = time.perf_counter()
+                        fn(o, z)
+                        acc.append((time.perf_counter() - t0) * 1e3)
+                so, sp = _pcts(t_o[3:]), _pcts(t_p[3:])
+                results["latency"][f"{net}/{sched}"] = {"ours_ms": so, "peer_ms": sp, "ratio": sp["p50"] / so["p50"]}
+                lat_rows.append([net, sched, f"{so['p50']:.2f}", f"{so['p90']:.2f}", f"{sp['p50']:.2f}",
+                                 f"{sp['p90']:.2f}", f"{sp['p50'] / so['p50']:.2f}x"])
+                log(f"[peers] latency {net}/{sched}: ours p50 {so['p50']:.2f} ms, diffusers {sp['p50']:.2f} ms")
     results["load_average"] = [load0, os.getloadavg()[0]]
     body = f"## {title}\n\n"
     body += (f"diffusers {diffusers.__version__}; task `{task}` (100 expert demos), CPU, {threads} torch thread(s), one "

@@ -119,21 +119,18 @@ def _ship(run_dir: Path, dest: Path, m: dict) -> None:
     manifest_path.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
 
 
-def throughput_section(task: str = "avoid", batch_size: int = 256, steps: int = 100, repeats: int = 3,
-                       nets=("mlp", "unet"), log=print) -> str:
+def task_windows(task: str, nets, device):
+    """For each network config: ``(net, cfg, data, make)`` over 100 fresh expert demos of ``task``
+    (a temporary file), where ``make()`` builds the untrained policy with a fixed seed."""
+    import tempfile
+
     import torch
 
-    from dpolicy.bench.throughput import compare
     from dpolicy.data.collect import collect_demos
     from dpolicy.data.robomimic import read_dataset
     from dpolicy.data.windows import WindowDataset
     from dpolicy.train.bc import build_policy
-    from dpolicy.utils import resolve_device
 
-    import tempfile
-
-    device = resolve_device("auto")
-    rows = []
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "demos.hdf5"
         collect_demos(task, 100, path, progress=False)
@@ -142,15 +139,26 @@ def throughput_section(task: str = "avoid", batch_size: int = 256, steps: int = 
             demos = read_dataset(path, cfg.task.obs_keys or None)
             data = WindowDataset(demos, cfg.task.obs_keys or list(demos[0].obs), cfg.policy.To, cfg.policy.Tp, device=device)
 
-            def make():
+            def make(cfg=cfg, data=data):
                 torch.manual_seed(0)
                 return build_policy(cfg.policy, data)
-            n_steps = steps if net == "mlp" or device.type == "cuda" else max(steps // 5, 10)
-            r = compare(make, data, batch_size, n_steps, repeats, compile=device.type == "cuda")
-            log(f"[throughput] {net}: ours {r['ours_samples_per_s']:.0f}/s, reference {r['reference_samples_per_s']:.0f}/s, ratio {r['ratio']:.2f}")
-            params = sum(p.numel() for p in make().parameters())
-            rows.append([net, f"{params:,}", batch_size, n_steps, f"{r['reference_samples_per_s']:,.0f}",
-                         f"{r['ours_samples_per_s']:,.0f}", f"{r['ratio']:.2f}x"])
+            yield net, cfg, data, make
+
+
+def throughput_section(task: str = "avoid", batch_size: int = 256, steps: int = 100, repeats: int = 3,
+                       nets=("mlp", "unet"), log=print) -> str:
+    from dpolicy.bench.throughput import compare
+    from dpolicy.utils import resolve_device
+
+    device = resolve_device("auto")
+    rows = []
+    for net, cfg, data, make in task_windows(task, nets, device):
+        n_steps = steps if net == "mlp" or device.type == "cuda" else max(steps // 5, 10)
+        r = compare(make, data, batch_size, n_steps, repeats, compile=device.type == "cuda")
+        log(f"[throughput] {net}: ours {r['ours_samples_per_s']:.0f}/s, reference {r['reference_samples_per_s']:.0f}/s, ratio {r['ratio']:.2f}")
+        params = sum(p.numel() for p in make().parameters())
+        rows.append([net, f"{params:,}", batch_size, n_steps, f"{r['reference_samples_per_s']:,.0f}",
+                     f"{r['ours_samples_per_s']:,.0f}", f"{r['ratio']:.2f}x"])
     body = f"## Training throughput: our loop vs a Chi et al.-style DataLoader loop ({device.type})\n\n"
     body += ("Same network, batch size, optimizer and EMA; the reference builds windows per sample in a `Dataset`, "
              "collates with a `DataLoader` (num_workers=1, as in Diffusion Policy's low-dim configs) and copies each batch "
