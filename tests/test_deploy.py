@@ -594,15 +594,19 @@ def test_latency_bench_sections(avoid_checkpoint, tmp_path):
     (tmp_path / "unet" / "checkpoints" / "latest").write_text("step_0000001")
     assert latency.unet_policy(tmp_path / "unet") == tmp_path / "unet" / "checkpoints"  # an existing run is reused
     body, res = latency.rti_success_section([avoid_checkpoint], episodes=2, n_envs=2, ks=(1, 3), latency_episodes=1,
-                                            plot_path=tmp_path / "sv.png", candidates=((2, 1, 0), (20, 10, 0)),
+                                            plot_path=tmp_path / "sv.png",
+                                            candidates=((2, 1, 0), (20, 10, 0), (1, 0), (20, 0)),
                                             select_episodes=2, log=lambda *_: None)
     assert "| avoid_tiny | RTI K'=3 |" in body and "chunked DDIM-10" in body and (tmp_path / "sv.png").exists()
     r = res["avoid_tiny"]
-    assert set(r["selection"]) == {"[2, 1, 0]", "[20, 10, 0]"} and r["selected"] in ("RTI [2, 1, 0] (selected)",
-                                                                                       "RTI [20, 10, 0] (selected)")
-    best = max(r["selection"].values())
-    assert r["selection"][r["selected"][4:-11]] == best and (best > r["selection"]["[2, 1, 0]"]) == ("20, 10" in r["selected"])
-    assert set(r["configs"]) == {"chunked DDIM-10", "RTI K'=1", "RTI K'=3", r["selected"]}
-    assert r["configs"][r["selected"]]["nfe_per_decision"] <= 3 and "acceptance 1" in body
+    assert set(r["selection"]) == {"[2, 1, 0]", "[20, 10, 0]", "[1, 0]", "[20, 0]"} and set(r["selected"]) == {2, 3}
+    for n_ev, first, other in ((3, "[2, 1, 0]", "[20, 10, 0]"), (2, "[1, 0]", "[20, 0]")):  # one list per length
+        lbl = r["selected"][n_ev]
+        assert lbl in (f"RTI {first} (selected)", f"RTI {other} (selected)")
+        best = max(r["selection"][first], r["selection"][other])  # ties go to the earlier (less re-noise) list
+        assert r["selection"][lbl[4:-11]] == best and (best > r["selection"][first]) == (other in lbl)
+        assert r["configs"][lbl]["nfe_per_decision"] <= n_ev and f"selected {n_ev}-step timestep list" in body
+        assert res["acceptance_1"][n_ev] == (lbl in r["within_3_points"])
+    assert set(r["configs"]) == {"chunked DDIM-10", "RTI K'=1", "RTI K'=3", *r["selected"].values()}
     with pytest.raises(ConfigError, match="overlap"):
         latency.rti_success_section([avoid_checkpoint], episodes=5, select_seed=100003, log=lambda *_: None)
