@@ -23,8 +23,14 @@ from dpolicy.drive.tokenizer import TrajectoryTokenizer
 from dpolicy.drive.train import evaluate, plan_tokens, train_continuous, train_token_planner
 from envs.driving import SUB_SCORES, score
 
-FULL = dict(n_train=1000, n_test=200, bc_steps=400, rl_iters=40, rl_traj=256, seeds=3, cont_steps=600, n_tp=2048)
-QUICK = dict(n_train=48, n_test=16, bc_steps=30, rl_iters=2, rl_traj=12, seeds=2, cont_steps=30, n_tp=128)
+# RL budget: 100 iterations of 512 trajectories at lr 1e-4 (40 x 256 at 3e-5 moved the greedy score by +0.3..+2.7
+# points, within the noise of a 200-scene test split); 500 test scenes. RL draws its scenes from a pool of n_rl train
+# seeds (the first n_train of them are the BC demos): RL on the 1,000 demo scenes alone raised the rollout reward on
+# them to ~0.68 while held-out scores moved by -2..+3 points (it memorises the scenes it keeps revisiting)
+FULL = dict(n_train=1000, n_rl=4000, n_test=500, bc_steps=400, rl_iters=100, rl_traj=512, rl_lr=1e-4, seeds=3,
+            cont_steps=600, n_tp=2048)
+QUICK = dict(n_train=48, n_rl=64, n_test=16, bc_steps=30, rl_iters=2, rl_traj=12, rl_lr=1e-4, seeds=2, cont_steps=30,
+             n_tp=128)
 
 
 def _mean(d: dict) -> dict:
@@ -39,8 +45,10 @@ def drive_section(work: Path, log=print, quick: bool = False) -> tuple[str, dict
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     res: dict = {"sizes": P}
     t0 = time.perf_counter()
-    log(f"drive: building {P['n_train']} train and {P['n_test']} test scenes with expert plans")
-    train, test = build_set("train", P["n_train"], dev), build_set("test", P["n_test"], dev)
+    log(f"drive: building {P['n_rl']} train (the first {P['n_train']} are the demos) and {P['n_test']} test scenes "
+        "with expert plans")
+    pool, test = build_set("train", P["n_rl"], dev), build_set("test", P["n_test"], dev)
+    train = pool.index(torch.arange(P["n_train"], device=dev))
 
     # (1) expert
     ex = _mean(evaluate(test, test.expert))
@@ -76,10 +84,10 @@ def drive_section(work: Path, log=print, quick: bool = False) -> tuple[str, dict
         for seed in range(P["seeds"]):
             for G in ((2, 3, 8) if (algo == "gspo" and seed == 0) else (8,)):
                 cfg = RLConfig(algo=algo, group=G, scenes_per_iter=max(1, P["rl_traj"] // G), iters=P["rl_iters"],
-                               eval_every=max(1, P["rl_iters"] // 3), seed=seed)
+                               lr=P["rl_lr"], eval_every=max(1, P["rl_iters"] // 4), seed=seed)
                 p = copy.deepcopy(bc)
                 t = time.perf_counter()
-                h = rl_train(p, train, evalf, cfg, log=log)
+                h = rl_train(p, pool, evalf, cfg, log=log)
                 runs[(algo, G, seed)] = {"hist": h, "final": _mean(evaluate(test, plan_tokens(p, test))),
                                          "sampled": sampled(p), "time_s": time.perf_counter() - t}
     gs = [runs[("gspo", 8, s)]["final"]["pdms"] for s in range(P["seeds"])]
@@ -91,8 +99,9 @@ def drive_section(work: Path, log=print, quick: bool = False) -> tuple[str, dict
         rows.append([algo.upper(), G, seed, r["final"]["pdms"], f"{100 * (r['final']['pdms'] - bc_score['pdms']):+.1f}",
                      r["sampled"], f"{100 * (r['sampled'] - bc_sampled):+.1f}", r["hist"][-1]["reward"]])
     body += ["", f"**(2) Masked-token planner: GSPO / GRPO from one BC start** ({P['bc_steps']} BC steps; "
-             f"{P['rl_iters']} RL iterations of {P['rl_traj']} rollout trajectories each (scenes per iteration = {P['rl_traj']} / G), "
-             "4 mini-batches per rollout batch, lr 3e-5, no KL, one-step (d1) log-probs, rollouts sampled at T = 1; "
+             f"{P['rl_iters']} RL iterations of {P['rl_traj']} rollout trajectories each (scenes per iteration = {P['rl_traj']} / G, "
+             f"drawn from {P['n_rl']} train scenes), "
+             f"4 mini-batches per rollout batch, lr {P['rl_lr']:g}, no KL, one-step (d1) log-probs, rollouts sampled at T = 1; "
              "evaluation: greedy confidence-order decoding, 8 steps, and sampled decoding)", "",
              table(["policy", "G", "RL seed", "test PDMS-like (greedy)", "gain (points)", "test PDMS-like (sampled, T=1, 4/scene)",
                     "gain (points)", "last rollout reward (train)"], rows), "",
