@@ -218,3 +218,41 @@ def test_steer_rejects_a_missing_base(tmp_path):
 
     with pytest.raises(ConfigError, match="base"):
         SteerConfig(base="")
+
+
+# -- noise headroom ------------------------------------------------------------------------------------------------
+class ThresholdEnv:
+    """One-step episodes: success iff the first action coordinate exceeds the start state's threshold."""
+
+    thresholds = (10.0, -10.0, 0.0)  # never, always, depends on the noise
+
+    def __init__(self):
+        self.first = []
+
+    def reset(self, seed=None):
+        self.s = (seed - 500000) % len(self.thresholds)
+        return {"agent_pos": np.full(2, 0.1 * self.s, np.float32), "agent_vel": np.zeros(2, np.float32)}, {}
+
+    def step(self, a):
+        self.first.append((self.s, float(a[0])))
+        ok = float(a[0]) > self.thresholds[self.s]
+        return self.reset(500000 + self.s)[0], float(ok), True, False, {"is_success": ok}
+
+    def close(self):
+        pass
+
+
+def test_noise_headroom_counts_per_state_success_over_noises():
+    from dpolicy.rl.headroom import noise_headroom
+
+    env = ThresholdEnv()
+    r = noise_headroom(avoid_base(), lambda: env, n_states=3, n_noises=16)
+    assert r["per_state"][0] == 0.0 and r["per_state"][1] == 1.0
+    mixed_rate = np.mean([a > 0 for s, a in env.first if s == 2])  # what the env saw from state 2
+    assert r["per_state"][2] == pytest.approx(mixed_rate) and len(env.first) == 3 * 16
+    assert 0 < mixed_rate < 1  # the noise moves the untrained base's first action across 0
+    assert r["never"] == pytest.approx(1 / 3) and r["always"] == pytest.approx(1 / 3) and r["mixed"] == pytest.approx(1 / 3)
+    assert r["best_noise_per_state"] == pytest.approx(2 / 3) and r["success"] == pytest.approx((1 + mixed_rate) / 3)
+    assert noise_headroom(avoid_base(), ThresholdEnv, n_states=3, n_noises=16)["per_state"] == r["per_state"]  # seeded
+    with pytest.raises(ConfigError, match="n_noises"):
+        noise_headroom(avoid_base(), ThresholdEnv, n_noises=1)

@@ -7,6 +7,7 @@ Sections (each rewrites its own part of BENCHMARKS.md):
   bc          behaviour-cloning success per task and process, the multimodal comparison
               (``--ship`` refreshes checkpoints/ and its manifest)
   steer       DSRL (NA, SAC, stochastic-sampler ablation) from weak bases, several seeds
+  headroom    how much the noise decides success for each DSRL weak base (the room steering has)
   rti         warm-started RTI control vs chunked execution: success per K' and latency (shipped checkpoints)
   latency     batch-1 CPU latency: RTI vs DDIM-10, DDPM-100 and a diffusers scheduler loop
   compose     test-time composition (GPC): mixtures vs their best parent, weights searched on held-out seeds
@@ -27,7 +28,7 @@ import time
 from pathlib import Path
 
 
-SECTIONS = ("envs", "throughput", "bc", "steer", "rti", "latency", "compose", "drive", "robosuite", "pusht", "peers")
+SECTIONS = ("envs", "throughput", "bc", "steer", "headroom", "rti", "latency", "compose", "drive", "robosuite", "pusht", "peers")
 
 
 def main(argv=None) -> int:
@@ -93,7 +94,8 @@ def main(argv=None) -> int:
         body_unet, res_unet = latency_section(unet, priority=10, log=log)  # the same measurement with the 1-D U-Net
         write_section(args.out, "latency", "\n\n".join([body, body_unet, latency_summary([res, res_unet])]), command)
     # sections that take (work dir, log) and return (markdown body, results)
-    plain = {"compose": ("dpolicy.bench.compose", "compose_section"), "drive": ("dpolicy.bench.drive", "drive_section"),
+    plain = {"headroom": ("dpolicy.bench.steer", "headroom_section"),
+             "compose": ("dpolicy.bench.compose", "compose_section"), "drive": ("dpolicy.bench.drive", "drive_section"),
              "robosuite": ("dpolicy.bench.standard", "robosuite_section"),
              "pusht": ("dpolicy.bench.standard", "pusht_section")}
     for name, (module, func) in plain.items():
