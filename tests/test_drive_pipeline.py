@@ -40,3 +40,14 @@ def test_cli_collect_train_rl_eval(tmp_path):
     assert 0 <= res["pdms"] <= 1 and (tmp_path / "ev" / "scenes.png").exists()
     assert main(["eval", f"data.path={data}", "init=nowhere"]) != 0
     assert main(["train", "rl.algo=ppo"]) != 0
+
+
+def test_drive_bench_section_quick_writes_tables_and_pictures(tmp_path):
+    from dpolicy.bench.drive import QUICK, drive_section
+
+    body, res = drive_section(tmp_path, log=lambda *_: None, quick=True)
+    assert {p.name for p in tmp_path.glob("*.png")} == {"drive_gspo_vs_grpo.png", "drive_group_size.png", "drive_scenes.png"}
+    assert len(res["gspo_gain_points"]) == QUICK["seeds"] and len(res["grpo_final"]) == QUICK["seeds"]
+    assert res["gspo_gain_points"][0] == pytest.approx(100 * (res["gspo_final"][0] - res["bc"]["pdms"]))
+    assert f"drawn from {QUICK['n_rl']} train scenes" in body and "PDMS-like" in body
+    assert (tmp_path / "drive_results.json").exists()

@@ -37,7 +37,7 @@ def _mean(d: dict) -> dict:
     return {k: float(v.float().mean()) for k, v in d.items()}
 
 
-def drive_section(work: Path, log=print, quick: bool = False) -> tuple[str, dict]:
+def drive_section(work: Path, log=print, quick: bool = False, figures: Path | None = Path("docs/img")) -> tuple[str, dict]:
     torch.set_num_threads(1)
     P = QUICK if quick else FULL
     work = Path(work)
@@ -108,14 +108,16 @@ def drive_section(work: Path, log=print, quick: bool = False) -> tuple[str, dict
              f"GSPO (G = 8) gain over BC, {P['seeds']} seeds: " + ", ".join(f"{g:+.1f}" for g in res["gspo_gain_points"])
              + f" points (mean {sum(res['gspo_gain_points']) / len(gs):+.1f}); GRPO: "
              + ", ".join(f"{100 * (g - bc_score['pdms']):+.1f}" for g in gr) + " points."]
-    plot_curves(work / "gspo_vs_grpo.png", {f"{a.upper()} G={G} s{s}": r["hist"] for (a, G, s), r in runs.items() if G == 8})
-    plot_curves(work / "group_size.png", {f"GSPO G={G}": runs[("gspo", G, 0)]["hist"] for G in (2, 3, 8)})
+    fig = Path(figures) if figures is not None and not quick else work  # the full run's pictures are kept in the repo
+    fig.mkdir(parents=True, exist_ok=True)
+    plot_curves(fig / "drive_gspo_vs_grpo.png", {f"{a.upper()} G={G} s{s}": r["hist"] for (a, G, s), r in runs.items() if G == 8})
+    plot_curves(fig / "drive_group_size.png", {f"GSPO G={G}": runs[("gspo", G, 0)]["hist"] for G in (2, 3, 8)})
     curve_rows = []
     for (a, G, s), r in sorted(runs.items()):
         curve_rows.append([f"{a.upper()} G={G} s{s}"] + [h["test_pdms"] for h in r["hist"] if "test_pdms" in h])
     n_pts = max(len(r) for r in curve_rows) - 1
     body += ["", "Test PDMS-like during RL (same trajectory budget for every run; curves in "
-             f"`{work / 'gspo_vs_grpo.png'}` and `{work / 'group_size.png'}`):", "",
+             f"`{(fig / 'drive_gspo_vs_grpo.png').as_posix()}` and `{(fig / 'drive_group_size.png').as_posix()}`):", "",
              table(["run"] + [f"eval {i}" for i in range(n_pts)], [r + [""] * (n_pts + 1 - len(r)) for r in curve_rows])]
 
     # (3a) decoding orders (the BC planner and the first GSPO run)
@@ -197,8 +199,8 @@ def drive_section(work: Path, log=print, quick: bool = False) -> tuple[str, dict
              table(["device", "trajectories", "trajectories / s"], tp_rows)]
 
     plans = {"expert": test.expert, "masked BC": plan_tokens(bc, test), **plans}
-    plot_scenes(work / "scenes.png", test, plans, n=4)
+    plot_scenes(fig / "drive_scenes.png", test, plans, n=4)
     res["time_s"] = time.perf_counter() - t0
-    body += ["", f"Pictures: `{work / 'scenes.png'}` (4 test scenes with planned trajectories). Section wall time {res['time_s']:.0f} s."]
+    body += ["", f"Pictures: `{(fig / 'drive_scenes.png').as_posix()}` (4 test scenes with planned trajectories). Section wall time {res['time_s']:.0f} s."]
     (work / "drive_results.json").write_text(json.dumps(res, indent=1, default=str))
     return "## Driving (PDMS-like)\n\n" + "\n".join(body), res
