@@ -190,3 +190,23 @@ def test_replay_logp_is_the_decoding_chain_rule():
             xt[:, i:] = m.tok.mask_id
             manual += torch.log_softmax(m.logits(o, xt)[:, i], -1).gather(1, toks[:, i:i + 1])[:, 0]
         assert torch.allclose(m.logp_replay(o, toks, when).sum(1), manual, atol=1e-4)
+
+
+def test_rl_linear_lr_schedule_decays_to_zero(drive_sets, monkeypatch):
+    import envs.driving
+
+    train, _ = drive_sets
+    monkeypatch.setattr(envs.driving, "score", lambda sc, traj, best_progress=None: {"pdms": traj[..., 1].mean((-1))})
+    seen = []
+    step = torch.optim.AdamW.step
+
+    def record(opt, *a, **kw):
+        seen.append(opt.param_groups[0]["lr"])
+        return step(opt, *a, **kw)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", record)
+    cfg = RLConfig(group=3, scenes_per_iter=2, iters=4, steps=4, minibatches=2, lr=1e-3, lr_schedule="linear", eval_every=4)
+    rl_train(_tiny(), train, lambda p: 0.0, cfg)
+    assert seen == pytest.approx([1e-3, 1e-3, 7.5e-4, 7.5e-4, 5e-4, 5e-4, 2.5e-4, 2.5e-4])  # per iteration, both mini-batches
+    with pytest.raises(ConfigError, match="lr_schedule"):
+        RLConfig(lr_schedule="cosine")

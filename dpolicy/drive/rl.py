@@ -54,6 +54,7 @@ class RLConfig:
     minibatches: int = 4          # updates per rollout batch (per epoch)
     epochs: int = 1
     lr: float = 3e-5
+    lr_schedule: str = "constant"  # constant | linear (decays to 0 at the last iteration)
     temperature: float = 1.0
     steps: int = 8                # decoding steps for rollouts
     order: str = "confidence"
@@ -66,6 +67,8 @@ class RLConfig:
     def __post_init__(self):
         if self.algo not in ("gspo", "grpo"):
             raise ConfigError(f"rl.algo {self.algo!r} is unknown; choose gspo or grpo.")
+        if self.lr_schedule not in ("constant", "linear"):
+            raise ConfigError(f"rl.lr_schedule {self.lr_schedule!r} is unknown; choose constant or linear.")
         if self.estimator not in ("one_step", "elbo", "replay"):
             raise ConfigError(f"rl.estimator {self.estimator!r} is unknown; choose one_step, elbo or replay.")
         if self.group < 2:
@@ -101,6 +104,9 @@ def rl_train(planner, train, evaluate, cfg: RLConfig, log=print) -> list[dict]:
     hist = [{"iter": 0, "samples": 0, "test_pdms": evaluate(planner)}]
     samples = 0
     for it in range(1, cfg.iters + 1):
+        if cfg.lr_schedule == "linear":  # this iteration's updates at lr * (1 - (it - 1) / iters)
+            for grp in opt.param_groups:
+                grp["lr"] = cfg.lr * (1 - (it - 1) / cfg.iters)
         idx = torch.randperm(train.n, device=dev, generator=gen)[:cfg.scenes_per_iter]
         sub = train.index(idx)
         planner.eval()
