@@ -49,5 +49,5 @@ def test_drive_bench_section_quick_writes_tables_and_pictures(tmp_path):
     assert {p.name for p in tmp_path.glob("*.png")} == {"drive_gspo_vs_grpo.png", "drive_group_size.png", "drive_scenes.png"}
     assert len(res["gspo_gain_points"]) == QUICK["seeds"] and len(res["grpo_final"]) == QUICK["seeds"]
     assert res["gspo_gain_points"][0] == pytest.approx(100 * (res["gspo_final"][0] - res["bc"]["pdms"]))
-    assert f"drawn from {QUICK['n_rl']} train scenes" in body and "PDMS-like" in body
+    assert f"drawn from {QUICK['n_rl']} train scenes" in body and "val PDMS-like" in body and "bc_val" in res
     assert (tmp_path / "drive_results.json").exists()
