@@ -59,7 +59,8 @@ def drive_section(work: Path, log=print, quick: bool = False, figures: Path | No
     ev = evaluate(test, test.expert)
     q = torch.quantile(ev["pdms"], torch.tensor([0.1, 0.5, 0.9], device=dev)).tolist()
     res["expert"] = ex
-    body = [f"Procedural driving scenes (`envs.driving`), {P['n_train']} train / {P['n_test']} test seeds, "
+    body = [f"Procedural driving scenes (`envs.driving`), {P['n_train']} train (BC demos; RL draws from the first "
+            f"{P['n_rl']}) / {P['n_val']} validation / {P['n_test']} test seeds, "
             "scored with our batched **PDMS-like** scorer (NAVSIM-v1-style NC, DAC, TTC, comfort, EP; not NAVSIM). "
             "EP is normalised by the best progress of the expert's candidate set for each scene.",
             "", "**(1) Expert (PDM-Closed-style, 30 candidates) on the test split, PDMS-like**", "",
