@@ -54,9 +54,9 @@ def drive_section(work: Path, log=print, quick: bool = False, figures: Path | No
     train = pool.index(torch.arange(P["n_train"], device=dev))
 
     # (1) expert
-    ex = _mean(evaluate(test, test.expert))
-    hist = {k: [float((evaluate(test, test.expert)[k] == v).float().mean()) for v in (0.0, 1.0)] for k in ("nc", "dac", "ttc", "comfort")}
     ev = evaluate(test, test.expert)
+    ex = _mean(ev)
+    hist = {k: [float((ev[k] == v).float().mean()) for v in (0.0, 1.0)] for k in ("nc", "dac", "ttc", "comfort")}
     q = torch.quantile(ev["pdms"], torch.tensor([0.1, 0.5, 0.9], device=dev)).tolist()
     res["expert"] = ex
     body = [f"Procedural driving scenes (`envs.driving`), {P['n_train']} train (BC demos; RL draws from the first "
@@ -77,7 +77,8 @@ def drive_section(work: Path, log=print, quick: bool = False, figures: Path | No
     bc = MaskedTokenPlanner(tok).to(dev)
     log("drive: behaviour cloning the masked-token planner")
     train_token_planner(bc, train, P["bc_steps"], seed=0, log=log)
-    evalf = lambda p: float(evaluate(test, plan_tokens(p, test))["pdms"].mean())  # noqa: E731
+    greedy = lambda ds, p: float(evaluate(ds, plan_tokens(p, ds))["pdms"].mean())  # noqa: E731
+    evalf = lambda p: greedy(test, p)  # noqa: E731
     bc_score = _mean(evaluate(test, plan_tokens(bc, test)))
     res["bc"] = bc_score
     rep = test.index(torch.arange(test.n, device=dev).repeat_interleave(4))
@@ -93,13 +94,13 @@ def drive_section(work: Path, log=print, quick: bool = False, figures: Path | No
                 t = time.perf_counter()
                 h = rl_train(p, pool, evalf, cfg, log=log)
                 runs[(algo, G, seed)] = {"hist": h, "final": _mean(evaluate(test, plan_tokens(p, test))),
-                                         "val": float(evaluate(val, plan_tokens(p, val))["pdms"].mean()),
+                                         "val": greedy(val, p),
                                          "sampled": sampled(p), "time_s": time.perf_counter() - t}
     gs = [runs[("gspo", 8, s)]["final"]["pdms"] for s in range(P["seeds"])]
     gr = [runs[("grpo", 8, s)]["final"]["pdms"] for s in range(P["seeds"])]
     res["gspo_final"], res["grpo_final"] = gs, gr
     res["gspo_gain_points"] = [100 * (g - bc_score["pdms"]) for g in gs]
-    bc_val = float(evaluate(val, plan_tokens(bc, val))["pdms"].mean())
+    bc_val = greedy(val, bc)
     res["bc_val"] = bc_val
     rows = [["BC start", "-", "-", bc_score["pdms"], "-", bc_val, "-", bc_sampled, "-", "-"]]
     for (algo, G, seed), r in sorted(runs.items()):

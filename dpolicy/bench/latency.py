@@ -19,7 +19,6 @@ return markdown bodies (``report.write_section`` adds the command and machine) a
 from __future__ import annotations
 
 import contextlib
-import json
 from pathlib import Path
 from typing import Sequence
 
@@ -226,7 +225,7 @@ def rti_success_section(checkpoints: Sequence, episodes: int = 200, n_envs: int 
                 configs[accept] = dict(mode="chunked", steps=10, discrete=discrete)
             for k in ks:
                 configs[f"RTI K'={k}"] = dict(mode="rti", k=k, renoise=renoise, discrete=discrete)
-            selected, scores = {}, {}  # selected: evaluations per decision -> label of the list chosen for it
+            selected, scores = {}, {}  # evaluations per decision -> label of the list chosen for it / its selection scores
             if candidates:
                 if not select_seed >= seed + episodes and not select_seed + select_episodes <= seed:
                     from dpolicy.errors import ConfigError
@@ -234,9 +233,9 @@ def rti_success_section(checkpoints: Sequence, episodes: int = 200, n_envs: int 
                     raise ConfigError(f"selection seeds {select_seed}.. overlap the evaluation seeds {seed}..")
                 for n_ev in sorted({len(c) for c in candidates}):  # one list per length: a list's length is its cost
                     group = [c for c in candidates if len(c) == n_ev]
-                    best, sc = select_timesteps(policy, env_fn, group, select_episodes, n_envs, select_seed, discrete,
-                                                renoise, log=lambda m: log(m.replace("[rti]", f"[rti] {name}")))
-                    scores.update(sc)
+                    best, scores[n_ev] = select_timesteps(policy, env_fn, group, select_episodes, n_envs, select_seed,
+                                                          discrete, renoise,
+                                                          log=lambda m: log(m.replace("[rti]", f"[rti] {name}")))
                     selected[n_ev] = f"RTI {best} (selected)"
                     configs[selected[n_ev]] = dict(mode="rti", timesteps=best, renoise=renoise, discrete=discrete)
             res = {}
@@ -277,12 +276,12 @@ def rti_success_section(checkpoints: Sequence, episodes: int = 200, n_envs: int 
             for n_ev, lbl in selected.items():
                 ok = lbl in within
                 own = "" if accept == base else f"; {100 * (res[lbl]['success_rate'] - b):+.1f} vs {base}"
-                group = ", ".join(f"{k} {v:.2f}" for k, v in scores.items() if len(json.loads(k)) == n_ev)
+                group = ", ".join(f"{k} {v:.2f}" for k, v in scores[n_ev].items())
                 verdicts.setdefault(n_ev, []).append(
                     (ok, f"- `{name}`: {lbl} {'is' if ok else 'is NOT'} within 3 points of {accept} "
                          f"({100 * (res[lbl]['success_rate'] - b10):+.1f}{own}); selection scores on the selection seeds: {group}"))
             results[name] = {"discrete": discrete, "configs": res, "checkpoint": str(ckpt), "selected": selected,
-                             "selection": scores, "within_3_points": within}
+                             "selection": {k: v for sc in scores.values() for k, v in sc.items()}, "within_3_points": within}
     body = (f"## Deployment: RTI warm-started control vs chunked execution, success ({episodes} episodes)\n\n"
             f"Same seeded episodes for every row. RTI executes one action per decision; K' is the number of network "
             f"evaluations per decision (timesteps [K'-1, ..., 0] of 100 levels; full = all 100), the shifted chunk "

@@ -146,9 +146,6 @@ def plot(groups: dict, path: Path) -> None:
     plt.close(fig)
 
 
-__all__ = ["steer_section", "weak_base", "render", "WEAK_BASES"]
-
-
 def headroom_section(work: Path, tasks=("avoid", "push", "lift"), n_states: int = 20, n_noises: int = 8,
                      log=print) -> tuple[str, dict]:
     """How much the noise decides success for each weak base (``dpolicy.rl.headroom``): the room DSRL has."""
@@ -158,7 +155,7 @@ def headroom_section(work: Path, tasks=("avoid", "push", "lift"), n_states: int 
 
     work = Path(work)
     work.mkdir(parents=True, exist_ok=True)
-    results, rows = {}, []
+    results, rows, first_seed = {}, [], None
     for task in tasks:
         base_root, base_m = weak_base(work, task, log)
         policy = load_policy(base_root, "cpu")
@@ -166,12 +163,13 @@ def headroom_section(work: Path, tasks=("avoid", "push", "lift"), n_states: int 
         r = noise_headroom(policy, _env_fn(policy), n_states=n_states, n_noises=n_noises)
         r["wall_s"] = time.perf_counter() - t0
         results[task] = {**r, "base_bc_success": base_m["success_rate"]}
+        first_seed = r["state_seed"]
         log(f"[headroom] {task}: mixed {r['mixed']:.2f}, never {r['never']:.2f}, always {r['always']:.2f}")
         rows.append([task, f"{base_m['success_rate']:.2f}", f"{r['success']:.2f}", f"{r['mixed']:.2f}",
                      f"{r['never']:.2f}", f"{r['always']:.2f}", f"{r['best_noise_per_state']:.2f}"])
     (work / "headroom_results.json").write_text(json.dumps(results, indent=2, default=float))
     body = ("## DSRL noise headroom of the weak bases\n\n"
-            f"Each of {n_states} seeded start states (seeds 500000..{500000 + n_states - 1}) is replayed with {n_noises} "
+            f"Each of {n_states} seeded start states (seeds {first_seed}..{first_seed + n_states - 1}) is replayed with {n_noises} "
             "noise seeds, the base run as DSRL runs it (chunked, deterministic in its noise). A *mixed* state succeeds "
             "under some noises and fails under others: the room a noise-space policy has. *Some noise succeeds* is the "
             "share of states where at least one of the noise seeds succeeded (a floor on what choosing the noise can "
@@ -180,3 +178,6 @@ def headroom_section(work: Path, tasks=("avoid", "push", "lift"), n_states: int 
     body += table(["task", "base success (BC eval, 100 episodes)", "success over states x noises", "mixed states",
                    "states never solved", "states always solved", "some noise succeeds"], rows)
     return body, results
+
+
+__all__ = ["steer_section", "headroom_section", "weak_base", "render", "WEAK_BASES"]

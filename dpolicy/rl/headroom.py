@@ -28,11 +28,12 @@ def noise_headroom(policy, env_fn: Callable, n_states: int = 20, n_noises: int =
     env = env_fn()
     ctrl = Controller(policy, "chunked")
     rate = np.zeros((n_states, n_noises), dtype=bool)
+    stride = max(n_states, 1000)  # noise seed n * stride + state: no two pairs share one, however many states
     try:
         for s in range(n_states):
             for n in range(n_noises):
                 obs, _ = env.reset(seed=state_seed + s)
-                ctrl.reset(seed=1000 * n + s)
+                ctrl.reset(seed=n * stride + s)  # a distinct noise stream for every (state, noise) pair
                 steps = 0
                 while True:
                     obs, _, term, trunc, info = env.step(ctrl.step(obs))
@@ -43,7 +44,7 @@ def noise_headroom(policy, env_fn: Callable, n_states: int = 20, n_noises: int =
     finally:
         env.close()
     per_state = rate.mean(1)
-    return {"n_states": n_states, "n_noises": n_noises, "per_state": per_state.tolist(),
+    return {"n_states": n_states, "n_noises": n_noises, "state_seed": state_seed, "per_state": per_state.tolist(),
             "success": float(rate.mean()), "mixed": float(((per_state > 0) & (per_state < 1)).mean()),
             "never": float((per_state == 0).mean()), "always": float((per_state == 1).mean()),
             "best_noise_per_state": float((per_state > 0).mean())}
