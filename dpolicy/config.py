@@ -155,6 +155,7 @@ class TaskConfig:
     n_demos: int = 100  # expert demos collected when data.path is not given
     demo_noise: float = 0.0  # expert action noise for collected demos
     expert_kwargs: dict = field(default_factory=dict)  # e.g. mode_probs for the multimodal task
+    keep_failures: bool = False  # keep the expert's failed episodes in the collected demos (mixed-quality data)
 
     def __post_init__(self):
         _check(self.n_demos >= 1, f"task.n_demos={self.n_demos} must be at least 1.")

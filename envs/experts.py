@@ -142,12 +142,25 @@ class PushExpert(_Expert):
 
 
 class LiftExpert(_Expert):
-    """Phase machine: hover above the cube, descend, close, wait for the fingers to settle, lift."""
+    """Phase machine: hover above the cube, descend, close, wait for the fingers to settle, lift.
+
+    ``early_close`` is the share of episodes run by a careless operator (drawn per episode, like the
+    worse operators of robomimic's multi-human datasets): lined up above the cube, it closes the
+    gripper without descending and lifts empty-handed, so the episode fails. Demos with such episodes
+    (kept with ``keep_failures``) teach a base that, at the hover pose, sometimes closes too early.
+    """
 
     HOVER = 0.06  # eef height above the grasp height while lining up
 
+    def __init__(self, env, noise_std=0.0, seed=None, early_close: float = 0.0):
+        super().__init__(env, noise_std, seed)
+        if not 0.0 <= float(early_close) <= 1.0:
+            raise ValueError(f"early_close={early_close!r} must lie in [0, 1]")
+        self.early_close = float(early_close)
+
     def reset(self, obs, info=None):
         self.phase, self.wait = 0, 0
+        self.careless = self.early_close > 0 and self.rng.random() < self.early_close
 
     def __call__(self, obs):
         if not hasattr(self, "phase"):
@@ -158,13 +171,13 @@ class LiftExpert(_Expert):
         if self.phase == 0:    # line up above the cube
             target[2] = lift.GRASP_Z + self.HOVER
             if np.abs(eef[:2] - obj[:2]).max() < 0.006:
-                self.phase = 1
+                self.phase = 2 if self.careless else 1
         if self.phase == 1:    # descend onto it
             target[2] = lift.GRASP_Z + obj[2] - lift.CUBE_HALF
             if eef[2] - target[2] < 0.004:
                 self.phase = 2
-        if self.phase == 2:    # close and wait for a firm grip
-            target[2] = lift.GRASP_Z + obj[2] - lift.CUBE_HALF
+        if self.phase == 2:    # close and wait for a firm grip (the careless operator: at the hover height)
+            target[2] = lift.GRASP_Z + (self.HOVER if self.careless else obj[2] - lift.CUBE_HALF)
             grip = 1.0
             self.wait += 1
             if self.wait >= 4:

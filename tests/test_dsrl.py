@@ -157,6 +157,71 @@ def test_actor_log_prob_is_a_density_on_the_box():
     assert abs(float(est) - 3.0) < 0.3
 
 
+def _flat_buffer(n=2048, reward=0.0, gamma_state=True):
+    g = torch.Generator().manual_seed(1)
+    s = torch.rand(n, 2, generator=g)
+    w = torch.rand(n, 2, generator=g) * 2 - 1
+    buf = ReplayBuffer(n, {"state": (2,), "next_state": (2,), "noise": (2,), "executed": (2,), "reward": (), "terminated": ()})
+    buf.add(state=s, next_state=s, noise=w, executed=w, reward=torch.full((n,), reward), terminated=torch.zeros(n))
+    return buf
+
+
+@pytest.mark.parametrize("backup", [False, True])
+def test_entropy_enters_the_td_target_only_when_asked(backup):
+    """Zero reward, no termination: Q is 0 without the bonus in the backup, and follows the bonus with it."""
+    torch.manual_seed(0)
+    cfg = DSRLConfig(algo="sac", hidden=32, layers=2, lr=3e-3, batch_size=128, gamma=0.5, init_alpha=0.5,
+                     backup_entropy=backup, action_magnitude=1.0)
+    agent = DSRLAgent(cfg, 2, 2, 2)
+    agent.opt_alpha.param_groups[0]["lr"] = 0.0  # hold alpha fixed so the soft value has a fixed point
+    buf = _flat_buffer()
+    for _ in range(600):
+        stats = agent.update(buf.sample(128))
+    s = torch.rand(256, 2)
+    with torch.no_grad():
+        q = torch.min(*agent.q(s, agent.act(s))).mean()
+    if backup:  # soft value: gamma / (1 - gamma) * alpha * entropy, far from 0 for entropy ~1 nat per dim
+        expect = 0.5 / 0.5 * 0.5 * stats["entropy"]
+        assert abs(float(q) - expect) < 0.35 * abs(expect) + 0.05, (float(q), expect)
+    else:
+        assert abs(float(q)) < 0.05
+
+
+def test_q_bounds_clip_the_td_targets():
+    torch.manual_seed(0)
+    cfg = DSRLConfig(algo="sac", hidden=32, layers=2, lr=3e-3, batch_size=128, gamma=0.9, q_bounds=[0, 1], action_magnitude=1.0)
+    agent = DSRLAgent(cfg, 2, 2, 2)
+    buf = _flat_buffer(reward=0.5)  # unbounded, Q would climb to 0.5 / (1 - 0.9) = 5
+    for _ in range(800):
+        agent.update(buf.sample(128))
+    s = torch.rand(256, 2)
+    with torch.no_grad():
+        q = torch.min(*agent.q(s, agent.act(s)))
+    assert float(q.max()) < 1.1 and float(q.mean()) > 0.8
+    with pytest.raises(ConfigError, match="q_bounds"):
+        DSRLConfig(q_bounds=[1, 0])
+
+
+def test_prior_regularizer_holds_the_actor_near_the_noise_prior():
+    """With nothing to gain (flat reward) the prior-regularized actor stays a spread-out, centred noise
+    distribution near N(0, I), its KL held near the target."""
+    torch.manual_seed(0)
+    cfg = DSRLConfig(algo="sac", hidden=32, layers=2, lr=3e-3, batch_size=128, gamma=0.0, regularizer="prior",
+                     target_kl=0.3, init_alpha=0.1)
+    agent = DSRLAgent(cfg, 2, 2, 2)
+    buf = _flat_buffer()
+    for _ in range(1000):
+        stats = agent.update(buf.sample(128))
+    s = torch.rand(4096, 2)
+    with torch.no_grad():
+        w, logp = agent.actor(s)
+    assert w.mean(0).abs().max() < 0.3
+    assert 0.6 < float(w.std(0).min()) and float(w.std(0).max()) < 1.2
+    assert stats["regularizer"] / 2 < 0.3 + 0.1  # per-dimension KL held at (or under) the target
+    with pytest.raises(ConfigError, match="regularizer"):
+        DSRLConfig(regularizer="kl")
+
+
 # -- the steered policy ------------------------------------------------------------------------------------------
 def test_steered_checkpoint_round_trip(tmp_path):
     base = avoid_base()
@@ -177,6 +242,30 @@ def test_steered_checkpoint_round_trip(tmp_path):
     (tmp_path / "base").rename(tmp_path / "moved" / "base")
     (tmp_path / "steered").rename(tmp_path / "moved" / "steered")
     assert torch.allclose(load_policy(tmp_path / "moved" / "steered").act(obs), steered.act(obs), atol=1e-6)
+
+
+def test_sampling_steered_policy_is_reparameterized_by_the_callers_noise(tmp_path):
+    base = avoid_base()
+    base.save(tmp_path / "base")
+    torch.manual_seed(4)
+    actor = Actor(base.cond_dim, base.Tp * base.action_dim, 16, 2, 1.5).eval()
+    steered = SteeredPolicy(base, actor, str(tmp_path / "base"), sample=True)
+    steered.save(tmp_path / "steered")
+    loaded = load_policy(tmp_path / "steered")
+    assert loaded.sample
+    g = torch.Generator().manual_seed(0)
+    obs = {"agent_pos": torch.randn(5, 2, 2, generator=g), "agent_vel": torch.randn(5, 2, 2, generator=g)}
+    n1, n2 = torch.randn(2, 5, base.Tp, base.action_dim, generator=g)
+    a1 = steered.act(obs, noise=n1)
+    assert torch.allclose(loaded.act(obs, noise=n1), a1, atol=1e-6)  # same noise, same chunk (and the flag survives)
+    assert not torch.allclose(steered.act(obs, noise=n2), a1)       # the caller's noise matters
+    # the actor's draw for that noise is what the base denoises
+    cond = base.encode(obs)
+    w, _ = actor(cond, eps=n1.reshape(5, -1))
+    assert torch.allclose(a1, base.act(obs, noise=w.reshape(5, base.Tp, base.action_dim)), atol=1e-6)
+    # the mean-noise policy ignores the caller's noise
+    det = SteeredPolicy(base, actor, str(tmp_path / "base"))
+    assert torch.allclose(det.act(obs, noise=n1), det.act(obs, noise=n2))
 
 
 def test_steered_checkpoint_errors_name_the_culprit(tmp_path):

@@ -169,6 +169,35 @@ def test_lift_expert_gripper_is_binary():
     assert set(grips) == {-1.0, 1.0}
 
 
+def test_lift_careless_operator_closes_early_and_fails():
+    """early_close=1: every episode closes the gripper at the hover height and fails; 0: the expert as is;
+    in between, the careless share is drawn per episode."""
+    def run(p, n=6):
+        env = envs.make_env("lift")
+        expert = envs.make_expert(env, seed=0, early_close=p)
+        wins, min_closed_z = [], []
+        for ep in range(n):
+            obs, info = env.reset(seed=2000 + ep)
+            expert.reset(obs, info)
+            done, zs = False, []
+            while not done:
+                a = expert(obs)
+                if a[3] > 0:
+                    zs.append(float(obs["eef_pos"][2]))
+                obs, _, term, trunc, info = env.step(a)
+                done = term or trunc
+            wins.append(bool(info["is_success"]))
+            min_closed_z.append(zs[0])
+        return wins, min_closed_z
+
+    careless, z_careless = run(1.0)
+    careful, z_careful = run(0.0)
+    assert not any(careless) and all(careful)
+    assert min(z_careless) > max(z_careful) + 0.03  # the careless grip closes well above the careful one
+    with pytest.raises(ValueError, match="early_close"):
+        envs.make_expert(envs.make_env("lift"), early_close=1.5)
+
+
 def _avoid_modes(mode_probs, n, seed):
     env = envs.make_env("avoid")
     expert = envs.make_expert(env, seed=seed, mode_probs=mode_probs)

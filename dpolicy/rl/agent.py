@@ -39,8 +39,21 @@ class DSRLConfig:
     noise_critic_actor_frac: float = 0.5  # NA: share of the distillation noises drawn from the actor instead of
                                           # N(0, I), so Q^W is also fit where the actor goes (0: the reference)
     target_entropy: float | None = 0.0   # None: -dim(w)
+    regularizer: str = "entropy"   # entropy: SAC's bonus -log pi(w|s), tuned to target_entropy (the reference).
+                                   # prior: a penalty log pi(w|s) - log N(w; 0, I), i.e. the KL to the base's own
+                                   # noise prior, tuned to target_kl: the steered policy starts as the base and
+                                   # leaves it only where the critic pays for it
+    target_kl: float = 0.3         # prior: the KL per noise dimension (nats) the temperature holds the actor to; a
+                                   # tanh-Gaussian on Box(-1.5, 1.5) is at least ~0.17 from N(0, 1) per dimension
     init_alpha: float = 0.01       # sparse rewards of at most 1: a large temperature drowns them (reference: 1.0)
+    backup_entropy: bool = False   # add the entropy bonus to the TD target (soft Q, as SB3 and the reference do).
+                                   # Off by default: with a success reward that ends the episode, the bonus paid
+                                   # for every step not yet ended makes Q prefer failing slowly to succeeding
+                                   # (measured on push: Q grew to ~4.6 with returns <= 1 and success fell 0.42 -> 0.06)
     action_magnitude: float = 1.5  # b: the noise action box
+    q_bounds: tuple | None = None  # (lo, hi): clip TD targets to the returns the task can pay, e.g. (0, 1) for a
+                                   # success reward that ends the episode; an overestimating critic then cannot
+                                   # climb past what any episode returns
 
     def __post_init__(self):
         if self.algo not in ("na", "sac"):
@@ -50,8 +63,16 @@ class DSRLConfig:
                 raise ConfigError(f"dsrl.{name}={getattr(self, name)} must be at least 1.")
         if not 0 <= self.gamma <= 1:
             raise ConfigError(f"dsrl.gamma={self.gamma} must lie in [0, 1].")
+        if self.regularizer not in ("entropy", "prior"):
+            raise ConfigError(f"dsrl.regularizer={self.regularizer!r} is not one of ['entropy', 'prior'].")
+        if not self.target_kl > 0:
+            raise ConfigError(f"dsrl.target_kl={self.target_kl} must be positive.")
         if not 0 <= self.noise_critic_actor_frac <= 1:
             raise ConfigError(f"dsrl.noise_critic_actor_frac={self.noise_critic_actor_frac} must lie in [0, 1].")
+        if self.q_bounds is not None:
+            if len(self.q_bounds) != 2 or not float(self.q_bounds[0]) < float(self.q_bounds[1]):
+                raise ConfigError(f"dsrl.q_bounds={self.q_bounds!r} must be [lo, hi] with lo < hi.")
+            self.q_bounds = (float(self.q_bounds[0]), float(self.q_bounds[1]))
         if not 0 < self.tau <= 1:
             raise ConfigError(f"dsrl.tau={self.tau} must lie in (0, 1].")
 
@@ -75,13 +96,16 @@ class Actor(nn.Module):
         self.net = mlp(state_dim, 2 * dim, hidden, layers)
         self.b = b
 
-    def forward(self, s: torch.Tensor, deterministic: bool = False, generator=None):
+    def forward(self, s: torch.Tensor, deterministic: bool = False, generator=None, eps: torch.Tensor | None = None):
+        """``(w, log pi(w | s))``; ``eps`` (standard normal, ``(B, dim)``) replaces the internal draw."""
         mu, log_std = self.net(s).chunk(2, -1)
         if deterministic:
             return self.b * torch.tanh(mu), None
         log_std = log_std.clamp(*self.LOG_STD)
         std = log_std.exp()
-        u = mu + std * torch.randn(mu.shape, device=mu.device, generator=generator)
+        if eps is None:
+            eps = torch.randn(mu.shape, device=mu.device, generator=generator)
+        u = mu + std * eps
         w = torch.tanh(u)
         logp = (-0.5 * ((u - mu) / std) ** 2 - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
         logp = logp - (2 * (math.log(2) - u - F.softplus(-2 * u))).sum(-1) - mu.shape[-1] * math.log(self.b)
@@ -128,6 +152,12 @@ class DSRLAgent(nn.Module):
     def act(self, s: torch.Tensor, deterministic: bool = False, generator=None) -> torch.Tensor:
         return self.actor(s, deterministic, generator)[0]
 
+    def penalty(self, w: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
+        """Per-sample regularizer the temperature weighs: log pi (entropy) or log pi - log N(w; 0, I) (prior)."""
+        if self.cfg.regularizer == "entropy":
+            return logp
+        return logp + 0.5 * (w * w).sum(-1) + 0.5 * w.shape[-1] * math.log(2 * math.pi)
+
     # -- updates ----------------------------------------------------------------------------------------
     def critic_loss(self, batch: dict) -> torch.Tensor:
         s, r, s2, term = batch["state"], batch["reward"], batch["next_state"], batch["terminated"]
@@ -135,7 +165,10 @@ class DSRLAgent(nn.Module):
             w2, logp2 = self.actor(s2)
             a2 = self.decode(s2, w2) if self.cfg.algo == "na" else w2
             q1t, q2t = self.q_targ(s2, a2)
-            y = r + self.cfg.gamma * (1 - term) * (torch.min(q1t, q2t) - self.alpha * logp2)
+            v2 = torch.min(q1t, q2t) - (self.alpha * self.penalty(w2, logp2) if self.cfg.backup_entropy else 0.0)
+            y = r + self.cfg.gamma * (1 - term) * v2
+            if self.cfg.q_bounds is not None:
+                y = y.clamp(*self.cfg.q_bounds)
         a = batch["executed"] if self.cfg.algo == "na" else batch["noise"]
         q1, q2 = self.q(s, a)
         return F.mse_loss(q1, y) + F.mse_loss(q2, y)
@@ -175,16 +208,21 @@ class DSRLAgent(nn.Module):
         critic.requires_grad_(False)
         q = torch.min(*critic(s, w))
         critic.requires_grad_(True)
-        loss_pi = (self.alpha * logp - q).mean()
+        pen = self.penalty(w, logp)
+        loss_pi = (self.alpha * pen - q).mean()
         self.opt_actor.zero_grad(set_to_none=True)
         loss_pi.backward()
         self.opt_actor.step()
-        loss_alpha = -(self.log_alpha * (logp.detach() + self.target_entropy)).mean()
+        # entropy: raise alpha while the entropy -logp is below its target; prior: while the KL is above its target
+        excess = (logp.detach() + self.target_entropy) if self.cfg.regularizer == "entropy" else (pen.detach() - self.cfg.target_kl * self.noise_dim)
+        loss_alpha = -(self.log_alpha * excess).mean()
         self.opt_alpha.zero_grad(set_to_none=True)
         loss_alpha.backward()
         self.opt_alpha.step()
         with torch.no_grad():
             for p, pt in zip(self.q.parameters(), self.q_targ.parameters()):
                 pt.lerp_(p, self.cfg.tau)
-        out.update(actor_loss=float(loss_pi.detach()), alpha=float(self.alpha), entropy=float(-logp.detach().mean()))
+        out.update(actor_loss=float(loss_pi.detach()), alpha=float(self.alpha), entropy=float(-logp.detach().mean()),
+                   regularizer=float(pen.detach().mean()),
+                   q_mean=float(q.detach().mean()), noise_abs=float(w.detach().abs().mean() / self.cfg.action_magnitude))
         return out

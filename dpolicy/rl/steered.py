@@ -1,8 +1,12 @@
 """A steered policy: a frozen base policy plus the DSRL actor that picks its noise.
 
 It has the ChunkPolicy interface the evaluator and controllers use (``To, Tp, Ta, action_dim,
-obs_keys, device, act``). ``act`` takes the actor's deterministic noise (the tanh of its mean), so
-evaluation is reproducible; a ``noise`` argument is ignored, since choosing the noise is the point.
+obs_keys, device, act``). By default ``act`` takes the actor's deterministic noise (the tanh of its
+mean) and ignores a ``noise`` argument, since choosing the noise is the point. With ``sample=True``
+the noise is drawn from the actor, reparameterized by the caller's standard-normal ``noise`` (so
+seeded evaluation stays reproducible and paired with the base's): the right choice when the base's
+mean noise decodes to a poor chunk (an average of modes) and the actor was trained to stay near
+the base's noise prior (``dsrl.regularizer=prior``).
 Saved as a directory: ``steered.json`` (kind, the base checkpoint's path, the actor's sizes),
 ``actor.safetensors``, and ``meta.json`` marking the kind so ``load_policy`` can dispatch.
 """
@@ -21,9 +25,9 @@ KIND = "steered"
 
 
 class SteeredPolicy(nn.Module):
-    def __init__(self, base, actor: nn.Module, base_path: str | None = None, steps: int | None = None):
+    def __init__(self, base, actor: nn.Module, base_path: str | None = None, steps: int | None = None, sample: bool = False):
         super().__init__()
-        self.base, self.actor, self.base_path, self.steps = base, actor, base_path, steps
+        self.base, self.actor, self.base_path, self.steps, self.sample = base, actor, base_path, steps, bool(sample)
         self.base.requires_grad_(False)
         self.metadata = dict(getattr(base, "metadata", {}))
 
@@ -50,17 +54,21 @@ class SteeredPolicy(nn.Module):
     def field_fn(self, cond):
         return self.base.field_fn(cond)
 
-    def noise_for(self, cond: torch.Tensor) -> torch.Tensor:
-        w, _ = self.actor(cond, deterministic=True)
+    def noise_for(self, cond: torch.Tensor, noise: torch.Tensor | None = None, generator=None) -> torch.Tensor:
+        if self.sample:
+            eps = None if noise is None else noise.reshape(cond.shape[0], -1).to(cond.dtype)
+            w, _ = self.actor(cond, generator=generator, eps=eps)
+        else:
+            w, _ = self.actor(cond, deterministic=True)
         return w.reshape(cond.shape[0], self.Tp, self.action_dim)
 
     def sample_normalized(self, cond, noise=None, steps=None, generator=None, t_start: float = 1.0):
-        return self.base.sample_normalized(cond, self.noise_for(cond), steps or self.steps, generator, t_start)
+        return self.base.sample_normalized(cond, self.noise_for(cond, noise, generator), steps or self.steps, generator, t_start)
 
     @torch.no_grad()
     def act(self, obs, noise=None, steps=None, generator=None) -> torch.Tensor:
         self.check_obs(obs)
-        chunk = self.sample_normalized(self.encode(obs), None, steps, generator)
+        chunk = self.sample_normalized(self.encode(obs), noise, steps, generator)
         return self.base.normalizer.action.unnormalize(chunk)
 
     # -- checkpoints ----------------------------------------------------------------------------------
@@ -79,7 +87,7 @@ class SteeredPolicy(nn.Module):
             write_json(tmp / "steered.json", {
                 "kind": KIND, "base": os.path.relpath(base, path.resolve()), "base_abs": str(base),
                 "state_dim": lin[0].in_features, "noise_dim": lin[-1].out_features // 2, "hidden": lin[0].out_features,
-                "layers": len(lin) - 1, "action_magnitude": self.actor.b, "steps": self.steps})
+                "layers": len(lin) - 1, "action_magnitude": self.actor.b, "steps": self.steps, "sample": self.sample})
             write_json(tmp / "meta.json", {"format": "dpolicy-policy", "kind": KIND, "metadata": self.metadata})
         return path
 
@@ -108,4 +116,4 @@ class SteeredPolicy(nn.Module):
             actor.load_state_dict(load_file(str(path / "actor.safetensors")))
         except (FileNotFoundError, SafetensorError, RuntimeError) as e:
             raise CheckpointError(f"{path / 'actor.safetensors'} cannot be loaded ({str(e).splitlines()[0]}).") from None
-        return cls(base, actor.to(device).eval(), str(base_dir), spec.get("steps"))
+        return cls(base, actor.to(device).eval(), str(base_dir), spec.get("steps"), bool(spec.get("sample", False)))

@@ -34,6 +34,8 @@ class SteerConfig:
     sampling_steps: int | None = None  # base sampling steps (None: the base's own)
     base_eta: float | None = None  # diffusion bases only: override DDIM's eta (1.0: stochastic DDPM-style
                                    # sampling, the ablation DSRL's determinism argument predicts to hurt)
+    sample_noise: bool | None = None  # the steered policy samples its noise from the actor (None: when
+                                      # dsrl.regularizer=prior) instead of taking the actor's mean
     eval_every: int = 5000         # env steps between evaluations
     eval_episodes: int = 50
     eval_seed: int = 100000
@@ -96,7 +98,8 @@ def steer(cfg: SteerConfig, run_dir, log=None) -> dict:
     buf = ReplayBuffer(min(cfg.buffer_size, cfg.env_steps + cfg.n_envs * base.Ta), {
         "state": (env.state_dim,), "next_state": (env.state_dim,), "noise": (env.noise_dim,),
         "executed": (env.exec_dim,), "reward": (), "terminated": ()}, device, cfg.seed)
-    steered = SteeredPolicy(base, agent.actor, str(base_dir), cfg.sampling_steps)
+    sample = cfg.dsrl.regularizer == "prior" if cfg.sample_noise is None else bool(cfg.sample_noise)
+    steered = SteeredPolicy(base, agent.actor, str(base_dir), cfg.sampling_steps, sample)
 
     from torch.utils.tensorboard import SummaryWriter
 
