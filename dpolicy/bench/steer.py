@@ -18,24 +18,32 @@ import numpy as np
 
 from dpolicy.bench.report import table
 
-# Weak bases: demos collected with noisy expert actions (only successful episodes kept) give a
-# base whose support holds good chunks but which samples bad ones often: 20-60% success. (Bases
-# from very few demos are weak too, but narrow: no noise steers them, which is DSRL's premise.)
-# Four sampling steps keep the frozen base cheap; the base is deterministic in its noise (DDIM).
+# Weak bases whose support holds good chunks but which sample bad ones often (20-60% success), the
+# premise of steering the noise. Four sampling steps keep the frozen base cheap; the base is
+# deterministic in its noise (DDIM).
+# - avoid: demos from a noisy expert (only successful episodes kept): collisions come from chunks
+#   that swing into an obstacle, decided at the chunk where the route is taken.
+# - lift: mixed-quality demos, as robomimic's multi-human sets: half the episodes come from a careless
+#   operator who closes the gripper above the cube and lifts empty-handed (kept with keep_failures),
+#   so at the hover pose the base sometimes closes too early.
+# - push (headroom only): demos from a noisy expert. Its noise decides success over whole episodes
+#   (every start state is mixed) but no single chunk decides much, and DSRL did not beat the base
+#   within 50,000 env steps (the closing notes of the DSRL issue list the runs).
 WEAK_BASES = {
     "avoid": ["task=avoid", "task.n_demos=50", "task.demo_noise=0.7", "train.steps=3000", "policy.process.steps=4"],
     "push": ["task=push", "task.n_demos=50", "task.demo_noise=0.7", "train.steps=2000", "policy.process.steps=4"],
-    # lift shrugs off action noise (the gripper command stays +-1; 50 noisy demos still give 97-100%): five demos
-    # and a short training make it weak
-    "lift": ["task=lift", "task.n_demos=5", "task.demo_noise=1.0", "train.steps=600", "policy.process.steps=4"],
+    "lift": ["task=lift", "task.n_demos=60", "task.expert_kwargs={early_close:0.5}", "task.keep_failures=true",
+             "train.steps=3000", "policy.process.steps=4"],
 }
 # env steps per run (the acceptance asks for 90% within 50,000; runs stop at these budgets)
-BUDGETS = {"avoid": 10000, "push": 20000, "lift": 20000}
+BUDGETS = {"avoid": 10000, "push": 20000, "lift": 30000}
 STEER_DEFAULTS = dict(n_envs=4, init_steps=1500, eval_every=2500, eval_episodes=50)
 # sparse success reward (no per-step cost: on avoid a collision ends the episode, and a per-step cost
-# would pay the agent to crash early); a small initial temperature so the entropy bonus does not drown
-# a reward of at most 1
-DSRL_DEFAULTS = dict(hidden=256, layers=3, utd=10, batch_size=256, init_alpha=0.01, noise_critic_actor_frac=0.5)
+# would pay the agent to crash early); TD targets without the entropy bonus and clipped to the returns a
+# success reward can pay, [0, 1]; a small initial temperature so the entropy bonus does not drown a
+# reward of at most 1
+DSRL_DEFAULTS = dict(hidden=256, layers=3, utd=10, batch_size=256, init_alpha=0.01, noise_critic_actor_frac=0.5,
+                     backup_entropy=False, q_bounds=(0.0, 1.0))
 
 
 def weak_base(work: Path, task: str, log=print) -> tuple[Path, dict]:
@@ -88,7 +96,7 @@ def steer_section(work: Path, tasks=("avoid", "push"), seeds=(0, 1, 2), algos=("
                              **{k: m[k] for k in ("base_success", "final_success", "final_success_ci95", "env_steps",
                                                   "wall_s", "wall_s_per_1k_env_steps", "history", "deterministic_base")}}
             log(f"[steer] {name}: {m['base_success']:.3f} -> {m['final_success']:.3f} in {m['wall_s']:.0f} s")
-    (work / "steer_results.json").write_text(json.dumps(results, indent=2, default=float))
+    (work / f"steer_results_{'_'.join(tasks)}.json").write_text(json.dumps(results, indent=2, default=float))
     return render(results, figure), results
 
 
@@ -107,7 +115,8 @@ def render(results: dict, figure: Path | None) -> str:
                      " / ".join(f"{x:,}" if x is not None else "not reached" for x in reach),
                      f"{np.median([r['wall_s_per_1k_env_steps'] for r in rs]):.1f}"])
     body = ("## Latent-noise steering (DSRL) from weak bases (2-core CPU)\n\n"
-            "Weak bases (demos from a noisy expert, short training): " + "; ".join(f"`{t}`: `{' '.join(v)}`" for t, v in WEAK_BASES.items()
+            "Weak bases (avoid: demos from a noisy expert; lift: half the demos from a careless operator who closes "
+            "the gripper above the cube, failures kept; short training): " + "; ".join(f"`{t}`: `{' '.join(v)}`" for t, v in WEAK_BASES.items()
                                                                      if any(r['task'] == t for r in results.values()))
             + f". Steering settings: {STEER_DEFAULTS}, agent {DSRL_DEFAULTS}. "
             "Success is measured on 50 held-out seeded episodes at each evaluation; per-seed values are listed.\n\n")

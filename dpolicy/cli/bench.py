@@ -40,7 +40,7 @@ def main(argv=None) -> int:
     ap.add_argument("--expert-episodes", type=int, default=1000, help="expert episodes per task (envs)")
     ap.add_argument("--out", default="BENCHMARKS.md")
     ap.add_argument("--work", default="runs/bench", help="where bench runs are written")
-    ap.add_argument("--steer-tasks", default="avoid,push", help="tasks for the steer section")
+    ap.add_argument("--steer-tasks", default="avoid,lift", help="tasks for the steer section")
     ap.add_argument("--seeds", type=int, default=3, help="seeds per method (steer)")
     ap.add_argument("--ship", action="store_true", help="copy the bc policies into checkpoints/ with a manifest")
     ap.add_argument("overrides", nargs="*", help="extra hydra overrides for the bc runs, e.g. train.steps=500")
