@@ -389,6 +389,8 @@ def hyperparameter_table() -> tuple[str, dict]:
          f"actor {DPPO_CAN['actor_lr']}, critic {DPPO_CAN['critic_lr']} / - / - / {DPPO_CAN['gamma']}",
          f"{ds['lr']} / {ds['batch_size']} / {ds['tau']} / {ds['gamma']}"],
         ["target entropy", DSRL_CAN["target_entropy"], "-", ds["target_entropy"]],
+        ["entropy bonus in the TD target", "yes (SB3 soft backup)", "-", "yes" if ds["backup_entropy"] else "no"],
+        ["TD-target bounds", "none", "-", ds["q_bounds"] or "none (the DSRL bench: [0, 1])"],
         ["random warm-up steps", DSRL_CAN["init_steps"], "-", steer["init_steps"]],
         ["parallel envs", DSRL_CAN["n_envs"], DPPO_CAN["n_envs"], steer["n_envs"]],
     ]

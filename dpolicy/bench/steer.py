@@ -35,6 +35,12 @@ WEAK_BASES = {
     "lift": ["task=lift", "task.n_demos=150", "task.expert_kwargs={early_close:0.65}", "task.keep_failures=true",
              "train.steps=3000", "policy.process.steps=4"],
 }
+BASE_NOTES = {
+    "avoid": "demos from a noisy expert, successful episodes only",
+    "lift": "65% of the demos from a careless operator who closes the gripper above the cube and lifts empty-handed, "
+            "failures kept",
+    "push": "demos from a noisy expert, successful episodes only",
+}
 # env steps per run (the acceptance asks for 90% within 50,000; runs stop at these budgets)
 BUDGETS = {"avoid": 10000, "push": 20000, "lift": 20000}
 STEER_DEFAULTS = dict(n_envs=4, init_steps=1500, eval_every=2500, eval_episodes=50)
@@ -114,18 +120,22 @@ def render(results: dict, figure: Path | None) -> str:
                      " / ".join(f"{f:.2f}" for f in finals), " / ".join(f"{p:.2f}" for p in peak),
                      " / ".join(f"{x:,}" if x is not None else "not reached" for x in reach),
                      f"{np.median([r['wall_s_per_1k_env_steps'] for r in rs]):.1f}"])
+    tasks = sorted({r["task"] for r in results.values()})
     body = ("## Latent-noise steering (DSRL) from weak bases (2-core CPU)\n\n"
-            "Weak bases (avoid: demos from a noisy expert; lift: 65% of the demos from a careless operator who closes "
-            "the gripper above the cube, failures kept; short training): " + "; ".join(f"`{t}`: `{' '.join(v)}`" for t, v in WEAK_BASES.items()
-                                                                     if any(r['task'] == t for r in results.values()))
-            + f". Steering settings: {STEER_DEFAULTS}, agent {DSRL_DEFAULTS}. "
+            "Weak bases, short training: " + "; ".join(f"`{t}` ({BASE_NOTES[t]}): `{' '.join(WEAK_BASES[t])}`" for t in tasks)
+            + f". Steering settings: {STEER_DEFAULTS}, agent {DSRL_DEFAULTS}; sparse success reward. "
             "Success is measured on 50 held-out seeded episodes at each evaluation; per-seed values are listed.\n\n")
     body += table(["task", "method", "seeds", "env steps per run", "base success", "final success (per seed)", "best success (per seed)",
                    "env steps to reach 90% (per seed)", "wall s per 1k env steps (median)"], rows)
     if figure is not None:
         plot(groups, figure)
-        body += f"\n\n![DSRL success vs environment steps]({figure.as_posix()})"
+        body += (f"\n\n![DSRL success vs environment steps]({figure.as_posix()})\n\n"
+                 "The figure: mean success over seeds, shaded by the 95% t-interval of that mean (clipped to [0, 1]).")
     return body
+
+
+# two-sided 95% quantiles of Student's t by degrees of freedom (seeds - 1)
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
 
 
 def plot(groups: dict, path: Path) -> None:
@@ -143,9 +153,12 @@ def plot(groups: dict, path: Path) -> None:
             xs = np.array([h["env_steps"] for h in rs[0]["history"]])
             n = min(len(r["history"]) for r in rs)
             ys = np.array([[h["success_rate"] for h in r["history"][:n]] for r in rs])
-            label = f"DSRL-{algo.upper()}" + (" eta=1" if eta else "") + f" ({len(rs)} seeds)"
-            line, = ax.plot(xs[:n], np.median(ys, 0), label=label)
-            ax.fill_between(xs[:n], ys.min(0), ys.max(0), color=line.get_color(), alpha=0.2)
+            label = f"DSRL-{algo.upper()}" + (" eta=1" if eta else "") + f" ({len(rs)} seed{'s' * (len(rs) > 1)})"
+            mean = ys.mean(0)
+            line, = ax.plot(xs[:n], mean, label=label)
+            if len(rs) > 1:  # 95% t-interval of the mean over seeds, clipped to [0, 1]
+                half = T975.get(len(rs) - 1, 1.96) * ys.std(0, ddof=1) / np.sqrt(len(rs))
+                ax.fill_between(xs[:n], np.clip(mean - half, 0, 1), np.clip(mean + half, 0, 1), color=line.get_color(), alpha=0.2)
         ax.axhline(0.9, color="grey", ls=":", lw=1)
         ax.set(title=f"{task}", xlabel="environment steps", ylabel="success rate", ylim=(0, 1.02))
         ax.legend(loc="lower right", fontsize=8)
