@@ -133,3 +133,20 @@ def test_bad_checkpoints_exit_with_one_clear_line(trained, tmp_path, corrupt, ma
     res = run("evaluate", f"checkpoint={bad}", "episodes=1", "n_envs=1", "video=false", f"hydra.run.dir={tmp_path / 'e'}")
     assert res.returncode != 0 and "Traceback" not in res.stderr
     assert match in res.stderr.strip().splitlines()[-1], res.stderr[-2000:]
+
+
+def test_task_keep_failures_reaches_the_demo_collection(tmp_path):
+    """task.keep_failures=true keeps a careless operator's failed episodes; without it, collection gives up
+    with a sentence naming the way out."""
+    from dpolicy.bench.suite import compose_run
+    from dpolicy.errors import ConfigError
+    from dpolicy.train.bc import prepare_dataset
+
+    over = ["task=lift", "task.n_demos=2", "task.expert_kwargs={early_close:1.0}"]
+    path = prepare_dataset(compose_run(over + ["task.keep_failures=true"]), tmp_path / "kept", progress=False)
+    with h5py.File(path, "r") as f:
+        assert sorted(f["data"].keys()) == ["demo_0", "demo_1"]
+        assert all(f["data"][k].attrs["success"] == 0 for k in f["data"])
+    (tmp_path / "strict").mkdir()
+    with pytest.raises(ConfigError, match="keep_failures"):
+        prepare_dataset(compose_run(over), tmp_path / "strict", progress=False)

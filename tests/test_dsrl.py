@@ -22,12 +22,13 @@ from dpolicy.tasks import env_args, env_factory
 
 
 def avoid_base(sampler="ddim", seed=0, horizon=40):
-    """An untrained policy with the avoid task's shapes and env_args (enough to exercise the plumbing)."""
+    """An untrained policy with the avoid task's shapes and env_args (enough to exercise the plumbing).
+    ``sampler``: ddim | ddpm (diffusion) or euler (a flow base)."""
     torch.manual_seed(seed)
+    process = (ProcessConfig(type="flow", sampler="euler", steps=4) if sampler == "euler" else
+               ProcessConfig(type="diffusion", sampler=sampler, eta=1.0 if sampler == "ddpm" else 0.0, train_steps=20, steps=4))
     cfg = PolicyConfig(obs_keys=["agent_pos", "agent_vel"], obs_dims={"agent_pos": 2, "agent_vel": 2}, action_dim=2,
-                       To=2, Tp=8, Ta=4, net=NetConfig(hidden=32, depth=1, time_dim=16),
-                       process=ProcessConfig(type="diffusion", sampler=sampler, eta=1.0 if sampler == "ddpm" else 0.0,
-                                             train_steps=20, steps=4))
+                       To=2, Tp=8, Ta=4, net=NetConfig(hidden=32, depth=1, time_dim=16), process=process)
     g = torch.Generator().manual_seed(0)
     norm = DictNormalizer.fit({"agent_pos": torch.rand(50, 2, generator=g) * 2 - 1, "agent_vel": torch.rand(50, 2, generator=g)},
                               torch.rand(50, 2, generator=g) * 2 - 1)
@@ -87,8 +88,9 @@ def test_noise_env_stops_a_chunk_when_the_episode_ends_and_resets():
     env.close()
 
 
-def test_base_is_a_deterministic_function_of_the_noise_and_ddpm_is_flagged():
-    det, sto = avoid_base("ddim"), avoid_base("ddpm")
+@pytest.mark.parametrize("sampler", ["ddim", "euler"])
+def test_base_is_a_deterministic_function_of_the_noise_and_ddpm_is_flagged(sampler):
+    det, sto = avoid_base(sampler), avoid_base("ddpm")
     make = env_factory(det.metadata["env_args"])
     e_det, e_sto = NoiseActionEnv(det, make, n_envs=2), NoiseActionEnv(sto, make, n_envs=2)
     assert e_det.deterministic and not e_sto.deterministic
@@ -266,6 +268,29 @@ def test_sampling_steered_policy_is_reparameterized_by_the_callers_noise(tmp_pat
     # the mean-noise policy ignores the caller's noise
     det = SteeredPolicy(base, actor, str(tmp_path / "base"))
     assert torch.allclose(det.act(obs, noise=n1), det.act(obs, noise=n2))
+
+
+@pytest.mark.parametrize("sample", [False, True])
+def test_steered_policy_runs_in_the_deployment_controller(tmp_path, sample):
+    """The chunked controller executes the steered policy's chunk (the actor's noise, not the controller's)."""
+    from dpolicy.deploy.controller import Controller
+
+    base = avoid_base("euler")
+    torch.manual_seed(5)
+    steered = SteeredPolicy(base, Actor(base.cond_dim, base.Tp * base.action_dim, 16, 2, 1.5).eval(), None, sample=sample)
+    env = env_factory(base.metadata["env_args"])()
+    obs, _ = env.reset(seed=3)
+    ctrl = Controller(steered, "chunked")
+    ctrl.reset(seed=0)
+    first = ctrl.step(obs)
+    hist = {k: torch.as_tensor(np.repeat(np.asarray(obs[k], np.float32)[None], base.To, 0))[None] for k in base.obs_keys}
+    if sample:  # the controller's noise reparameterizes the actor: a different seed, a different chunk
+        ctrl2 = Controller(steered, "chunked")
+        ctrl2.reset(seed=1)
+        assert not np.allclose(ctrl2.step(obs), first)
+    else:
+        assert np.allclose(first, steered.act(hist)[0, 0].numpy(), atol=1e-5)
+    env.close()
 
 
 def test_steered_checkpoint_errors_name_the_culprit(tmp_path):
