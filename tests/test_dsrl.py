@@ -370,3 +370,41 @@ def test_noise_headroom_counts_per_state_success_over_noises():
     assert noise_headroom(avoid_base(), ThresholdEnv, n_states=3, n_noises=16)["per_state"] == r["per_state"]  # seeded
     with pytest.raises(ConfigError, match="n_noises"):
         noise_headroom(avoid_base(), ThresholdEnv, n_noises=1)
+
+
+class SignEnv:
+    """One chunk per episode: succeeds (reward 1) iff the first action's x is positive; avoid-shaped spaces."""
+
+    def __init__(self):
+        import gymnasium as gym
+
+        self.observation_space = gym.spaces.Dict({"agent_pos": gym.spaces.Box(-1, 1, (2,)), "agent_vel": gym.spaces.Box(-1, 1, (2,))})
+        self.action_space = gym.spaces.Box(-1, 1, (2,))
+        self.rng = np.random.default_rng(0)
+
+    def reset(self, seed=None, options=None):
+        self.rng, self.t = np.random.default_rng(seed), 0
+        return {"agent_pos": self.rng.uniform(-1, 1, 2).astype(np.float32), "agent_vel": np.zeros(2, np.float32)}, {}
+
+    def step(self, a):
+        self.t += 1
+        win = self.t == 1 and float(a[0]) > 0
+        obs = {"agent_pos": np.zeros(2, np.float32), "agent_vel": np.zeros(2, np.float32)}
+        return obs, float(win), win, self.t >= 4, {"is_success": win}
+
+    def close(self):
+        pass
+
+
+def test_chunk_signal_finds_value_in_a_decisive_chunk():
+    """Success is decided by the first chunk's noise alone: Q(s, a) explains the return and V(s) cannot,
+    and picking the best of k noises by Q succeeds where the worst fails."""
+    from dpolicy.rl.headroom import chunk_signal
+
+    base = avoid_base()
+    r = chunk_signal(base, SignEnv, env_steps=2400, n_envs=4, k=8, episodes=30, hidden=32, iters=1500)
+    assert r["mse_q"] < 0.5 * r["mse_v"] and r["q_gain"] > 0.4
+    assert 0.2 < r["base_success"] < 0.8
+    assert r["best_of_k_success"] >= 0.9 and r["worst_of_k_success"] <= 0.1
+    with pytest.raises(ConfigError, match="k >= 2"):
+        chunk_signal(base, SignEnv, k=1)
