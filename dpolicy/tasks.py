@@ -36,6 +36,16 @@ def env_factory(args: dict):
     return functools.partial(make_env, args)
 
 
+def env_factory_for(policy, **env_kwargs):
+    """The env factory for the task a checkpoint was trained on (its stored ``env_args``), with overrides."""
+    args = getattr(policy, "metadata", {}).get("env_args")
+    if args is None:
+        raise ConfigError("the checkpoint stores no env_args, so the environment it was trained on cannot be rebuilt.")
+    if env_kwargs:
+        args = {**args, "env_kwargs": {**args.get("env_kwargs", {}), **env_kwargs}}
+    return env_factory(args)
+
+
 def make_expert(env, noise_std: float = 0.0, seed=None, **expert_kwargs):
     import envs
 

@@ -408,3 +408,20 @@ def test_chunk_signal_finds_value_in_a_decisive_chunk():
     assert r["best_of_k_success"] >= 0.9 and r["worst_of_k_success"] <= 0.1
     with pytest.raises(ConfigError, match="k >= 2"):
         chunk_signal(base, SignEnv, k=1)
+
+
+def test_env_factory_for_a_checkpoint_uses_its_env_args_and_overrides():
+    from dpolicy.tasks import env_factory_for
+
+    base = avoid_base(horizon=40)
+    env = env_factory_for(base, horizon=7)()
+    env.reset(seed=0)
+    steps, done = 0, False
+    while not done:
+        _, _, term, trunc, _ = env.step(np.zeros(2, np.float32))
+        steps, done = steps + 1, term or trunc
+    assert steps == 7
+    env.close()
+    base.metadata = {}
+    with pytest.raises(ConfigError, match="env_args"):
+        env_factory_for(base)

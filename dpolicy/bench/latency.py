@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from dpolicy.bench.report import table
+from dpolicy.tasks import env_factory_for
 
 KS = (1, 2, 3, 5, 10, "full")
 # two- and three-evaluation timestep lists, from the least re-noise (K'=2, K'=3) to entering at half the schedule; for
@@ -65,17 +66,6 @@ def checkpoint_label(checkpoint) -> str:
     """A checkpoint's display name: its directory, or the run's for a run's ``checkpoints`` root."""
     p = Path(str(checkpoint))
     return p.parent.name if p.name in ("checkpoints", "model", "latest") else p.name
-
-
-def _env_fn(policy):
-    from dpolicy.tasks import env_factory
-
-    args = policy.metadata.get("env_args")
-    if args is None:
-        from dpolicy.errors import ConfigError
-
-        raise ConfigError("the checkpoint stores no env_args; the benchmark needs its task.")
-    return env_factory(args)
 
 
 class DiffusersDDIMLoop:
@@ -155,7 +145,7 @@ def measure_latency(policy, configs: dict, episodes: int = 10, seed: int = 10000
     ``priority`` runs the whole measurement under ``realtime_priority(priority)`` (same for every configuration)."""
     from dpolicy.deploy import Controller, run_loop
 
-    env_fn = env_fn or _env_fn(policy)
+    env_fn = env_fn or env_factory_for(policy)
     env = env_fn()
     ctrls = {name: Controller(pol, seed=seed, **kw) for name, (pol, kw) in configs.items()}
     reports: dict[str, list] = {name: [] for name in configs}
@@ -215,7 +205,7 @@ def rti_success_section(checkpoints: Sequence, episodes: int = 200, n_envs: int 
         for ckpt in checkpoints:
             policy = load_policy(ckpt, "cpu")
             name = checkpoint_label(ckpt)
-            env_fn = _env_fn(policy)
+            env_fn = env_factory_for(policy)
             discrete = default_discrete(policy)
             base = f"chunked {schedule_name(policy)}"
             configs = {base: dict(mode="chunked", discrete=discrete)}

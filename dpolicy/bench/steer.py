@@ -172,9 +172,9 @@ def headroom_section(work: Path, tasks=("avoid", "push", "lift"), n_states: int 
                      signal_steps: int = 30000, log=print) -> tuple[str, dict]:
     """How much the noise decides success for each weak base (``dpolicy.rl.headroom``): the room DSRL has
     over whole episodes, and whether one decision's noise carries value a critic can learn."""
-    from dpolicy.bench.latency import _env_fn
     from dpolicy.policy import load_policy
     from dpolicy.rl.headroom import chunk_signal, noise_headroom
+    from dpolicy.tasks import env_factory_for
 
     work = Path(work)
     work.mkdir(parents=True, exist_ok=True)
@@ -183,9 +183,9 @@ def headroom_section(work: Path, tasks=("avoid", "push", "lift"), n_states: int 
         base_root, base_m = weak_base(work, task, log)
         policy = load_policy(base_root, "cpu")
         t0 = time.perf_counter()
-        r = noise_headroom(policy, _env_fn(policy), n_states=n_states, n_noises=n_noises)
+        r = noise_headroom(policy, env_factory_for(policy), n_states=n_states, n_noises=n_noises)
         r["wall_s"] = time.perf_counter() - t0
-        sig = chunk_signal(policy, _env_fn(policy), env_steps=signal_steps)
+        sig = chunk_signal(policy, env_factory_for(policy), env_steps=signal_steps)
         results[task] = {**r, "base_bc_success": base_m["success_rate"], "chunk_signal": sig}
         first_seed = r["state_seed"]
         log(f"[headroom] {task}: mixed {r['mixed']:.2f}, never {r['never']:.2f}, always {r['always']:.2f}; "
