@@ -36,14 +36,20 @@ def env_factory(args: dict):
     return functools.partial(make_env, args)
 
 
+def policy_env_args(policy, missing: str, task: str | None = None, env_kwargs: dict | None = None) -> dict:
+    """The ``env_args`` to run ``policy`` on: ``task``'s when given, else the ones stored with the checkpoint,
+    with ``env_kwargs`` on top. ``missing`` is the error sentence when neither exists."""
+    args = env_args(task) if task else getattr(policy, "metadata", {}).get("env_args")
+    if args is None:
+        raise ConfigError(missing)
+    return {**args, "env_kwargs": {**args.get("env_kwargs", {}), **(env_kwargs or {})}}
+
+
 def env_factory_for(policy, **env_kwargs):
     """The env factory for the task a checkpoint was trained on (its stored ``env_args``), with overrides."""
-    args = getattr(policy, "metadata", {}).get("env_args")
-    if args is None:
-        raise ConfigError("the checkpoint stores no env_args, so the environment it was trained on cannot be rebuilt.")
-    if env_kwargs:
-        args = {**args, "env_kwargs": {**args.get("env_kwargs", {}), **env_kwargs}}
-    return env_factory(args)
+    return env_factory(policy_env_args(
+        policy, "the checkpoint stores no env_args, so the environment it was trained on cannot be rebuilt.",
+        env_kwargs=env_kwargs))
 
 
 def make_expert(env, noise_std: float = 0.0, seed=None, **expert_kwargs):

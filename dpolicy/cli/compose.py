@@ -23,7 +23,7 @@ def _run(cfg) -> dict:
     from dpolicy.compose import ComposedPolicy, select_and_report
     from dpolicy.compose.plots import plot_weight_sweep
     from dpolicy.errors import ConfigError
-    from dpolicy.tasks import env_factory
+    from dpolicy.tasks import env_factory, policy_env_args
     from dpolicy.train.bc import check_env_compat
     from dpolicy.utils import resolve_device
 
@@ -40,14 +40,7 @@ def _run(cfg) -> dict:
     policy = ComposedPolicy.from_checkpoints(parents, device=resolve_device(c["device"]), operator=c["operator"],
                                              weights=c["weights"] if c["search"] == "none" else [1.0 / n] * n,
                                              steps=c["steps"], Ta=c["Ta"], action_norm_tol=float(c["action_norm_tol"]))
-    env_args = policy.metadata.get("env_args")
-    if c["task"]:
-        from dpolicy.tasks import env_args as task_env_args
-
-        env_args = task_env_args(c["task"])
-    if env_args is None:
-        raise ConfigError("the parents store no env_args; pass task=<name>.")
-    env_args = {**env_args, "env_kwargs": {**env_args.get("env_kwargs", {}), **(c["env_kwargs"] or {})}}
+    env_args = policy_env_args(policy, "the parents store no env_args; pass task=<name>.", c["task"], c["env_kwargs"])
     make_env = env_factory(env_args)
     probe = make_env()
     for p in policy.parents:

@@ -31,8 +31,7 @@ def _run(cfg) -> dict:
     from dpolicy.deploy import Controller, evaluate_controller, run_loop
     from dpolicy.errors import ConfigError
     from dpolicy.policy import load_policy
-    from dpolicy.tasks import env_args as task_env_args
-    from dpolicy.tasks import env_factory
+    from dpolicy.tasks import env_factory, policy_env_args
     from dpolicy.train.bc import check_env_compat
     from dpolicy.utils import resolve_device
 
@@ -49,10 +48,8 @@ def _run(cfg) -> dict:
         torch.set_num_threads(int(c["threads"]))
     device = resolve_device(c["device"])
     policy = load_policy(c["checkpoint"], device)
-    env_args = task_env_args(c["task"]) if c["task"] else policy.metadata.get("env_args")
-    if env_args is None:
-        raise ConfigError(f"checkpoint {c['checkpoint']!r} stores no env_args; pass task=<name>.")
-    env_args = {**env_args, "env_kwargs": {**env_args.get("env_kwargs", {}), **(c["env_kwargs"] or {})}}
+    env_args = policy_env_args(policy, f"checkpoint {c['checkpoint']!r} stores no env_args; pass task=<name>.",
+                               c["task"], c["env_kwargs"])
     make_env = env_factory(env_args)
     probe = make_env()
     check_env_compat(probe, policy)

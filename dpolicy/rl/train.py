@@ -68,7 +68,7 @@ def steer(cfg: SteerConfig, run_dir, log=None) -> dict:
 
     from dpolicy.eval import plot_success_vs
     from dpolicy.policy.checkpoint import load_policy, resolve_checkpoint
-    from dpolicy.tasks import env_factory
+    from dpolicy.tasks import env_factory, policy_env_args
     from dpolicy.utils import resolve_device, seed_everything
 
     log = log or logger.info
@@ -87,10 +87,8 @@ def steer(cfg: SteerConfig, run_dir, log=None) -> dict:
             raise ConfigError(f"base_eta={cfg.base_eta} must lie in [0, 1].")
         base.process.eta, base.process.stochastic = float(cfg.base_eta), cfg.base_eta > 0
         base.process.sampler = "ddpm" if cfg.base_eta == 1.0 else "ddim"
-    env_args = base.metadata.get("env_args")
-    if env_args is None:
-        raise ConfigError(f"base checkpoint {str(base_dir)!r} stores no env_args, so its environment cannot be rebuilt.")
-    env_args = {**env_args, "env_kwargs": {**env_args.get("env_kwargs", {}), **cfg.env_kwargs}}
+    env_args = policy_env_args(base, f"base checkpoint {str(base_dir)!r} stores no env_args, so its environment cannot be "
+                                     "rebuilt.", env_kwargs=cfg.env_kwargs)
     env_fn = env_factory(env_args)
     env = NoiseActionEnv(base, env_fn, cfg.n_envs, cfg.seed, cfg.dsrl.action_magnitude, cfg.sampling_steps, cfg.reward_offset)
     agent = DSRLAgent(cfg.dsrl, env.state_dim, env.noise_dim, env.exec_dim,

@@ -59,7 +59,7 @@ def prepare_dataset(cfg: RunConfig, run_dir: Path, progress: bool = True) -> Pat
     if not out.exists() and dist_utils.is_main():
         summary = collect_demos(cfg.task.name, cfg.task.n_demos, out, seed=cfg.seed, noise_std=cfg.task.demo_noise,
                                 env_kwargs=cfg.task.env_kwargs, expert_kwargs=cfg.task.expert_kwargs,
-                               keep_failures=cfg.task.keep_failures, progress=progress)
+                                keep_failures=cfg.task.keep_failures, progress=progress)
         (run_dir / "collect_summary.json").write_text(json.dumps(summary, indent=2))
     dist_utils.barrier()
     return out
