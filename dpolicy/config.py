@@ -64,22 +64,24 @@ class NetConfig:
 
 @dataclass
 class ProcessConfig:
-    type: str = "diffusion"  # "diffusion", "flow" or "regression" (deterministic MSE baseline)
+    type: str = "diffusion"  # a registered process: "diffusion", "flow", "edm" or "regression" (deterministic MSE baseline)
     train_steps: int = 100  # diffusion levels (DDPM)
     prediction: str = "epsilon"  # diffusion target: "epsilon" or "sample"
-    sampler: str = "ddim"  # diffusion: "ddim" | "ddpm"; flow: "euler" | "heun"
+    sampler: str = "ddim"  # diffusion: "ddim" | "ddpm"; flow: "euler" | "heun"; edm: "heun" | "euler"
     eta: float = 0.0  # DDIM stochasticity (0 = deterministic)
     clip_sample: bool = True
     time_sampling: str = "uniform"  # flow training times: "uniform" | "logit_normal"
     steps: int = 10  # default number of sampling steps
+    options: dict = field(default_factory=dict)  # settings of the process type itself (e.g. edm's sigma_max), checked by it
 
     def __post_init__(self):
-        _check(self.type in ("diffusion", "flow", "regression"),
-               f"process.type={self.type!r} is unknown; choose 'diffusion', 'flow' or 'regression'.")
-        ok = {"diffusion": ("ddim", "ddpm"), "flow": ("euler", "heun"), "regression": ("direct",)}[self.type]
-        if self.type == "regression":
-            self.sampler = "direct"
-        _check(self.sampler in ok, f"process.sampler={self.sampler!r} does not fit process.type={self.type!r}; choose one of {ok}.")
+        from dpolicy.process import check_process_config, process_class
+
+        self.options = dict(self.options or {})
+        samplers = process_class(self.type).samplers
+        if len(samplers) == 1:  # a process with one way to sample (regression) needs no choice
+            self.sampler = samplers[0]
+        check_process_config(self)
         _check(self.steps >= 1, f"process.steps={self.steps} must be at least 1.")
 
 

@@ -14,7 +14,7 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 # every (net, process, sampler) combination a policy can be built with
 POLICY_KINDS = [("mlp", "diffusion", "ddim"), ("mlp", "diffusion", "ddpm"), ("mlp", "flow", "euler"),
                 ("mlp", "flow", "heun"), ("unet", "diffusion", "ddim"), ("unet", "flow", "euler"),
-                ("mlp", "regression", "direct")]
+                ("mlp", "regression", "direct"), ("mlp", "edm", "heun"), ("unet", "edm", "euler")]
 
 
 def make_demos(n_demos=6, length=30, seed=0):

@@ -38,7 +38,7 @@ def test_primary_configs_compose(name):
 def test_every_group_option_composes_and_validates(group, option):
     run = from_dict(RunConfig, _compose("train", [f"{group}={option}"]))
     if group == "process":
-        assert {"ddpm": "ddpm", "diffusion": "ddim", "flow": "euler", "regression": "direct"}[option] == run.policy.process.sampler
+        assert {"ddpm": "ddpm", "diffusion": "ddim", "flow": "euler", "regression": "direct", "edm": "heun"}[option] == run.policy.process.sampler
     if group == "net":
         assert run.policy.net.type in option
     if group == "task":

@@ -234,7 +234,8 @@ def with_prediction(pol, prediction):
 
 FAST_KINDS = [("mlp", "diffusion", "ddim", "epsilon"), ("mlp", "diffusion", "ddim", "sample"),
               ("mlp", "diffusion", "ddpm", "epsilon"), ("mlp", "flow", "euler", None), ("mlp", "flow", "heun", None),
-              ("unet", "diffusion", "ddim", "sample"), ("unet", "flow", "heun", None)]
+              ("unet", "diffusion", "ddim", "sample"), ("unet", "flow", "heun", None), ("mlp", "edm", "heun", None),
+              ("unet", "edm", "euler", None)]
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -285,7 +286,8 @@ def test_fast_field_replays_the_mlp_exactly_and_falls_back_when_it_cannot():
 
 
 @pytest.mark.parametrize("kind", [("mlp", "diffusion", "ddim", "sample"), ("mlp", "diffusion", "ddpm", "epsilon"),
-                                  ("mlp", "flow", "heun", None), ("unet", "diffusion", "ddim", "epsilon")])
+                                  ("mlp", "flow", "heun", None), ("unet", "diffusion", "ddim", "epsilon"),
+                                  ("mlp", "edm", "heun", None)])
 @pytest.mark.parametrize("mode", ["rti", "chunked"])
 def test_fast_controller_equals_the_generic_controller_bitwise(kind, mode):
     """Same actions, bit for bit, from the fast path (normalized history, FastStep) and the generic path
@@ -497,7 +499,7 @@ def test_bad_input_is_rejected_with_the_culprit_named():
     cases = [
         (lambda: Controller(pol, "realtime"), ConfigError, "mode='realtime'"),
         (lambda: Controller(pol, "rti", sampler="euler"), ConfigError, "sampler='euler'"),
-        (lambda: Controller(tiny_policy("mlp", "regression", "direct"), "rti"), ConfigError, "Regression process"),
+        (lambda: Controller(tiny_policy("mlp", "regression", "direct"), "rti"), ConfigError, "a regression process has no denoising schedule"),
         (lambda: Controller(pol, "rti", discrete={5: "clip"}), ConfigError, "dimension 5 is out of range"),
         (lambda: Controller(pol, "rti", discrete={-1: "round"}), ConfigError, "remedy 'round'"),
         (lambda: Controller(pol, "rti", discrete={0: {"remedy": "clip", "low": 1, "high": -1}}), ConfigError, "low < threshold"),

@@ -23,9 +23,10 @@ from dpolicy.tasks import env_args, env_factory
 
 def avoid_base(sampler="ddim", seed=0, horizon=40):
     """An untrained policy with the avoid task's shapes and env_args (enough to exercise the plumbing).
-    ``sampler``: ddim | ddpm (diffusion) or euler (a flow base)."""
+    ``sampler``: ddim | ddpm (diffusion), euler (a flow base) or edm (Heun)."""
     torch.manual_seed(seed)
     process = (ProcessConfig(type="flow", sampler="euler", steps=4) if sampler == "euler" else
+               ProcessConfig(type="edm", sampler="heun", steps=4) if sampler == "edm" else
                ProcessConfig(type="diffusion", sampler=sampler, eta=1.0 if sampler == "ddpm" else 0.0, train_steps=20, steps=4))
     cfg = PolicyConfig(obs_keys=["agent_pos", "agent_vel"], obs_dims={"agent_pos": 2, "agent_vel": 2}, action_dim=2,
                        To=2, Tp=8, Ta=4, net=NetConfig(hidden=32, depth=1, time_dim=16), process=process)
@@ -88,7 +89,7 @@ def test_noise_env_stops_a_chunk_when_the_episode_ends_and_resets():
     env.close()
 
 
-@pytest.mark.parametrize("sampler", ["ddim", "euler"])
+@pytest.mark.parametrize("sampler", ["ddim", "euler", "edm"])
 def test_base_is_a_deterministic_function_of_the_noise_and_ddpm_is_flagged(sampler):
     det, sto = avoid_base(sampler), avoid_base("ddpm")
     make = env_factory(det.metadata["env_args"])

@@ -77,12 +77,12 @@ class DiffusersDDIMLoop:
     def __init__(self, policy, steps: int = 10):
         from diffusers import DDIMScheduler
 
-        from dpolicy.process import Diffusion
+        from dpolicy.errors import ConfigError
 
-        if not isinstance(policy.process, Diffusion):
-            raise TypeError("the diffusers loop needs a diffusion policy.")
+        if policy.cfg.process.type != "diffusion":
+            raise ConfigError("the diffusers loop needs a diffusion policy.")
         p = policy.process
-        self._policy, self._steps, self._K = policy, int(steps), p.K
+        self._policy, self._steps, self._K = policy, int(steps), p.levels
         self.scheduler = DDIMScheduler(num_train_timesteps=p.K, beta_schedule="squaredcos_cap_v2",
                                        clip_sample=p.clip_sample, set_alpha_to_one=True, steps_offset=0,
                                        prediction_type="epsilon" if p.prediction == "epsilon" else "sample")
@@ -388,13 +388,11 @@ def latency_section(checkpoint, k: int = 3, episodes: int = 20, seed: int = 1000
     diffusers' DDIM loop, interleaved in one process; the acceptance checks are made for RTI K'=k and every
     RTI row with at most 3 evaluations per decision."""
     from dpolicy.policy import load_policy
-    from dpolicy.process import Diffusion
-
     snap = _cpu_snapshot()
     with torch_threads(threads):
         policy = load_policy(checkpoint, "cpu")
         discrete = default_discrete(policy)
-        diffusion = isinstance(policy.process, Diffusion)
+        diffusion = policy.cfg.process.type == "diffusion"  # the diffusers rows exist for diffusion only
         rti = f"RTI K'={k}"
         own = schedule_name(policy)
         rti_ks = [k] + [x for x in also_ks if x != k]

@@ -10,10 +10,10 @@ through ``dpolicy.policy.load_policy``.
 """
 
 from dpolicy.compose.composed import ComposedPolicy, check_compatible
-from dpolicy.compose.fields import OPERATORS, coefficients, combine, join, matched_time, split
+from dpolicy.compose.fields import OPERATORS, combine, matched_time
 from dpolicy.compose.search import (Candidate, SearchResult, cem_search, grid_search, paired_difference,
                                     select_and_report, simplex_grid)
 
-__all__ = ["ComposedPolicy", "check_compatible", "OPERATORS", "coefficients", "combine", "join", "matched_time", "split",
+__all__ = ["ComposedPolicy", "check_compatible", "OPERATORS", "combine", "matched_time",
            "Candidate", "SearchResult", "cem_search", "grid_search", "paired_difference", "select_and_report",
            "simplex_grid"]

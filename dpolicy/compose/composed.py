@@ -1,7 +1,7 @@
 """``ComposedPolicy``: several pretrained chunk policies sampling one shared noisy chunk (GPC).
 
-At every step of one shared process (the *base*: the first diffusion parent if there is one, else
-the first parent) each parent reads its own observation keys through its own encoder, its field
+At every step of one shared process (the *base*: the first parent whose process has discrete levels
+(diffusion) if there is one, else the first parent) each parent reads its own observation keys through its own encoder, its field
 is converted to the base's time grid and parameterization (``fields.py``), the fields are mixed
 (``convex``: ``sum_i w_i field_i``, weights on the simplex; ``product``: weighted score sum) and
 the base process takes one step. ``mixture`` ("OR") instead gives each sample to one parent, drawn
@@ -29,9 +29,9 @@ from typing import Mapping, Sequence
 import torch
 from torch import nn
 
-from dpolicy.compose.fields import OPERATORS, check_weights, coefficients, combine, join, matched_time, split
+from dpolicy.compose.fields import OPERATORS, check_weights, combine, matched_time
 from dpolicy.errors import ConfigError, ShapeError
-from dpolicy.process import Diffusion, Flow, sample_loop
+from dpolicy.process import sample_loop
 from dpolicy.policy.chunk_policy import ChunkPolicy, check_obs_dict
 
 # The mixture draws u ~ U[0, 1) per sample as frac(_MIX_FREQ * <noise, r>) for a fixed unit vector r:
@@ -68,9 +68,9 @@ def check_compatible(parents: Sequence, action_norm_tol: float = 0.1) -> dict:
         if not isinstance(p, ChunkPolicy):
             raise ConfigError(f"parent {i} is a {type(p).__name__}, not a ChunkPolicy; compose checkpoints of "
                               f"trained policies (nested compositions are not supported).")
-        if not isinstance(p.process, (Diffusion, Flow)):
+        if not p.process.denoising:
             raise ConfigError(f"parent {i} is a {p.cfg.process.type} policy; it has no denoising field to compose, "
-                              f"only diffusion and flow policies do.")
+                              f"only policies of a denoising process (diffusion, flow, edm) do.")
     p0 = parents[0]
     for i, p in enumerate(parents[1:], 1):
         if p.action_dim != p0.action_dim:
@@ -89,13 +89,16 @@ def check_compatible(parents: Sequence, action_norm_tol: float = 0.1) -> dict:
                                   f"parent {owner[k]}; the parents must read the same observation.")
             obs_dims.setdefault(k, d)
             owner.setdefault(k, i)
-    diffusion = [i for i, p in enumerate(parents) if isinstance(p.process, Diffusion)]
-    base = diffusion[0] if diffusion else 0
-    for i in diffusion[1:]:
-        k, k0 = parents[i].process.K, parents[base].process.K
-        if k != k0:
-            raise ConfigError(f"parent {i} is a diffusion policy with {k} noise levels but parent {base} has {k0}; "
-                              f"their schedules share no time grid (retrain with the same process.train_steps).")
+    # the base grid: the first parent with discrete levels (a continuous-time parent fits any grid)
+    discrete = [i for i, p in enumerate(parents) if p.process.levels is not None]
+    base = discrete[0] if discrete else 0
+    pb = parents[base].process
+    for i in discrete[1:]:
+        pi = parents[i].process
+        if pi.field_signature() != pb.field_signature() and any(
+                pi.time_for(*pb.coefficients(pb.level_time(k))) is None for k in range(pb.levels)):
+            raise ConfigError(f"parent {i} is a {pi.name} policy with {pi.levels} noise levels but parent {base} has "
+                              f"{pb.levels}; their schedules share no time grid (retrain with the same process.train_steps).")
     maps = [_action_map(parents[base], p, i, base, action_norm_tol) for i, p in enumerate(parents)]
     names = {i: (p.metadata.get("env_args") or {}).get("env_name") for i, p in enumerate(parents)}
     known = {i: n for i, n in names.items() if n}
@@ -140,7 +143,7 @@ class ComposedPolicy(nn.Module):
         self.process = base.process
         self.normalizer = base.normalizer  # the base parent's: actions are composed in its normalized space
         self._native = [not self._mapped[i] and self._same_kind(p) for i, p in enumerate(parents)]
-        self.default_steps = int(steps or base.cfg.process.steps)
+        self.default_steps = base.default_steps if steps is None else int(steps)
         if self.default_steps < 1:
             raise ConfigError(f"steps={steps} must be at least 1.")
         min_ta = min(p.Ta for p in parents)
@@ -189,10 +192,7 @@ class ComposedPolicy(nn.Module):
         self._operator = op
 
     def _same_kind(self, p) -> bool:
-        a, b = p.process, self.process
-        if isinstance(a, Flow) and isinstance(b, Flow):
-            return True
-        return isinstance(a, Diffusion) and isinstance(b, Diffusion) and a.K == b.K and a.prediction == b.prediction
+        return p.process.field_signature() == self.process.field_signature()
 
     def describe(self) -> dict:
         """JSON facts: operator, weights, base and each parent's kind."""
@@ -241,8 +241,8 @@ class ComposedPolicy(nn.Module):
         xp = x / c if c != 1.0 else x
         if self._mapped[i]:
             D, d = self._map(i)
-            xp = D * xp + coefficients(p.process, tp)[0] * d
-        x0, eps = split(p.process, fn(xp, tp), xp, tp)
+            xp = D * xp + p.process.coefficients(tp)[0] * d
+        x0, eps = p.process.split(fn(xp, tp), xp, tp)
         if self._mapped[i]:
             x0, eps = (x0 - d) / D, eps / D
         return x0, eps
@@ -260,15 +260,15 @@ class ComposedPolicy(nn.Module):
                 for i, wi in enumerate(w):
                     if wi == 0:
                         continue  # a zero-weight parent costs nothing
-                    f = fns[i](x, t) if self._native[i] else join(self.process, *self._parent_pair(i, fns[i], x, t))
+                    f = fns[i](x, t) if self._native[i] else self.process.join(*self._parent_pair(i, fns[i], x, t), t)
                     out = f * wi if out is None else out + wi * f
                 return out
             return fn
 
         def fn(x: torch.Tensor, t) -> torch.Tensor:  # product: needs every pair explicitly
             pairs = [self._parent_pair(i, fns[i], x, t) if wi != 0 else (None, None) for i, wi in enumerate(w)]
-            alpha, sigma = coefficients(self.process, float(t))
-            return join(self.process, *combine(pairs, w, "product", x, alpha, sigma))
+            alpha, sigma = self.process.coefficients(float(t))
+            return self.process.join(*combine(pairs, w, "product", x, alpha, sigma), t)
         return fn
 
     def sample_normalized(self, cond: Sequence[torch.Tensor], noise: torch.Tensor | None = None, steps: int | None = None,
@@ -285,7 +285,9 @@ class ComposedPolicy(nn.Module):
         noise = noise.to(device, torch.float32)
         if self.operator == "mixture":
             return self._sample_mixture(cond, noise, steps, generator, t_start)
-        schedule = self.process.schedule(steps or self.default_steps, t_start)
+        if t_start >= 1.0 and self.process.noise_scale != 1.0:
+            noise = noise * self.process.noise_scale
+        schedule = self.process.schedule(self.default_steps if steps is None else steps, t_start)
         return sample_loop(self.process, self.field_fn(cond), noise, schedule, generator)
 
     def mixture_choice(self, noise: torch.Tensor) -> torch.Tensor:
@@ -312,7 +314,7 @@ class ComposedPolicy(nn.Module):
                 z = z / c
             if self._mapped[i]:
                 D, d = self._map(i)
-                z = D * z + (coefficients(p.process, tp)[0] * d if tp < 1.0 else 0.0)
+                z = D * z + (p.process.coefficients(tp)[0] * d if tp < 1.0 else 0.0)
             x = p.sample_normalized(cond[i][rows], z, steps, generator, tp)
             if self._mapped[i]:
                 D, d = self._map(i)

@@ -30,53 +30,25 @@ from typing import Sequence
 import torch
 
 from dpolicy.errors import ConfigError
-from dpolicy.process import Diffusion, Flow
 
 OPERATORS = ("convex", "product", "mixture")
 
 
-def coefficients(process, t: float) -> tuple[float, float]:
-    """``(alpha, sigma)`` with ``x_t = alpha * x0 + sigma * eps`` at process time ``t``."""
-    if isinstance(process, Flow):
-        return 1.0 - t, t
-    if isinstance(process, Diffusion):
-        ab = process._ab(process._level(t))
-        return math.sqrt(ab), math.sqrt(1.0 - ab)
-    raise ConfigError(f"{type(process).__name__} has no noise schedule; only diffusion and flow fields can be composed.")
-
-
-def split(process, f: torch.Tensor, x: torch.Tensor, t: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """A network field at ``(x, t)`` -> ``(x0_hat, eps_hat)``, with the process's own x0 clipping."""
-    if isinstance(process, Flow):  # v = eps - x0 and x = (1 - t) x0 + t eps
-        return x - t * f, x + (1.0 - t) * f
-    if isinstance(process, Diffusion):
-        return process._split(f, x, process._ab(process._level(t)))
-    raise ConfigError(f"{type(process).__name__} has no field to split.")
-
-
-def join(process, x0: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-    """``(x0, eps)`` -> the field ``process`` expects from its network (velocity, eps or x0)."""
-    if isinstance(process, Flow):
-        return eps - x0
-    if isinstance(process, Diffusion):
-        return eps if process.prediction == "epsilon" else x0
-    raise ConfigError(f"{type(process).__name__} has no field to join.")
-
-
 def matched_time(base, parent, t: float) -> tuple[float, float]:
-    """The parent's time with the base's signal-to-noise ratio at base time ``t``, and the scale
-    ``c`` with ``x_parent = x_base / c``. Diffusion parents need a diffusion base with the same levels
-    (checked when composing); flow time is continuous, so a flow parent fits any grid."""
-    if isinstance(parent, Flow):
-        if isinstance(base, Flow):
-            return t, 1.0
-        alpha, sigma = coefficients(base, t)
-        c = alpha + sigma
-        return sigma / c, c
-    if isinstance(parent, Diffusion) and isinstance(base, Diffusion) and parent.K == base.K:
+    """The parent's time with the base's signal-to-noise ratio at base time ``t``, and the scale ``c``
+    with ``x_parent = x_base / c``. In the coordinate ``x / (alpha + sigma)`` every process's sample is the
+    same (``(1 - s) x0 + s eps`` with ``s = sigma / (alpha + sigma)``), so ``c`` is the ratio of the two
+    processes' ``alpha + sigma``. A process with continuous time fits any grid; one with discrete levels
+    only a grid whose ratios it has (checked when composing)."""
+    if parent.field_signature() == base.field_signature():
         return t, 1.0
-    raise ConfigError(f"a {type(parent).__name__.lower()} parent cannot be evaluated on a "
-                      f"{type(base).__name__.lower()} time grid; put a diffusion parent first or use matching levels.")
+    alpha, sigma = base.coefficients(t)
+    tp = parent.time_for(alpha, sigma)
+    if tp is None:
+        raise ConfigError(f"a {parent.name} parent has no noise level matching the {base.name} base at t={t:.4g}; "
+                          f"put a parent with discrete levels first or use matching levels.")
+    ap, sp = parent.coefficients(tp)
+    return tp, (alpha + sigma) / (ap + sp)
 
 
 def reference_prior(x: torch.Tensor, alpha: float, sigma: float) -> tuple[torch.Tensor, torch.Tensor]:

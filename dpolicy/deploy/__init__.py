@@ -7,7 +7,7 @@ success rates over seeded episodes; ``export_step`` / ``load_step`` for a dpolic
 ``FastStep`` is the controller's hot path: the ``DecisionStep`` specialized to a batch size, bit-for-bit equal.
 """
 
-from dpolicy.deploy.controller import MODES, Controller, with_sampler
+from dpolicy.deploy.controller import MODES, Controller
 from dpolicy.deploy.evaluate import evaluate_controller
 from dpolicy.deploy.export import export_step, load_step
 from dpolicy.deploy.loop import LoopReport, control_rate, run_loop
@@ -16,4 +16,4 @@ from dpolicy.deploy.schedule import REMEDIES, DiscreteDim, parse_discrete, resol
 
 __all__ = ["MODES", "REMEDIES", "Controller", "DecisionStep", "DiscreteActions", "DiscreteDim", "FastStep", "LoopReport",
            "control_rate", "evaluate_controller", "export_step", "fast_field", "has_fast_form", "load_step", "parse_discrete",
-           "resolve_timesteps", "run_loop", "shift_chunk", "warm_schedule", "with_sampler"]
+           "resolve_timesteps", "run_loop", "shift_chunk", "warm_schedule"]

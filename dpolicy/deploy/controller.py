@@ -40,26 +40,11 @@ import numpy as np
 import torch
 
 from dpolicy.deploy.kernel import DecisionStep, DiscreteActions, FastStep, has_fast_form, shift_chunk
-from dpolicy.deploy.schedule import count_evals, parse_discrete, resolve_timesteps, warm_schedule
+from dpolicy.deploy.schedule import parse_discrete, resolve_timesteps, warm_schedule
 from dpolicy.errors import ConfigError, ShapeError
-from dpolicy.process import Diffusion, Flow, sample_loop
+from dpolicy.process import sample_loop
 
 MODES = ("chunked", "rti")
-
-
-def with_sampler(process, sampler: str | None):
-    """``process`` with another sampler (same levels, prediction and clipping), or itself."""
-    if sampler is None or sampler == getattr(process, "sampler", None):
-        return process
-    if isinstance(process, Diffusion):
-        if sampler not in ("ddim", "ddpm"):
-            raise ConfigError(f"sampler={sampler!r} does not fit a diffusion policy; choose 'ddim' or 'ddpm'.")
-        return Diffusion(process.K, process.prediction, sampler, 0.0, process.clip_sample)
-    if isinstance(process, Flow):
-        if sampler not in ("euler", "heun"):
-            raise ConfigError(f"sampler={sampler!r} does not fit a flow policy; choose 'euler' or 'heun'.")
-        return Flow(sampler, process.time_sampling)
-    raise ConfigError(f"sampler={sampler!r}: a {type(process).__name__} process has no samplers to choose from.")
 
 
 def slot_seed(seed: int, slot: int) -> int:
@@ -114,7 +99,9 @@ class Controller:
         self.obs_keys = list(policy.obs_keys)
         cfg = policy.cfg if hasattr(policy, "cfg") else policy.base.cfg  # a steered policy describes its base's
         self.obs_dims = {k_: int(cfg.obs_dims[k_]) for k_ in self.obs_keys}
-        self.process = with_sampler(policy.process, sampler)
+        self.process = policy.process  # with another sampler of the same process when asked
+        if sampler is not None and sampler != policy.process.sampler:
+            self.process = policy.process.with_sampler(sampler)
         self.steps = int(steps or getattr(policy, "steps", None) or cfg.process.steps)
         if self.steps < 1:
             raise ConfigError(f"steps={steps} must be at least 1.")
@@ -136,9 +123,9 @@ class Controller:
         if mode == "rti":
             self.timesteps = resolve_timesteps(self.process, k, timesteps, levels)
             plans["warm"] = warm_schedule(self.process, self.timesteps, levels)
-        self.k = count_evals(self.process, plans.get("warm", cold_schedule))
+        self.k = self.process.evals(plans.get("warm", cold_schedule))
 
-        fast_ok = has_fast_form(policy) and isinstance(self.process, (Diffusion, Flow))  # (regression: generic path)
+        fast_ok = has_fast_form(policy) and self.process.denoising  # (regression: generic path)
         if fast is None:
             fast = fast_ok
         if fast and not fast_ok:
@@ -174,7 +161,7 @@ class Controller:
         self._discrete_generic = None if self.fast else DiscreteActions(policy.normalizer.action, self.discrete, self.Da)
         self.plans: dict[str, _Plan] = {}
         for name, sched in plans.items():
-            plan = _Plan(sched, count_evals(self.process, sched))
+            plan = _Plan(sched, self.process.evals(sched))
             if self.fast:
                 kern = DecisionStep(policy, self.process, sched, warm=name == "warm", renoise=self.renoise,
                                     discrete=self.discrete).eval()
@@ -210,7 +197,7 @@ class Controller:
         return int(self.last_evals.max())
 
     def describe(self) -> dict:
-        return {"mode": self.mode, "process": type(self.process).__name__.lower(),
+        return {"mode": self.mode, "process": self.process.name,
                 "sampler": getattr(self.process, "sampler", None), "steps": self.steps, "timesteps": self.timesteps,
                 "k": self.k, "cold_evals": self.plans["cold"].evals, "renoise": self.renoise, "execute": self.execute,
                 "discrete": {d.dim: d.remedy for d in self.discrete}, "fast": self.fast, "cuda_graph": self.cuda_graph,
@@ -365,7 +352,8 @@ class Controller:
                 x = self.process.noise_to(x, self._noise, plan.schedule[0][0])
             chunk = sample_loop(self.process, fn, x, plan.schedule, g)
         elif fn is not None:
-            chunk = sample_loop(self.process, fn, self._noise.clone(), plan.schedule, g)
+            scale = self.process.noise_scale
+            chunk = sample_loop(self.process, fn, self._noise * scale if scale != 1.0 else self._noise.clone(), plan.schedule, g)
         else:
             chunk = pol.sample_normalized(cond, self._noise.clone(), self.steps, g)
         return chunk, self._discrete_generic.threshold(pol.normalizer.action.unnormalize(chunk))

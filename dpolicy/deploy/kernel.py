@@ -14,11 +14,12 @@ round trip, no data-dependent control flow, which is what CUDA-graph capture and
 require. Randomness enters only through ``noise`` and ``step_noise`` (DDPM's per-step noise, ``S`` =
 the number of steps with sigma > 0, at least 1 so the shape never has a zero dimension).
 
-The arithmetic repeats ``Diffusion.step`` / ``Flow.step`` operation for operation (only the
-``0 * eps`` of a last step onto clean data is skipped), so for the same inputs the result equals
-``sample_loop(process, policy.field_fn(cond), x, schedule)`` (``torch.equal`` on CPU; the tests
-check it against the generic path); only ``ChunkPolicy``-shaped policies (a ``net`` called as
-``net(x, process.net_time(t), cond)``) have this fast form.
+The arithmetic is the process's own: the step plans (``process.step_plan``: the times each step
+evaluates the network at and its coefficients, Python floats) are computed once here, and each step
+runs ``process.apply_step``, the same function ``process.step`` runs, so for the same inputs the result
+equals ``sample_loop(process, policy.field_fn(cond), x, schedule)`` (``torch.equal`` on CPU; the tests
+check it against the generic path). Only ``ChunkPolicy``-shaped policies (a ``net`` called as
+``net(net_input_scale(t) * x, process.net_time(t), cond)``) have this fast form.
 
 ``FastStep`` is the same decision specialized to one batch size, which is what the controller runs:
 the history arrives normalized, the time embeddings of the fixed timesteps are computed once
@@ -38,7 +39,6 @@ from torch import nn
 
 from dpolicy.deploy.schedule import DiscreteDim
 from dpolicy.errors import ConfigError
-from dpolicy.process import Diffusion, Flow
 
 
 def has_fast_form(policy) -> bool:
@@ -97,9 +97,9 @@ class DecisionStep(nn.Module):
         if not has_fast_form(policy):
             raise ConfigError(f"a {type(policy).__name__} has no single network to build a fast decision step from; "
                               f"use the controller's generic path (fast=False).")
-        if not isinstance(process, (Diffusion, Flow)):
-            raise ConfigError(f"a {type(process).__name__} process has no denoising schedule; RTI and the fast path "
-                              f"need a diffusion or flow policy.")
+        if not process.denoising:
+            raise ConfigError(f"a {process.name} process has no denoising schedule; RTI and the fast path need a "
+                              f"policy of a denoising process (diffusion, flow, edm).")
         if not schedule:
             raise ConfigError("the decision schedule is empty.")
         self.net = policy.net
@@ -118,36 +118,25 @@ class DecisionStep(nn.Module):
 
         self.discrete = DiscreteActions(na, discrete, self.Da)
 
-        # the schedule as constants: network times (a buffer) and per-step Python floats
+        # the schedule as constants: the process's own step plans, the network times (a buffer), input scales
         times: list[float] = []
-        self.plan: list[tuple] = []
+        self.plans: list[tuple] = []  # (StepPlan, index of its first time in `times`, step-noise row or -1)
         n_noise = 0
         for t, t_next in self.schedule:
-            if isinstance(process, Diffusion):
-                k, k_next = process._level(t), process._level(t_next)
-                ab, ab_next = process._ab(k), process._ab(k_next)
-                sigma = process.eta * math.sqrt(max((1 - ab_next) / (1 - ab) * (1 - ab / ab_next), 0.0))
-                z = n_noise if sigma > 0 else -1
-                n_noise += int(sigma > 0)
-                self.plan.append((len(times), ab, ab_next, sigma, z))
-                times.append(t)
-            else:
-                heun = process.sampler == "heun" and t_next > 0
-                self.plan.append((len(times), t_next - t, heun))
-                times.extend([t, t_next] if heun else [t])
+            plan = process.step_plan(t, t_next)
+            self.plans.append((plan, len(times), n_noise if plan.noisy else -1))
+            n_noise += int(plan.noisy)
+            times.extend(plan.times)
         self.n_evals = len(times)
         self.n_step_noise = max(n_noise, 1)
         self.stochastic = n_noise > 0
-        # exactly what ChunkPolicy.field_fn feeds the network: net_time of a float32 time
+        # exactly what ChunkPolicy.field_fn feeds the network: net_time of a float32 time, x scaled by net_input_scale
         tnet = process.net_time(torch.tensor(times, dtype=torch.float32))
         self.register_buffer("tnet", tnet.to(na.offset.device))
+        self.in_scale = [float(process.net_input_scale(t)) for t in times]
+        self.noise_scale = float(process.noise_scale)
         if self.warm:  # the coefficients of process.noise_to at the entry time, as constants
-            t0 = self.schedule[0][0]
-            if isinstance(process, Diffusion):
-                ab = process._ab(process._level(t0))
-                self.renoise_coef = (math.sqrt(ab), math.sqrt(1 - ab))
-            else:
-                self.renoise_coef = (1 - t0, t0)
+            self.renoise_coef = tuple(float(c) for c in process.coefficients(self.schedule[0][0]))
 
     # -- pieces (also used by the generic path and the tests) -------------------------------------------
     def warm_start(self, prev: torch.Tensor) -> torch.Tensor:
@@ -161,31 +150,12 @@ class DecisionStep(nn.Module):
         return ((obs - self.obs_offset) * self.obs_scale).flatten(1)
 
     def _field(self, i: int, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        return self.net(x, self.tnet[i].expand(x.shape[0]), cond)
+        s = self.in_scale[i]
+        return self.net(x if s == 1.0 else x * s, self.tnet[i].expand(x.shape[0]), cond)
 
     def integrate(self, x: torch.Tensor, cond: torch.Tensor, step_noise: torch.Tensor) -> torch.Tensor:
-        p = self.process
-        if isinstance(p, Diffusion):
-            for i, ab, ab_next, sigma, z in self.plan:
-                f = self._field(i, x, cond)
-                x0 = (x - math.sqrt(1 - ab) * f) / math.sqrt(ab) if p.prediction == "epsilon" else f
-                if p.clip_sample:
-                    x0 = x0.clamp(-1, 1)
-                if ab_next == 1.0 and z < 0:  # onto clean data: Diffusion.step gives 1 * x0 + 0 * eps, i.e. x0
-                    x = x0
-                    continue
-                eps = (x - math.sqrt(ab) * x0) / math.sqrt(1 - ab)
-                x = math.sqrt(ab_next) * x0 + math.sqrt(max(1 - ab_next - sigma**2, 0.0)) * eps
-                if z >= 0:
-                    x = x + sigma * step_noise[z]
-            return x
-        for i, dt, heun in self.plan:
-            v = self._field(i, x, cond)
-            if not heun:
-                x = x + dt * v
-            else:
-                x_pred = x + dt * v
-                x = x + dt * 0.5 * (v + self._field(i + 1, x_pred, cond))
+        for plan, i0, z in self.plans:
+            x = self.process.apply_step(plan, lambda j, y: self._field(i0 + j, y, cond), x, lambda: step_noise[z])  # noqa: B023
         return x
 
     def forward(self, prev: torch.Tensor, obs: torch.Tensor, noise: torch.Tensor,
@@ -197,7 +167,7 @@ class DecisionStep(nn.Module):
                 a, b = self.renoise_coef
                 x = a * x + b * noise  # = process.noise_to(x, noise, t_enter)
         else:
-            x = noise
+            x = noise if self.noise_scale == 1.0 else noise * self.noise_scale
         chunk = self.integrate(x, cond, step_noise)
         return chunk, self.to_env(chunk)
 
@@ -274,9 +244,8 @@ class FastStep:
       once, when it arrives, with the same float32 subtract-then-multiply), so encoding is a view;
     * only the first ``n_out`` actions (the ones the controller executes) are unnormalized;
     * the network runs through ``fast_field`` (time embeddings of the fixed timesteps precomputed);
-    * the shift is one gather with a precomputed index; schedule coefficients are precomputed floats;
-      intermediates are updated in place where the reference would allocate a new tensor (same kernels,
-      same operand order, so the same bits).
+    * the shift is one gather with a precomputed index; the step plans and their per-step field closures
+      are built once, and each step is the same ``process.apply_step`` as the reference.
     """
 
     def __init__(self, step: DecisionStep, batch_size: int, n_out: int | None = None):
@@ -291,17 +260,21 @@ class FastStep:
         self.shift_index = torch.tensor([min(i + step.shift, step.Tp - 1) for i in range(step.Tp)], device=dev)
         self.discrete = step.discrete
         self.act_scale, self.act_offset = step.act_scale, step.act_offset
-        p = step.process
-        self.diffusion = isinstance(p, Diffusion)
-        if self.diffusion:
-            self.epsilon, self.clip = p.prediction == "epsilon", bool(p.clip_sample)
-            self.plan = []
-            for i, ab, ab_next, sigma, z in step.plan:  # the floats DecisionStep.integrate computes, computed once
-                last = ab_next == 1.0 and z < 0
-                self.plan.append((i, math.sqrt(1 - ab), math.sqrt(ab), last, math.sqrt(ab_next),
-                                  math.sqrt(max(1 - ab_next - sigma**2, 0.0)), sigma, z))
-        else:
-            self.plan = list(step.plan)
+        self.process, self.noise_scale = step.process, step.noise_scale
+        # one (plan, field, draw) per step, built once; they read the call's cond and step noise from self
+        self._cond = self._step_noise = None
+        self.steps = [(plan, self._indexed_field(i0, step.in_scale), self._draw(z)) for plan, i0, z in step.plans]
+
+    def _indexed_field(self, i0: int, in_scale: list):
+        field, scales = self.field, in_scale
+
+        def f(j: int, x: torch.Tensor) -> torch.Tensor:
+            s = scales[i0 + j]
+            return field(i0 + j, x if s == 1.0 else x * s, self._cond)
+        return f
+
+    def _draw(self, z: int):
+        return lambda: self._step_noise[z]
 
     def __call__(self, prev: torch.Tensor, obs_n: torch.Tensor, noise: torch.Tensor,
                  step_noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -312,29 +285,10 @@ class FastStep:
                 a, b = self.renoise_coef
                 x = (x * a).add_(noise * b)  # = a * x + b * noise
         else:
-            x = noise
-        field = self.field
-        if self.diffusion:
-            eps_pred, clip = self.epsilon, self.clip
-            for i, s1ab, sab, last, sab_next, c_eps, sigma, z in self.plan:
-                f = field(i, x, cond)
-                x0 = (x - f * s1ab).div_(sab) if eps_pred else f
-                if clip:
-                    x0 = x0.clamp(-1, 1)
-                if last:  # onto clean data (see DecisionStep.integrate)
-                    x = x0
-                    continue
-                eps = (x - x0 * sab).div_(s1ab)
-                x = (x0 * sab_next).add_(eps.mul_(c_eps))
-                if z >= 0:
-                    x = x.add_(step_noise[z] * sigma)
-        else:
-            for i, dt, heun in self.plan:
-                v = field(i, x, cond)
-                if not heun:
-                    x = x + v * dt
-                else:
-                    x_pred = x + v * dt
-                    x = x + (v + field(i + 1, x_pred, cond)).mul_(dt * 0.5)
+            x = noise if self.noise_scale == 1.0 else noise * self.noise_scale
+        self._cond, self._step_noise = cond, step_noise
+        apply = self.process.apply_step
+        for plan, field, draw in self.steps:
+            x = apply(plan, field, x, draw)
         head = x if self.n_out == x.shape[1] else x[:, :self.n_out]
         return x, self.discrete.threshold((head / self.act_scale).add_(self.act_offset))

@@ -5,8 +5,9 @@ of 100. In this project's continuous time (1 = noise, 0 = data) level ``k`` of a
 is ``t = (k + 1) / K``: that is where ``Diffusion`` evaluates the network at level ``k``
 (``net_time(t) = k * 100 / K``), and ``t = 0`` is the clean chunk. So ``[2, 1, 0]`` becomes the steps
 ``0.03 -> 0.02 -> 0.01 -> 0``: three network evaluations, the last one landing on clean data.
-A flow policy has no levels; it reads the same list on a grid of ``levels`` (default 100, the
-network's time scale), so ``[2, 1, 0]`` enters the ODE at ``t = 0.03`` and takes three Euler steps.
+A continuous-time policy (flow, edm) has no levels; it reads the same list on a grid of ``levels``
+(default 100, the network's time scale), so ``[2, 1, 0]`` enters the ODE at ``t = 0.03`` and takes
+three steps of its sampler.
 ``k = K'`` is shorthand for ``[K'-1, ..., 0]`` and ``"full"`` for every level.
 
 **Discrete dimensions.** A binary gripper jumps between two values; shifting a chunk carries the old
@@ -24,19 +25,17 @@ from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 from dpolicy.errors import ConfigError
-from dpolicy.process import Diffusion, Flow
 
 REMEDIES = ("clip", "scale", "threshold")
 
 
 def n_levels(process, levels: int = 100) -> int:
-    """How many timesteps the process offers to a warm start: K for diffusion, ``levels`` for flow."""
-    if isinstance(process, Diffusion):
-        return process.K
-    if isinstance(process, Flow):
-        return int(levels)
-    raise ConfigError(f"warm starts need a diffusion or flow policy; a {type(process).__name__} process has no "
-                      f"denoising schedule to enter.")
+    """How many timesteps the process offers to a warm start: its discrete levels (K for diffusion), or a
+    ``levels`` grid for a continuous-time process (flow, edm)."""
+    if not process.denoising:
+        raise ConfigError(f"warm starts need a denoising process (diffusion, flow, edm); a {process.name} process "
+                          f"has no denoising schedule to enter.")
+    return process.levels or int(levels)
 
 
 def resolve_timesteps(process, k: int | str | None = 3, timesteps: Sequence[int] | None = None,
@@ -62,26 +61,11 @@ def resolve_timesteps(process, k: int | str | None = 3, timesteps: Sequence[int]
     return list(range(k - 1, -1, -1))
 
 
-def level_time(process, level: int, levels: int = 100) -> float:
-    """Process time of timestep ``level`` (see the module docstring)."""
-    return (level + 1) / n_levels(process, levels)
-
-
 def warm_schedule(process, timesteps: Sequence[int], levels: int = 100) -> list[tuple[float, float]]:
     """``(t, t_next)`` pairs through ``timesteps`` and on to clean data (``t = 0``)."""
-    ts = [level_time(process, k, levels) for k in timesteps] + [0.0]
+    n_levels(process, levels)
+    ts = [process.level_time(k, levels) for k in timesteps] + [0.0]
     return list(zip(ts[:-1], ts[1:]))
-
-
-def evals_per_step(process) -> int:
-    """Network evaluations per schedule step (Heun's steps take two, except the last)."""
-    return 2 if isinstance(process, Flow) and process.sampler == "heun" else 1
-
-
-def count_evals(process, schedule: Sequence[tuple[float, float]]) -> int:
-    if isinstance(process, Flow) and process.sampler == "heun":
-        return sum(1 if t_next <= 0 else 2 for _, t_next in schedule)
-    return len(schedule)
 
 
 @dataclass(frozen=True)

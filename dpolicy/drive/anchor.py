@@ -1,11 +1,12 @@
 """Continuous planners: truncated anchor diffusion (DiffusionDrive style) and a vanilla diffusion planner.
 
 Both predict the clean trajectory (x0) with a shared-weight MLP over a scene context, on the
-scaled-linear 1000-step schedule. The anchor planner starts from K K-means anchors noised to a small
-step (t = 8 of 1000), denoises each in 2 DDIM steps (8 -> 4 -> 0) and returns the mode with the
-highest confidence; it trains on the truncated range t < 50, with L1 on the mode whose anchor is
-nearest the expert and cross-entropy on the confidences. The vanilla planner trains on all t and
-samples with 20 DDIM steps from pure noise.
+scaled-linear 1000-level schedule of the project's ``Diffusion`` process (its schedule, step and time
+map; no sampler of their own). The anchor planner starts from K K-means anchors noised to a small
+level (8 of 1000), denoises each in 2 DDIM steps (8 -> 4 -> clean) and returns the mode with the
+highest confidence; it trains on the truncated range of levels below 50, with L1 on the mode whose
+anchor is nearest the expert and cross-entropy on the confidences. The vanilla planner trains on all
+levels and samples with 20 DDIM steps from pure noise.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from torch import nn
 
 from dpolicy.drive.encoder import SceneEncoder
 from dpolicy.errors import ConfigError
+from dpolicy.process import sample_loop
+from dpolicy.process.diffusion import Diffusion
 
 T_TRAIN = 1000
 SCALE = torch.tensor([45.0, 20.0])
@@ -32,9 +35,11 @@ def from_norm(x: torch.Tensor) -> torch.Tensor:
     return x.unflatten(-1, (-1, 2)) * SCALE.to(x) + SHIFT.to(x)
 
 
-def alphas_cumprod(device=None) -> torch.Tensor:
-    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, T_TRAIN, dtype=torch.float64) ** 2
-    return torch.cumprod(1 - betas, 0).float().to(device)
+def planner_process(clip: float | None = None) -> Diffusion:
+    """The planners' process: DDIM on the scaled-linear 1000-level schedule, sample (x0) prediction,
+    x0 clipped to +-``clip`` when given."""
+    return Diffusion(T_TRAIN, "sample", "ddim", clip_sample=clip is not None, beta_schedule="scaled_linear",
+                     clip_range=1.0 if clip is None else clip)
 
 
 def kmeans(x: torch.Tensor, k: int, iters: int = 30, seed: int = 0) -> torch.Tensor:
@@ -72,11 +77,25 @@ class Denoiser(nn.Module):
         return out[..., :-1], out[..., -1]
 
 
+def _denoise(den, process, x, ctx, schedule):
+    """Integrate ``x`` along ``schedule`` with the sample-predicting ``den(x, level, ctx) -> (x0, confidence)``;
+    returns the clean sample and the confidences of the last evaluation."""
+    last = {}
+
+    def field(y, t):
+        tt = torch.full((y.shape[0],), float(t), device=y.device)
+        pred, last["conf"] = den(y, process.net_time(tt) * (T_TRAIN / 100.0), ctx)  # the network reads the level
+        return pred
+    x = sample_loop(process, field, x, schedule)
+    return x, last["conf"]
+
+
 class AnchorDiffusionPlanner(nn.Module):
     def __init__(self, anchors: torch.Tensor, d: int = 64, t_trunc: int = 50, t_start: int = 8, steps: int = 2):
         super().__init__()
         self.register_buffer("anchors", anchors)      # (K, 16) normalised
-        self.register_buffer("ab", alphas_cumprod())
+        self.process = planner_process()
+        self.register_buffer("ab", self.process.alpha_bar.float())
         self.den = Denoiser(d)
         self.t_trunc, self.t_start, self.steps = t_trunc, t_start, steps
 
@@ -98,17 +117,17 @@ class AnchorDiffusionPlanner(nn.Module):
         ctx = self.den.encoder.pooled(obs)
         B = ctx.shape[0]
         a = self.anchors[None].expand(B, -1, -1)
-        ts = [round(self.t_start * (1 - i / steps)) for i in range(steps)] + [-1]
-        ab0 = self.ab[ts[0]]
-        x = ab0.sqrt() * a + (1 - ab0).sqrt() * torch.randn(a.shape, device=a.device, generator=gen)
-        x, conf = ddim_denoise(self.den, x, ts, ctx, self.ab)
+        t0 = self.process.level_time(self.t_start)
+        x = self.process.noise_to(a, torch.randn(a.shape, device=a.device, generator=gen), t0)
+        x, conf = _denoise(self.den, self.process, x, ctx, self.process.schedule(steps, t0))
         return from_norm(x[torch.arange(B), conf.argmax(1)])
 
 
 class VanillaDiffusionPlanner(nn.Module):
     def __init__(self, d: int = 64, steps: int = 20):
         super().__init__()
-        self.register_buffer("ab", alphas_cumprod())
+        self.process = planner_process(clip=1.5)
+        self.register_buffer("ab", self.process.alpha_bar.float())
         self.den = Denoiser(d)
         self.steps = steps
 
@@ -127,23 +146,5 @@ class VanillaDiffusionPlanner(nn.Module):
         ctx = self.den.encoder.pooled(obs)
         B = ctx.shape[0]
         x = torch.randn(B, 1, 16, device=ctx.device, generator=gen)
-        ts = [round((T_TRAIN - 1) * (1 - i / steps)) for i in range(steps)] + [-1]
-        x, _ = ddim_denoise(self.den, x, ts, ctx, self.ab, clamp=1.5)
+        x, _ = _denoise(self.den, self.process, x, ctx, self.process.schedule(steps))
         return from_norm(x[:, 0])
-
-
-def ddim_denoise(den, x, ts, ctx, ab, clamp: float | None = None):
-    """Deterministic DDIM from level ``ts[0]`` down the list ``ts`` (ending with -1: clean) with a
-    sample-predicting denoiser ``den(x, t, ctx) -> (x0, confidence)``; returns the clean sample and
-    the last confidence."""
-    B, conf = x.shape[0], None
-    for t, tn in zip(ts[:-1], ts[1:]):
-        pred, conf = den(x, torch.full((B,), float(t), device=x.device), ctx)
-        if clamp is not None:
-            pred = pred.clamp(-clamp, clamp)
-        if tn < 0:
-            return pred, conf
-        ab_t, ab_n = ab[t], ab[tn]
-        eps = (x - ab_t.sqrt() * pred) / (1 - ab_t).sqrt()
-        x = ab_n.sqrt() * pred + (1 - ab_n).sqrt() * eps
-    return x, conf

@@ -9,6 +9,7 @@ in normalized space ``(B, Tp, Da)`` in [-1, 1] and unnormalized exactly once, in
 
 from __future__ import annotations
 
+import copy
 from typing import Mapping
 
 import torch
@@ -50,6 +51,7 @@ class ChunkPolicy(nn.Module):
     Ta = property(lambda self: self.cfg.Ta)
     action_dim = property(lambda self: self.cfg.action_dim)
     obs_dims = property(lambda self: dict(self.cfg.obs_dims))
+    default_steps = property(lambda self: self.cfg.process.steps)  # sampling steps when a call gives none
 
     @property
     def device(self) -> torch.device:
@@ -74,19 +76,24 @@ class ChunkPolicy(nn.Module):
             tt = torch.as_tensor(t, device=x.device, dtype=torch.float32)
             if tt.ndim == 0:
                 tt = tt.expand(x.shape[0])
-            return self.net(x, self.process.net_time(tt), cond)
+            scale = self.process.net_input_scale(t)
+            return self.net(x if isinstance(scale, float) and scale == 1.0 else x * scale, self.process.net_time(tt), cond)
         return fn
 
     def sample_normalized(self, cond: torch.Tensor, noise: torch.Tensor | None = None, steps: int | None = None,
                           generator: torch.Generator | None = None, t_start: float = 1.0) -> torch.Tensor:
-        """Denoise ``noise`` (B,Tp,Da) into a normalized chunk; ``t_start < 1`` continues a partially noised chunk."""
+        """Denoise standard-normal ``noise`` (B,Tp,Da) into a normalized chunk; with ``t_start < 1``, ``noise`` is
+        a partially noised chunk at that time (a warm start) and is continued as it is."""
         b = cond.shape[0]
         if noise is None:
             noise = torch.randn(self.chunk_shape(b), device=cond.device, generator=generator)
         elif tuple(noise.shape) != self.chunk_shape(b):
             raise ShapeError(f"noise has shape {tuple(noise.shape)}; expected {self.chunk_shape(b)} = (B, Tp, Da).")
-        schedule = self.process.schedule(steps or self.cfg.process.steps, t_start)
-        return sample_loop(self.process, self.field_fn(cond), noise.to(cond.device, torch.float32), schedule, generator)
+        x = noise.to(cond.device, torch.float32)
+        if t_start >= 1.0 and self.process.noise_scale != 1.0:
+            x = x * self.process.noise_scale
+        schedule = self.process.schedule(self.default_steps if steps is None else steps, t_start)
+        return sample_loop(self.process, self.field_fn(cond), x, schedule, generator)
 
     @torch.no_grad()
     def act(self, obs: Mapping[str, torch.Tensor], noise: torch.Tensor | None = None, steps: int | None = None,
@@ -107,6 +114,14 @@ class ChunkPolicy(nn.Module):
     def forward(self, obs, actions, generator=None):
         """``forward`` is the training loss, so DDP / torch.compile can wrap the whole policy."""
         return self.loss(obs, actions, generator)
+
+    def with_sampler(self, sampler: str | None, **settings) -> "ChunkPolicy":
+        """This policy sampling with another sampler of its process (a view: the weights are shared), or itself."""
+        if sampler is None and not settings:
+            return self
+        view = copy.copy(self)
+        view.process = self.process.with_sampler(sampler or self.process.sampler, **settings)
+        return view
 
     # -- persistence --------------------------------------------------------------------------
     def save(self, path) -> None:

@@ -10,17 +10,47 @@ from __future__ import annotations
 import torch
 
 from dpolicy.errors import ConfigError
-from dpolicy.process.base import FieldFn, Process
+from dpolicy.process.base import Process, StepPlan, register
 
 
+@register("flow")
 class Flow(Process):
+    samplers = ("euler", "heun")
+
     def __init__(self, sampler: str = "euler", time_sampling: str = "uniform"):
-        if sampler not in ("euler", "heun"):
+        if sampler not in self.samplers:
             raise ConfigError(f"process.sampler={sampler!r} is unknown for flow; choose 'euler' or 'heun'.")
         if time_sampling not in ("uniform", "logit_normal"):
             raise ConfigError(f"process.time_sampling={time_sampling!r} is unknown; choose 'uniform' or 'logit_normal'.")
         self.sampler = sampler
         self.time_sampling = time_sampling
+
+    @classmethod
+    def from_config(cls, cfg):
+        cls.parse_options(getattr(cfg, "options", None))
+        return cls(sampler=cfg.sampler, time_sampling=cfg.time_sampling)
+
+    def with_sampler(self, sampler, **settings):
+        if settings:
+            raise ConfigError(f"sampler settings {sorted(settings)} are unknown for flow.")
+        if sampler not in self.samplers:
+            raise ConfigError(f"sampler={sampler!r} does not fit a flow policy; choose 'euler' or 'heun'.")
+        return Flow(sampler, self.time_sampling)
+
+    def coefficients(self, t):
+        return 1.0 - t, t
+
+    def noise_to(self, x0, noise, t):
+        return (1 - t) * x0 + t * noise
+
+    def split(self, f, x, t):  # v = eps - x0 and x = (1 - t) x0 + t eps
+        return x - t * f, x + (1.0 - t) * f
+
+    def join(self, x0, eps, t):
+        return eps - x0
+
+    def time_for(self, alpha, sigma):
+        return sigma / (alpha + sigma)
 
     def loss(self, field_fn, x0, generator=None):
         b = x0.shape[0]
@@ -39,14 +69,15 @@ class Flow(Process):
         ts = [t_start * (1 - i / steps) for i in range(steps + 1)]
         return list(zip(ts[:-1], ts[1:]))
 
-    def step(self, field_fn: FieldFn, x, t, t_next, generator=None):
-        dt = t_next - t
-        v = field_fn(x, t)
-        if self.sampler == "euler" or t_next <= 0:
-            # Heun's last step is Euler (as in Karras et al.): the field at t=0 is not needed
-            return x + dt * v
-        x_pred = x + dt * v
-        return x + dt * 0.5 * (v + field_fn(x_pred, t_next))
+    def step_plan(self, t, t_next):
+        # Heun's last step is Euler (as in Karras et al.): the field at t=0 is not needed
+        heun = self.sampler == "heun" and t_next > 0
+        return StepPlan(t, t_next, (t, t_next) if heun else (t,), (t_next - t, heun))
 
-    def noise_to(self, x0, noise, t):
-        return (1 - t) * x0 + t * noise
+    def apply_step(self, plan, field, x, draw=None):
+        dt, heun = plan.coef
+        v = field(0, x)
+        if not heun:
+            return x + v * dt
+        x_pred = x + v * dt
+        return x + (v + field(1, x_pred)).mul_(dt * 0.5)

@@ -79,14 +79,13 @@ def steer(cfg: SteerConfig, run_dir, log=None) -> dict:
     base_dir = resolve_checkpoint(cfg.base)
     base = load_policy(base_dir, device)
     if cfg.base_eta is not None:
-        from dpolicy.process import Diffusion
-
-        if not isinstance(base.process, Diffusion):
-            raise ConfigError(f"base_eta={cfg.base_eta} applies to diffusion bases only; {str(base_dir)!r} is a {type(base.process).__name__} policy.")
         if not 0.0 <= cfg.base_eta <= 1.0:
             raise ConfigError(f"base_eta={cfg.base_eta} must lie in [0, 1].")
-        base.process.eta, base.process.stochastic = float(cfg.base_eta), cfg.base_eta > 0
-        base.process.sampler = "ddpm" if cfg.base_eta == 1.0 else "ddim"
+        try:  # DDIM with eta > 0 (eta = 1: DDPM), a sampler of diffusion bases
+            base = base.with_sampler("ddpm" if cfg.base_eta == 1.0 else "ddim", eta=float(cfg.base_eta))
+        except ConfigError:
+            raise ConfigError(f"base_eta={cfg.base_eta} applies to diffusion bases only; {str(base_dir)!r} is a "
+                              f"{base.process.name} policy.") from None
     env_args = policy_env_args(base, f"base checkpoint {str(base_dir)!r} stores no env_args, so its environment cannot be "
                                      "rebuilt.", env_kwargs=cfg.env_kwargs)
     env_fn = env_factory(env_args)
