@@ -2,6 +2,7 @@
 kill -9, and the same loss sequence for the same seed."""
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -149,3 +150,90 @@ def test_kill_9_at_random_moments_leaves_a_loadable_checkpoint(tmp_path):
         assert step > last_step  # each restart resumed and made progress instead of starting over
         last_step = step
     assert last_step > 0
+
+
+def _garbage_latest(ckpts: Path, kind: str) -> None:
+    latest = ckpts / "latest"
+    latest.unlink()
+    if kind == "random_bytes":
+        latest.write_bytes(bytes(range(256)) * 3)
+    elif kind == "not_utf8":
+        latest.write_bytes(b"step_\xff\xfe0000010\n")
+    elif kind == "missing_step":
+        latest.write_text("step_0999999\n")
+    elif kind == "incomplete_step":
+        (ckpts / "step_0000090" / "model").mkdir(parents=True)  # a crash mid-write, no COMPLETE marker
+        latest.write_text("step_0000090\n")
+    elif kind == "path_outside":
+        latest.write_text("../../etc\n")
+    elif kind == "absolute_path":
+        latest.write_text(str(ckpts / "step_0000010") + "\n")
+    elif kind == "empty":
+        latest.write_text("")
+    elif kind == "directory":
+        latest.mkdir()
+
+
+@pytest.mark.parametrize("kind", ["random_bytes", "not_utf8", "missing_step", "incomplete_step", "path_outside",
+                                  "absolute_path", "empty", "directory"])
+def test_a_garbage_latest_pointer_falls_back_to_the_newest_complete_step(tmp_path, kind):
+    from dpolicy.policy import load_policy
+
+    tr = make_trainer(tmp_path, steps=40, ckpt_every=10, keep_checkpoints=3)
+    tr.fit(stop_at=20)
+    ckpts = tmp_path / "checkpoints"
+    _garbage_latest(ckpts, kind)
+    assert resolve_checkpoint(ckpts) == ckpts / "step_0000020" / "model"
+    assert resolve_checkpoint(tmp_path) == ckpts / "step_0000020" / "model"
+    load_policy(ckpts)
+    resumed = make_trainer(tmp_path, steps=40, ckpt_every=10, keep_checkpoints=3)
+    assert resumed.try_resume() and resumed.step == 20
+    resumed.fit()  # and training goes on, writing a proper pointer again
+    assert (ckpts / "latest").read_text().strip() == "step_0000040"
+
+
+def test_a_valid_latest_pointer_is_followed_and_step_numbers_sort_numerically(tmp_path):
+    tr = make_trainer(tmp_path, steps=20, ckpt_every=10, keep_checkpoints=3)
+    tr.fit()
+    ckpts = tmp_path / "checkpoints"
+    (ckpts / "latest").write_text("step_0000010\n")
+    assert resolve_checkpoint(ckpts) == ckpts / "step_0000010" / "model"
+    assert resolve_checkpoint(ckpts / "latest") == ckpts / "step_0000010" / "model"
+    import shutil
+
+    shutil.copytree(ckpts / "step_0000020", ckpts / "step_100000000")  # past 7 digits: still the newest
+    (ckpts / "latest").unlink()
+    assert resolve_checkpoint(ckpts) == ckpts / "step_100000000" / "model"
+
+
+def _trainer_with(out, **policy_kw):
+    from conftest import tiny_policy_cfg
+
+    cfg = tiny_policy_cfg(**{k: v for k, v in policy_kw.items() if k in ("net", "process", "sampler", "To", "Tp", "Ta")})
+    keys = policy_kw.get("obs_keys", ["pos", "vel"])
+    data = WindowDataset(make_demos(), keys, cfg.To, cfg.Tp)
+    cfg = type(cfg)(**{**cfg.__dict__, "obs_keys": keys, "obs_dims": data.obs_dims})
+    torch.manual_seed(0)
+    pol = ChunkPolicy(cfg, data.fit_normalizer())
+    tcfg = TrainConfig(steps=20, batch_size=16, log_every=5, ckpt_every=10, warmup_steps=5, progress=False)
+    return Trainer(pol, data, tcfg, out)
+
+
+@pytest.mark.parametrize("other,match", [
+    (dict(process="flow", sampler="euler"), "step_0000010 was trained with process.sampler='ddim', process.type='diffusion'; "
+                                            "this run asks for process.sampler='euler', process.type='flow' — use a new hydra.run.dir"),
+    (dict(net="unet"), "was trained with net.type='mlp'; this run asks for 'unet' — use a new hydra.run.dir or the same settings"),
+    (dict(Tp=12), "Tp=8; this run asks for 12"),
+    (dict(obs_keys=["pos"]), "obs_dims={'pos': 2, 'vel': 3}, obs_keys=['pos', 'vel']; this run asks for obs_dims={'pos': 2}, obs_keys=['pos']"),
+])
+def test_resuming_with_another_network_process_or_shape_is_refused_naming_the_difference(tmp_path, other, match):
+    from dpolicy.errors import CheckpointError
+
+    _trainer_with(tmp_path).fit(stop_at=10)
+    before = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    other_run = _trainer_with(tmp_path, **other)
+    with pytest.raises(CheckpointError, match=re.escape(match)):
+        other_run.fit()
+    assert other_run.step == 0
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == before  # nothing written, nothing lost
+    assert _trainer_with(tmp_path).try_resume()  # the same settings still resume

@@ -24,7 +24,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from dpolicy.config import TrainConfig
 from dpolicy.data.windows import WindowDataset
 from dpolicy.errors import CheckpointError, TrainingError
-from dpolicy.policy.checkpoint import COMPLETE, atomic_dir, write_policy_files
+from dpolicy.policy.checkpoint import atomic_dir, check_resume_compatible, complete_steps, newest_step, write_policy_files
 from dpolicy.train import distributed as dist_utils
 from dpolicy.train.ema import EMA
 
@@ -104,23 +104,25 @@ class Trainer:
             torch.save(self._state(), tmp / "training_state" / "state.pt")
         pointer_tmp = self.ckpt_dir / ".latest.tmp"
         pointer_tmp.write_text(final.name + "\n")
+        if (self.ckpt_dir / "latest").is_dir() and not (self.ckpt_dir / "latest").is_symlink():
+            shutil.rmtree(self.ckpt_dir / "latest")  # not a pointer: make room for one
         pointer_tmp.replace(self.ckpt_dir / "latest")
-        complete = sorted(d for d in self.ckpt_dir.glob("step_*") if (d / COMPLETE).exists())
-        for old in complete[:-self.cfg.keep_checkpoints]:
+        for old in complete_steps(self.ckpt_dir)[:-self.cfg.keep_checkpoints]:
             shutil.rmtree(old, ignore_errors=True)
         return final
 
     def try_resume(self) -> bool:
-        """Load the newest complete checkpoint under ``out_dir/checkpoints``; False if there is none."""
+        """Load the newest complete checkpoint under ``out_dir/checkpoints``; False if there is none.
+
+        ``latest`` is followed when it names a complete step; whatever else it holds, the newest complete
+        step is used. A checkpoint of another network, process or shape is refused, naming the difference."""
         if not self.ckpt_dir.exists():
             return False
-        latest = self.ckpt_dir / "latest"
-        cands = sorted(d for d in self.ckpt_dir.glob("step_*") if (d / COMPLETE).exists())
-        if latest.exists() and (self.ckpt_dir / latest.read_text().strip() / COMPLETE).exists():
-            cands.append(self.ckpt_dir / latest.read_text().strip())
-        if not cands:
+        step_dir = newest_step(self.ckpt_dir)
+        if step_dir is None:
             return False
-        path = cands[-1] / "training_state" / "state.pt"
+        check_resume_compatible(step_dir, self.policy.cfg)
+        path = step_dir / "training_state" / "state.pt"
         try:
             state = torch.load(path, map_location=self.device, weights_only=False)
         except Exception as e:  # noqa: BLE001 - any unpickling failure means a corrupt file
