@@ -1,6 +1,7 @@
 """Trainer reliability: learning, exact resume, the non-finite guard, atomic checkpoints under
 kill -9, and the same loss sequence for the same seed."""
 
+import json
 import os
 import re
 import signal
@@ -21,12 +22,12 @@ from dpolicy.policy import ChunkPolicy, resolve_checkpoint
 from dpolicy.train import Trainer
 
 
-def make_trainer(out, steps=40, seed=0, ckpt_every=10, **kw):
+def make_trainer(out, steps=40, seed=0, ckpt_every=10, eval_fn=None, eval_every=0, **kw):
     torch.manual_seed(seed)
     pol = tiny_policy(seed=seed)
     data = WindowDataset(make_demos(), pol.obs_keys, pol.To, pol.Tp, seed=seed)
     cfg = TrainConfig(steps=steps, batch_size=16, log_every=5, ckpt_every=ckpt_every, warmup_steps=5, progress=False, seed=seed, **kw)
-    return Trainer(pol, data, cfg, out)
+    return Trainer(pol, data, cfg, out, eval_fn=eval_fn, eval_every=eval_every)
 
 
 def state_equal(a: dict, b: dict) -> bool:
@@ -237,3 +238,80 @@ def test_resuming_with_another_network_process_or_shape_is_refused_naming_the_di
     assert other_run.step == 0
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == before  # nothing written, nothing lost
     assert _trainer_with(tmp_path).try_resume()  # the same settings still resume
+
+
+SCRIPTED_SUCCESS = {5: 0.2, 10: 0.9, 15: 0.85, 20: 1.0, 25: 0.95, 30: 1.0, 35: 1.0, 40: 1.0}
+
+
+def selecting_trainer(out, steps=40, **kw):
+    """A trainer whose evaluations during training report SCRIPTED_SUCCESS (and record when they ran)."""
+    evaluated = []
+
+    def fake_eval(model, step):
+        evaluated.append(step)
+        return {"success_rate": SCRIPTED_SUCCESS[step]}
+    tr = make_trainer(out, steps=steps, ckpt_every=10, eval_fn=fake_eval, eval_every=5, **kw)
+    tr.evaluated = evaluated
+    return tr
+
+
+def test_best_checkpoint_is_the_highest_evaluation_and_ties_keep_the_earlier_step(tmp_path):
+    from dpolicy.policy import load_policy
+
+    tr = selecting_trainer(tmp_path / "run", keep_best=True)
+    tr.fit()
+    assert tr.best_step == 20 and tr.best_success == 1.0 and tr.stopped_early_at is None and tr.step == 40
+    assert tr.time_to_success["step"] == 10 and tr.time_to_success["success_rate"] == 0.9
+    assert 0 < tr.time_to_success["seconds_without_eval"] <= tr.time_to_success["seconds"] <= tr.seconds
+    best = tmp_path / "run" / "checkpoints" / "best"
+    assert json.loads((best / "best.json").read_text()) == {"step": 20, "success_rate": 1.0}
+    assert resolve_checkpoint(best) == best / "model"
+    at20 = make_trainer(tmp_path / "ref", steps=40, ckpt_every=10)
+    at20.fit(stop_at=20)
+    assert state_equal(load_policy(best).state_dict(), at20.ema.model.state_dict())
+    assert [h.get("eval_success_rate") for h in tr.history if "eval_success_rate" in h] == list(SCRIPTED_SUCCESS.values())
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("step_*")) == ["step_0000030", "step_0000040"]
+
+
+def test_early_stop_after_n_evaluations_at_the_threshold_and_resume_is_exact(tmp_path):
+    full = selecting_trainer(tmp_path / "full", keep_best=True, early_stop=2)
+    full.fit()
+    assert full.stopped_early_at == 35 and full.step == 35 and full.evaluated[-1] == 35  # 30 and 35 reached 1.0
+    assert full.best_step == 20
+    ckpts = tmp_path / "full" / "checkpoints"
+    assert (ckpts / "latest").read_text().strip() == "step_0000035"  # the stop step is saved
+
+    part = selecting_trainer(tmp_path / "part", keep_best=True, early_stop=2)
+    part.fit(stop_at=25)  # interrupted after step 25; its step-20 checkpoint holds best=20 and a streak of 1
+    resumed = selecting_trainer(tmp_path / "part", keep_best=True, early_stop=2)
+    assert resumed.try_resume() and resumed.step == 20 and resumed.best_step == 20 and resumed.success_streak == 1
+    resumed.fit()
+    for a, b in ((full, resumed),):
+        assert (a.step, a.best_step, a.best_success, a.stopped_early_at) == (b.step, b.best_step, b.best_success, b.stopped_early_at)
+        assert a.time_to_success["step"] == b.time_to_success["step"]
+        assert state_equal(a.policy.state_dict(), b.policy.state_dict())
+        assert state_equal(a.ema.model.state_dict(), b.ema.model.state_dict())
+        assert [h["loss"] for h in a.history] == [h["loss"] for h in b.history]
+    from dpolicy.policy import load_policy
+
+    assert state_equal(load_policy(ckpts / "best").state_dict(), load_policy(tmp_path / "part" / "checkpoints" / "best").state_dict())
+    again = selecting_trainer(tmp_path / "full", keep_best=True, early_stop=2)
+    again.fit()  # a stopped run stays stopped
+    assert again.step == 35 and again.evaluated == []
+
+
+def test_stop_success_threshold_and_no_selection_without_evaluations(tmp_path):
+    from dpolicy.errors import ConfigError
+
+    tr = selecting_trainer(tmp_path / "a", early_stop=1, stop_success=0.9)
+    tr.fit()
+    assert tr.stopped_early_at == 10 and tr.best_step == 10 and not (tmp_path / "a" / "checkpoints" / "best").exists()
+    for kw in (dict(keep_best=True), dict(early_stop=3)):
+        with pytest.raises(ConfigError, match="set eval.every"):
+            make_trainer(tmp_path / "b", **kw)
+    plain = make_trainer(tmp_path / "c", steps=10)
+    plain.fit()
+    assert plain.selection()["best_step"] is None and plain.time_to_success is None
+    for bad in (dict(early_stop=-1), dict(stop_success=0.0), dict(stop_success=1.5)):
+        with pytest.raises(ConfigError):
+            TrainConfig(**bad)
