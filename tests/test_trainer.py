@@ -315,3 +315,33 @@ def test_stop_success_threshold_and_no_selection_without_evaluations(tmp_path):
     for bad in (dict(early_stop=-1), dict(stop_success=0.0), dict(stop_success=1.5)):
         with pytest.raises(ConfigError):
             TrainConfig(**bad)
+
+
+DDP_STOP_SCRIPT = textwrap.dedent("""
+    import json, sys, torch
+    sys.path.insert(0, {tests!r})
+    from dpolicy.train import distributed as d
+    rank, ws, _ = d.init_from_env("cpu")
+    from test_trainer import selecting_trainer
+    tr = selecting_trainer({out!r}, early_stop=1, stop_success=0.9, keep_best=True)
+    tr.fit()
+    flat = torch.cat([p.detach().flatten() for p in tr.policy.parameters()])
+    json.dump({{"rank": rank, "step": tr.step, "stopped": tr.stopped_early_at, "best": tr.best_step,
+               "evaluated": tr.evaluated, "checksum": float(flat.double().sum())}}, open({out!r} + f"/rank{{rank}}.json", "w"))
+    d.cleanup()
+""")
+
+
+def test_under_ddp_only_rank_0_evaluates_and_every_rank_stops_at_the_same_step(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    script = tmp_path / "ddp_stop.py"
+    script.write_text(DDP_STOP_SCRIPT.format(tests=str(Path(__file__).parent), out=str(out)))
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29523",
+                          str(script)], capture_output=True, text=True, timeout=170)
+    assert res.returncode == 0, res.stderr[-3000:]
+    r0, r1 = (json.loads((out / f"rank{i}.json").read_text()) for i in (0, 1))
+    assert r0["evaluated"] == [5, 10] and r1["evaluated"] == []
+    assert r0["step"] == r1["step"] == r0["stopped"] == r1["stopped"] == 10 and r0["best"] == r1["best"] == 10
+    assert r0["checksum"] == r1["checksum"]
+    assert (out / "checkpoints" / "best" / "best.json").exists()
