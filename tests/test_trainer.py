@@ -221,8 +221,8 @@ def _trainer_with(out, **policy_kw):
 
 
 @pytest.mark.parametrize("other,match", [
-    (dict(process="flow", sampler="euler"), "step_0000010 was trained with process.sampler='ddim', process.type='diffusion'; "
-                                            "this run asks for process.sampler='euler', process.type='flow' — use a new hydra.run.dir"),
+    (dict(process="flow", sampler="euler"), "step_0000010 was trained with process.type='diffusion', process.sampler='ddim'; "
+                                            "this run asks for process.type='flow', process.sampler='euler' — use a new hydra.run.dir"),
     (dict(net="unet"), "was trained with net.type='mlp'; this run asks for 'unet' — use a new hydra.run.dir or the same settings"),
     (dict(Tp=12), "Tp=8; this run asks for 12"),
     (dict(obs_keys=["pos"]), "obs_dims={'pos': 2, 'vel': 3}, obs_keys=['pos', 'vel']; this run asks for obs_dims={'pos': 2}, obs_keys=['pos']"),

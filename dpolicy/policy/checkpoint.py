@@ -208,7 +208,8 @@ def policy_config_differences(saved: dict, current) -> list[tuple[str, object, o
     saved_cfg = from_dict(PolicyConfig, saved, "policy")  # fills fields newer than the checkpoint with defaults
     a = _flat({k: v for k, v in to_dict(saved_cfg).items() if k in SHAPE_FIELDS})
     b = _flat({k: v for k, v in to_dict(current).items() if k in SHAPE_FIELDS})
-    return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    keys = sorted(set(a) | set(b), key=lambda k: (not k.endswith(".type"), k))  # net.type / process.type first
+    return [(k, a.get(k), b.get(k)) for k in keys if a.get(k) != b.get(k)]
 
 
 def check_resume_compatible(step_dir, current) -> None:

@@ -142,6 +142,9 @@ def train_bc(cfg: RunConfig, run_dir, progress: bool = True) -> dict:
     if from_data and not cfg.data.path:
         raise ConfigError("task.name is null, which means the task of the dataset, but data.path names no dataset; "
                           "give data.path=<file.hdf5> or a task.")
+    if (cfg.train.keep_best or cfg.train.early_stop) and not cfg.eval.every:
+        raise ConfigError("train.keep_best and train.early_stop choose steps by the evaluations during training, "
+                          "and eval.every=0 asks for none; set eval.every to a number of steps.")
     say = print if dist_utils.is_main() else (lambda *a, **k: None)
     path = prepare_dataset(cfg, run_dir, progress)
     probe, why_no_eval = None, None
