@@ -144,7 +144,8 @@ def read_latest(root) -> Path | None:
     incomplete step, a path leading elsewhere), a caller falls back to the newest complete step."""
     root = Path(root)
     try:
-        raw = (root / "latest").read_bytes()[:256]
+        with open(root / "latest", "rb") as f:
+            raw = f.read(256)  # a step name is short; a huge garbage file is not read whole
     except OSError:  # missing, a directory, unreadable
         return None
     name = raw.decode("utf-8", errors="replace").strip()

@@ -165,7 +165,7 @@ def train_bc(cfg: RunConfig, run_dir, progress: bool = True) -> dict:
         policy.metadata["env_args"] = env_args
     make_env = env_factory(env_args) if env_args is not None else None
     if make_env is not None:
-        probe = probe or make_env()
+        probe = make_env() if probe is None else probe
         try:
             check_env_compat(probe, policy)
         except ShapeError as e:
