@@ -57,6 +57,9 @@ def _run(cfg) -> dict:
         print(f"\nsuccess rate {metrics['success_rate']:.3f} (95% CI {lo:.3f}-{hi:.3f}) over "
               f"{metrics['eval']['n_episodes']} episodes; trained {metrics['train_steps']} steps in {metrics['train_time_s']:.0f} s")
         print(f"checkpoint : {metrics['checkpoint']}")
+        if metrics.get("stopped_early_at") is not None:
+            print(f"stopped    : early, at step {metrics['stopped_early_at']} (train.early_stop evaluations in a row "
+                  f"reached train.stop_success)")
         if metrics.get("best_checkpoint"):
             print(f"best       : {metrics['best_checkpoint']} (step {metrics['best_step']}, success {metrics['best_success']:.3f} during training)")
         print(f"metrics    : {out / 'metrics.json'}")
