@@ -140,6 +140,9 @@ class TrainConfig:
     compile: bool = False  # torch.compile the denoiser, CUDA only
     max_bad_steps: int = 20  # consecutive non-finite steps before giving up
     progress: bool = True
+    keep_best: bool = False  # keep checkpoints/best: the step with the highest success of the evaluations during training
+    early_stop: int = 0  # stop once N evaluations in a row reach stop_success (0: train all steps)
+    stop_success: float = 1.0  # the success rate early_stop waits for
 
     def __post_init__(self):
         _check(self.steps >= 1, f"train.steps={self.steps} must be at least 1.")
@@ -147,6 +150,10 @@ class TrainConfig:
         _check(self.lr > 0, f"train.lr={self.lr} must be positive.")
         _check(self.ckpt_every >= 1 and self.log_every >= 1, "train.ckpt_every and train.log_every must be at least 1.")
         _check(self.keep_checkpoints >= 1, f"train.keep_checkpoints={self.keep_checkpoints} must be at least 1.")
+        _check(isinstance(self.early_stop, int) and not isinstance(self.early_stop, bool) and self.early_stop >= 0,
+               f"train.early_stop={self.early_stop!r} must be a whole number of evaluations >= 0 (0: off).")
+        _check(isinstance(self.stop_success, (int, float)) and 0.0 < self.stop_success <= 1.0,
+               f"train.stop_success={self.stop_success!r} must be a success rate in (0, 1].")
 
 
 @dataclass

@@ -115,3 +115,51 @@ def test_weights_not_matching_config_are_rejected(tmp_path):
     (tmp_path / "a" / "model.safetensors").replace(tmp_path / "b" / "model.safetensors")
     with pytest.raises(CheckpointError, match="does not match its config"):
         ChunkPolicy.from_checkpoint(tmp_path / "b")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_act_takes_numpy_arrays_and_lists_on_any_device(tmp_path, device):
+    import numpy as np
+
+    pol = tiny_policy().eval()
+    pol.save(tmp_path / "p")
+    moved = ChunkPolicy.from_checkpoint(tmp_path / "p", device=device)
+    obs, noise = random_obs(3), torch.randn(3, 8, 3)
+    ref = pol.act(obs, noise=noise)
+    as_np = {k: v.numpy().astype(np.float64) for k, v in obs.items()}
+    out = moved.act(as_np, noise=noise.numpy())
+    assert out.device.type == torch.device(device).type and torch.allclose(ref, out.cpu(), atol=1e-5)
+    as_list = {k: v.tolist() for k, v in obs.items()}
+    assert torch.allclose(ref, moved.act(as_list, noise=noise.tolist()).cpu(), atol=1e-5)
+    mixed = {"pos": as_np["pos"], "vel": obs["vel"].to(device)}
+    assert torch.allclose(ref, moved.act(mixed, noise=noise.to(device)).cpu(), atol=1e-5)
+
+
+@pytest.mark.parametrize("key,value", [("pos", float("nan")), ("vel", float("inf")), ("vel", -float("inf"))])
+@pytest.mark.parametrize("as_numpy", [False, True])
+def test_non_finite_observations_are_rejected_naming_the_key(key, value, as_numpy):
+    obs = random_obs(2)
+    obs[key][1, -1, 0] = value
+    if as_numpy:
+        obs = {k: v.numpy() for k, v in obs.items()}
+    with pytest.raises(ShapeError, match=f"observation '{key}' holds NaN or infinite values"):
+        tiny_policy().act(obs)
+
+
+@pytest.mark.parametrize("as_numpy", [False, True])
+def test_non_finite_noise_is_rejected(as_numpy):
+    noise = torch.randn(2, 8, 3)
+    noise[0, 3, 1] = float("nan")
+    with pytest.raises(ShapeError, match="noise holds NaN or infinite values"):
+        tiny_policy().act(random_obs(2), noise=noise.numpy() if as_numpy else noise)
+
+
+def test_observations_that_are_not_numeric_arrays_name_the_key():
+    with pytest.raises(ShapeError, match="observation 'vel' is a list that is not a numeric array"):
+        tiny_policy().act({"pos": torch.zeros(2, 2, 2), "vel": [[["a", "b", "c"]] * 2] * 2})
+    with pytest.raises(ShapeError, match="observation 'pos' is a list that is not a numeric array .*inhomogeneous"):
+        tiny_policy().act({"pos": [[1.0, 2.0], [3.0]], "vel": torch.zeros(1, 2, 3)})
+    with pytest.raises(ShapeError, match="observation 'pos' has shape"):
+        tiny_policy().act({"pos": [[1.0, 2.0], [3.0, 4.0]], "vel": torch.zeros(1, 2, 3)})
+    with pytest.raises(ShapeError, match="noise has shape"):
+        tiny_policy().act(random_obs(2), noise=[0.0, 1.0])

@@ -1,7 +1,9 @@
 """Trainer reliability: learning, exact resume, the non-finite guard, atomic checkpoints under
 kill -9, and the same loss sequence for the same seed."""
 
+import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -20,12 +22,12 @@ from dpolicy.policy import ChunkPolicy, resolve_checkpoint
 from dpolicy.train import Trainer
 
 
-def make_trainer(out, steps=40, seed=0, ckpt_every=10, **kw):
+def make_trainer(out, steps=40, seed=0, ckpt_every=10, eval_fn=None, eval_every=0, **kw):
     torch.manual_seed(seed)
     pol = tiny_policy(seed=seed)
     data = WindowDataset(make_demos(), pol.obs_keys, pol.To, pol.Tp, seed=seed)
     cfg = TrainConfig(steps=steps, batch_size=16, log_every=5, ckpt_every=ckpt_every, warmup_steps=5, progress=False, seed=seed, **kw)
-    return Trainer(pol, data, cfg, out)
+    return Trainer(pol, data, cfg, out, eval_fn=eval_fn, eval_every=eval_every)
 
 
 def state_equal(a: dict, b: dict) -> bool:
@@ -149,3 +151,197 @@ def test_kill_9_at_random_moments_leaves_a_loadable_checkpoint(tmp_path):
         assert step > last_step  # each restart resumed and made progress instead of starting over
         last_step = step
     assert last_step > 0
+
+
+def _garbage_latest(ckpts: Path, kind: str) -> None:
+    latest = ckpts / "latest"
+    latest.unlink()
+    if kind == "random_bytes":
+        latest.write_bytes(bytes(range(256)) * 3)
+    elif kind == "not_utf8":
+        latest.write_bytes(b"step_\xff\xfe0000010\n")
+    elif kind == "missing_step":
+        latest.write_text("step_0999999\n")
+    elif kind == "incomplete_step":
+        (ckpts / "step_0000090" / "model").mkdir(parents=True)  # a crash mid-write, no COMPLETE marker
+        latest.write_text("step_0000090\n")
+    elif kind == "path_outside":
+        latest.write_text("../../etc\n")
+    elif kind == "absolute_path":
+        latest.write_text(str(ckpts / "step_0000010") + "\n")
+    elif kind == "empty":
+        latest.write_text("")
+    elif kind == "directory":
+        latest.mkdir()
+
+
+@pytest.mark.parametrize("kind", ["random_bytes", "not_utf8", "missing_step", "incomplete_step", "path_outside",
+                                  "absolute_path", "empty", "directory"])
+def test_a_garbage_latest_pointer_falls_back_to_the_newest_complete_step(tmp_path, kind):
+    from dpolicy.policy import load_policy
+
+    tr = make_trainer(tmp_path, steps=40, ckpt_every=10, keep_checkpoints=3)
+    tr.fit(stop_at=20)
+    ckpts = tmp_path / "checkpoints"
+    _garbage_latest(ckpts, kind)
+    assert resolve_checkpoint(ckpts) == ckpts / "step_0000020" / "model"
+    assert resolve_checkpoint(tmp_path) == ckpts / "step_0000020" / "model"
+    load_policy(ckpts)
+    resumed = make_trainer(tmp_path, steps=40, ckpt_every=10, keep_checkpoints=3)
+    assert resumed.try_resume() and resumed.step == 20
+    resumed.fit()  # and training goes on, writing a proper pointer again
+    assert (ckpts / "latest").read_text().strip() == "step_0000040"
+
+
+def test_a_valid_latest_pointer_is_followed_and_step_numbers_sort_numerically(tmp_path):
+    tr = make_trainer(tmp_path, steps=20, ckpt_every=10, keep_checkpoints=3)
+    tr.fit()
+    ckpts = tmp_path / "checkpoints"
+    (ckpts / "latest").write_text("step_0000010\n")
+    assert resolve_checkpoint(ckpts) == ckpts / "step_0000010" / "model"
+    assert resolve_checkpoint(ckpts / "latest") == ckpts / "step_0000010" / "model"
+    import shutil
+
+    shutil.copytree(ckpts / "step_0000020", ckpts / "step_100000000")  # past 7 digits: still the newest
+    (ckpts / "latest").unlink()
+    assert resolve_checkpoint(ckpts) == ckpts / "step_100000000" / "model"
+
+
+def _trainer_with(out, **policy_kw):
+    from conftest import tiny_policy_cfg
+
+    cfg = tiny_policy_cfg(**{k: v for k, v in policy_kw.items() if k in ("net", "process", "sampler", "To", "Tp", "Ta")})
+    keys = policy_kw.get("obs_keys", ["pos", "vel"])
+    data = WindowDataset(make_demos(), keys, cfg.To, cfg.Tp)
+    cfg = type(cfg)(**{**cfg.__dict__, "obs_keys": keys, "obs_dims": data.obs_dims})
+    torch.manual_seed(0)
+    pol = ChunkPolicy(cfg, data.fit_normalizer())
+    tcfg = TrainConfig(steps=20, batch_size=16, log_every=5, ckpt_every=10, warmup_steps=5, progress=False)
+    return Trainer(pol, data, tcfg, out)
+
+
+@pytest.mark.parametrize("other,match", [
+    (dict(process="flow", sampler="euler"), "step_0000010 was trained with process.type='diffusion', process.sampler='ddim'; "
+                                            "this run asks for process.type='flow', process.sampler='euler' — use a new hydra.run.dir"),
+    (dict(net="unet"), "was trained with net.type='mlp'; this run asks for 'unet' — use a new hydra.run.dir or the same settings"),
+    (dict(Tp=12), "Tp=8; this run asks for 12"),
+    (dict(obs_keys=["pos"]), "obs_dims={'pos': 2, 'vel': 3}, obs_keys=['pos', 'vel']; this run asks for obs_dims={'pos': 2}, obs_keys=['pos']"),
+])
+def test_resuming_with_another_network_process_or_shape_is_refused_naming_the_difference(tmp_path, other, match):
+    from dpolicy.errors import CheckpointError
+
+    _trainer_with(tmp_path).fit(stop_at=10)
+    before = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    other_run = _trainer_with(tmp_path, **other)
+    with pytest.raises(CheckpointError, match=re.escape(match)):
+        other_run.fit()
+    assert other_run.step == 0
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == before  # nothing written, nothing lost
+    assert _trainer_with(tmp_path).try_resume()  # the same settings still resume
+
+
+SCRIPTED_SUCCESS = {5: 0.2, 10: 0.9, 15: 0.85, 20: 1.0, 25: 0.95, 30: 1.0, 35: 1.0, 40: 1.0}
+
+
+def selecting_trainer(out, steps=40, **kw):
+    """A trainer whose evaluations during training report SCRIPTED_SUCCESS (and record when they ran)."""
+    evaluated = []
+
+    def fake_eval(model, step):
+        evaluated.append(step)
+        return {"success_rate": SCRIPTED_SUCCESS[step]}
+    tr = make_trainer(out, steps=steps, ckpt_every=10, eval_fn=fake_eval, eval_every=5, **kw)
+    tr.evaluated = evaluated
+    return tr
+
+
+def test_best_checkpoint_is_the_highest_evaluation_and_ties_keep_the_earlier_step(tmp_path):
+    from dpolicy.policy import load_policy
+
+    tr = selecting_trainer(tmp_path / "run", keep_best=True)
+    tr.fit()
+    assert tr.best_step == 20 and tr.best_success == 1.0 and tr.stopped_early_at is None and tr.step == 40
+    assert tr.time_to_success["step"] == 10 and tr.time_to_success["success_rate"] == 0.9
+    assert 0 < tr.time_to_success["seconds_without_eval"] <= tr.time_to_success["seconds"] <= tr.seconds
+    best = tmp_path / "run" / "checkpoints" / "best"
+    assert json.loads((best / "best.json").read_text()) == {"step": 20, "success_rate": 1.0}
+    assert resolve_checkpoint(best) == best / "model"
+    at20 = make_trainer(tmp_path / "ref", steps=40, ckpt_every=10)
+    at20.fit(stop_at=20)
+    assert state_equal(load_policy(best).state_dict(), at20.ema.model.state_dict())
+    assert [h.get("eval_success_rate") for h in tr.history if "eval_success_rate" in h] == list(SCRIPTED_SUCCESS.values())
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("step_*")) == ["step_0000030", "step_0000040"]
+
+
+def test_early_stop_after_n_evaluations_at_the_threshold_and_resume_is_exact(tmp_path):
+    full = selecting_trainer(tmp_path / "full", keep_best=True, early_stop=2)
+    full.fit()
+    assert full.stopped_early_at == 35 and full.step == 35 and full.evaluated[-1] == 35  # 30 and 35 reached 1.0
+    assert full.best_step == 20
+    ckpts = tmp_path / "full" / "checkpoints"
+    assert (ckpts / "latest").read_text().strip() == "step_0000035"  # the stop step is saved
+
+    part = selecting_trainer(tmp_path / "part", keep_best=True, early_stop=2)
+    part.fit(stop_at=25)  # interrupted after step 25; its step-20 checkpoint holds best=20 and a streak of 1
+    resumed = selecting_trainer(tmp_path / "part", keep_best=True, early_stop=2)
+    assert resumed.try_resume() and resumed.step == 20 and resumed.best_step == 20 and resumed.success_streak == 1
+    resumed.fit()
+    for a, b in ((full, resumed),):
+        assert (a.step, a.best_step, a.best_success, a.stopped_early_at) == (b.step, b.best_step, b.best_success, b.stopped_early_at)
+        assert a.time_to_success["step"] == b.time_to_success["step"]
+        assert state_equal(a.policy.state_dict(), b.policy.state_dict())
+        assert state_equal(a.ema.model.state_dict(), b.ema.model.state_dict())
+        assert [h["loss"] for h in a.history] == [h["loss"] for h in b.history]
+    from dpolicy.policy import load_policy
+
+    assert state_equal(load_policy(ckpts / "best").state_dict(), load_policy(tmp_path / "part" / "checkpoints" / "best").state_dict())
+    again = selecting_trainer(tmp_path / "full", keep_best=True, early_stop=2)
+    again.fit()  # a stopped run stays stopped
+    assert again.step == 35 and again.evaluated == []
+
+
+def test_stop_success_threshold_and_no_selection_without_evaluations(tmp_path):
+    from dpolicy.errors import ConfigError
+
+    tr = selecting_trainer(tmp_path / "a", early_stop=1, stop_success=0.9)
+    tr.fit()
+    assert tr.stopped_early_at == 10 and tr.best_step == 10 and not (tmp_path / "a" / "checkpoints" / "best").exists()
+    for kw in (dict(keep_best=True), dict(early_stop=3)):
+        with pytest.raises(ConfigError, match="set eval.every"):
+            make_trainer(tmp_path / "b", **kw)
+    plain = make_trainer(tmp_path / "c", steps=10)
+    plain.fit()
+    assert plain.selection()["best_step"] is None and plain.time_to_success is None
+    for bad in (dict(early_stop=-1), dict(stop_success=0.0), dict(stop_success=1.5)):
+        with pytest.raises(ConfigError):
+            TrainConfig(**bad)
+
+
+DDP_STOP_SCRIPT = textwrap.dedent("""
+    import json, sys, torch
+    sys.path.insert(0, {tests!r})
+    from dpolicy.train import distributed as d
+    rank, ws, _ = d.init_from_env("cpu")
+    from test_trainer import selecting_trainer
+    tr = selecting_trainer({out!r}, early_stop=1, stop_success=0.9, keep_best=True)
+    tr.fit()
+    flat = torch.cat([p.detach().flatten() for p in tr.policy.parameters()])
+    json.dump({{"rank": rank, "step": tr.step, "stopped": tr.stopped_early_at, "best": tr.best_step,
+               "evaluated": tr.evaluated, "checksum": float(flat.double().sum())}}, open({out!r} + f"/rank{{rank}}.json", "w"))
+    d.cleanup()
+""")
+
+
+def test_under_ddp_only_rank_0_evaluates_and_every_rank_stops_at_the_same_step(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    script = tmp_path / "ddp_stop.py"
+    script.write_text(DDP_STOP_SCRIPT.format(tests=str(Path(__file__).parent), out=str(out)))
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29523",
+                          str(script)], capture_output=True, text=True, timeout=170)
+    assert res.returncode == 0, res.stderr[-3000:]
+    r0, r1 = (json.loads((out / f"rank{i}.json").read_text()) for i in (0, 1))
+    assert r0["evaluated"] == [5, 10] and r1["evaluated"] == []
+    assert r0["step"] == r1["step"] == r0["stopped"] == r1["stopped"] == 10 and r0["best"] == r1["best"] == 10
+    assert r0["checksum"] == r1["checksum"]
+    assert (out / "checkpoints" / "best" / "best.json").exists()

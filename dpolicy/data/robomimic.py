@@ -127,22 +127,53 @@ def _demo_sort_key(name: str):
     return (0, int(tail)) if tail.isdigit() else (1, name)
 
 
+def _demo_names(f: h5py.File, path, filter_key: str | None) -> list[str]:
+    """The demo names to read, in order: ``mask/<filter_key>``'s, else every ``data/demo*`` group."""
+    if "data" not in f:
+        raise DatasetError(f"{path}: group 'data' is missing; not a robomimic-layout file.")
+    if filter_key is not None:
+        if f"mask/{filter_key}" not in f:
+            have = sorted(f["mask"].keys()) if "mask" in f else []
+            raise DatasetError(f"{path}: filter key mask/{filter_key} does not exist (available: {have}).")
+        names = [n.decode() if isinstance(n, bytes) else str(n) for n in f[f"mask/{filter_key}"][()]]
+    else:
+        names = sorted((k for k in f["data"].keys() if k.startswith("demo")), key=_demo_sort_key)
+    if not names:
+        raise DatasetError(f"{path}: no demo_<i> groups under 'data'.")
+    return names
+
+
+def low_dim_obs_dims(path, filter_key: str | None = None) -> tuple[dict[str, int], dict[str, str], int]:
+    """What a low-dimensional policy can read from a dataset, from its first demo (nothing is loaded):
+    ``(obs_dims, skipped, action_dim)``; ``obs_dims`` maps each numeric vector or scalar key (sorted) to its
+    flattened dimension, ``skipped`` each other key (an image, text) to the reason it was left out."""
+    with _open(path) as f:
+        name = _demo_names(f, path, filter_key)[0]
+        g = f["data"].get(name)
+        if not isinstance(g, h5py.Group) or not isinstance(g.get("obs"), h5py.Group):
+            raise DatasetError(f"{path}: data/{name}/obs is missing.")
+        if not isinstance(g.get("actions"), h5py.Dataset) or len(g["actions"].shape) != 2:
+            raise DatasetError(f"{path}: data/{name}/actions is missing or not (N, action_dim).")
+        dims, skipped = {}, {}
+        for k in sorted(g["obs"].keys()):
+            ds = g["obs"][k]
+            if not isinstance(ds, h5py.Dataset):
+                skipped[k] = "a group, not an array"
+            elif not (np.issubdtype(ds.dtype, np.number) or np.issubdtype(ds.dtype, np.bool_)):
+                skipped[k] = f"of dtype {ds.dtype}, not numbers"
+            elif len(ds.shape) > 2:
+                skipped[k] = f"per-step shape {ds.shape[1:]}, an image"
+            else:
+                dims[k] = int(np.prod(ds.shape[1:], dtype=np.int64))
+        return dims, skipped, int(g["actions"].shape[1])
+
+
 def read_dataset(path, obs_keys: Sequence[str] | None = None, filter_key: str | None = None,
                  max_demos: int | None = None, load_next_obs: bool = False) -> list[Demo]:
     """Load and validate demos. ``obs_keys=None`` loads every key of the first demo."""
     with _open(path) as f:
-        if "data" not in f:
-            raise DatasetError(f"{path}: group 'data' is missing; not a robomimic-layout file.")
+        names = _demo_names(f, path, filter_key)
         data = f["data"]
-        if filter_key is not None:
-            if f"mask/{filter_key}" not in f:
-                have = sorted(f["mask"].keys()) if "mask" in f else []
-                raise DatasetError(f"{path}: filter key mask/{filter_key} does not exist (available: {have}).")
-            names = [n.decode() if isinstance(n, bytes) else str(n) for n in f[f"mask/{filter_key}"][()]]
-        else:
-            names = sorted((k for k in data.keys() if k.startswith("demo")), key=_demo_sort_key)
-        if not names:
-            raise DatasetError(f"{path}: no demo_<i> groups under 'data'.")
         if max_demos is not None:
             names = names[:max_demos]
         demos, shapes = [], {}

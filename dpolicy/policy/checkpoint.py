@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import uuid
 from pathlib import Path
@@ -121,11 +122,56 @@ def _complete(p: Path) -> bool:
     return (p / COMPLETE).exists()
 
 
+_STEP_NAME = re.compile(r"step_(\d+)")
+
+
+def complete_steps(root) -> list[Path]:
+    """The complete ``step_<n>`` directories directly under ``root``, oldest first (by step number)."""
+    root = Path(root)
+    steps = []
+    with contextlib.suppress(OSError):
+        for d in root.iterdir():
+            m = _STEP_NAME.fullmatch(d.name)
+            if m and d.is_dir() and not d.is_symlink() and _complete(d):
+                steps.append((int(m.group(1)), d))
+    return [d for _, d in sorted(steps)]
+
+
+def read_latest(root) -> Path | None:
+    """The step directory ``root/latest`` names, if it names a complete one directly under ``root``; else None.
+
+    The pointer is only a hint: whatever it holds (random bytes, text that is not UTF-8, a missing or
+    incomplete step, a path leading elsewhere), a caller falls back to the newest complete step."""
+    root = Path(root)
+    try:
+        with open(root / "latest", "rb") as f:
+            raw = f.read(256)  # a step name is short; a huge garbage file is not read whole
+    except OSError:  # missing, a directory, unreadable
+        return None
+    name = raw.decode("utf-8", errors="replace").strip()
+    if not _STEP_NAME.fullmatch(name):
+        return None
+    d = root / name
+    return d if d.is_dir() and not d.is_symlink() and _complete(d) else None
+
+
+def newest_step(root) -> Path | None:
+    """The step a run's checkpoint root stands for: the one ``latest`` names when that is a complete step,
+    else the newest complete step; None when there is none."""
+    latest = read_latest(root)
+    if latest is not None:
+        return latest
+    steps = complete_steps(root)
+    return steps[-1] if steps else None
+
+
 def resolve_checkpoint(path) -> Path:
-    """Find the policy directory behind ``path`` (a policy dir, a step dir or a checkpoint root)."""
+    """Find the policy directory behind ``path`` (a policy dir, a step dir, a checkpoint root or its ``latest``)."""
     p = Path(path)
     if not p.exists():
         raise CheckpointError(f"checkpoint path {str(p)!r} does not exist.")
+    if p.is_file() and p.name == "latest":  # the pointer file itself stands for its checkpoint root
+        p = p.parent
     if (p / "meta.json").exists():
         return p
     if (p / "model" / "meta.json").exists():
@@ -133,18 +179,54 @@ def resolve_checkpoint(path) -> Path:
             raise CheckpointError(f"checkpoint {str(p)!r} has no {COMPLETE} marker; it was not fully written.")
         return p / "model"
     # a root with step directories: follow `latest`, else the newest complete step
-    candidates = []
-    latest = p / "latest"
-    if latest.exists():
-        name = latest.read_text().strip()
-        if name and _complete(p / name):
-            return p / name / "model"
-    candidates = sorted(d for d in p.glob("step_*") if d.is_dir() and _complete(d))
-    if candidates:
-        return candidates[-1] / "model"
+    step = newest_step(p)
+    if step is not None:
+        return step / "model"
     if (p / "checkpoints").is_dir():
         return resolve_checkpoint(p / "checkpoints")
     raise CheckpointError(f"{str(p)!r} holds no complete dpolicy checkpoint (no meta.json, no complete step_* directory).")
+
+
+# the PolicyConfig fields that fix a policy's weights and what it reads and writes; a resumed run must match them
+SHAPE_FIELDS = ("net", "process", "To", "Tp", "Ta", "obs_keys", "obs_dims", "action_dim")
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and k in ("net", "process"):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def policy_config_differences(saved: dict, current) -> list[tuple[str, object, object]]:
+    """``(key, saved value, current value)`` for each of ``SHAPE_FIELDS`` (nested keys spelled out, e.g.
+    ``process.type``) in which a checkpoint's ``config.json`` dict differs from the PolicyConfig ``current``."""
+    from dpolicy.config import PolicyConfig, from_dict, to_dict
+
+    saved_cfg = from_dict(PolicyConfig, saved, "policy")  # fills fields newer than the checkpoint with defaults
+    a = _flat({k: v for k, v in to_dict(saved_cfg).items() if k in SHAPE_FIELDS})
+    b = _flat({k: v for k, v in to_dict(current).items() if k in SHAPE_FIELDS})
+    keys = sorted(set(a) | set(b), key=lambda k: (not k.endswith(".type"), k))  # net.type / process.type first
+    return [(k, a.get(k), b.get(k)) for k in keys if a.get(k) != b.get(k)]
+
+
+def check_resume_compatible(step_dir, current) -> None:
+    """Raise CheckpointError, naming every differing key, unless the policy saved in ``step_dir`` has the same
+    network, process and shapes as the PolicyConfig ``current`` (the run that wants to resume from it)."""
+    step_dir = Path(step_dir)
+    path = step_dir / "model" / "config.json"
+    try:
+        diffs = policy_config_differences(read_json(path, "the checkpoint"), current)
+    except ConfigError as e:
+        raise CheckpointError(f"{path} is invalid: {e}") from None
+    if diffs:
+        was = ", ".join(f"{k}={old!r}" for k, old, _ in diffs)
+        now = ", ".join(f"{k}={new!r}" for k, _, new in diffs) if len(diffs) > 1 else repr(diffs[0][2])
+        raise CheckpointError(f"{step_dir} was trained with {was}; this run asks for {now} — use a new hydra.run.dir "
+                              f"or the same settings.")
 
 
 def load_policy(path, device="cpu"):

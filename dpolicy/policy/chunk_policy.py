@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 from typing import Mapping
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -98,8 +99,14 @@ class ChunkPolicy(nn.Module):
     @torch.no_grad()
     def act(self, obs: Mapping[str, torch.Tensor], noise: torch.Tensor | None = None, steps: int | None = None,
             generator: torch.Generator | None = None) -> torch.Tensor:
-        """``{k: (B, To, d_k)}`` -> action chunk ``(B, Tp, Da)`` in env units. Same noise, same chunk."""
+        """``{k: (B, To, d_k)}`` -> action chunk ``(B, Tp, Da)`` in env units. Same noise, same chunk.
+
+        Observations and noise may be tensors, numpy arrays or nested lists (moved to the policy's device);
+        a NaN or infinite entry is rejected with a ShapeError naming the key."""
+        obs = as_obs_tensors(obs, self.obs_keys, self.device)
         self.check_obs(obs)
+        if noise is not None:
+            noise = as_noise_tensor(noise, self.device)
         chunk = self.sample_normalized(self.encode(obs), noise, steps, generator)
         return self.normalizer.action.unnormalize(chunk)
 
@@ -137,21 +144,57 @@ class ChunkPolicy(nn.Module):
         return load_policy(path, device)
 
 
+def _to_tensor(v, what: str, device=None) -> torch.Tensor:
+    """A numpy array, list or number -> a float32 tensor (on ``device`` when given); tensors pass unchanged."""
+    if isinstance(v, torch.Tensor):
+        return v
+    try:
+        a = np.asarray(v, dtype=np.float32)
+    except (ValueError, TypeError) as e:
+        raise ShapeError(f"{what} is a {type(v).__name__} that is not a numeric array ({e}).") from None
+    return torch.as_tensor(a, device=device)
+
+
+def as_obs_tensors(obs, keys, device=None) -> dict:
+    """``obs`` with the entries for ``keys`` that are numpy arrays or lists turned into float32 tensors on
+    ``device``; tensors and other keys pass unchanged (validation is ``check_obs_dict``'s job)."""
+    if not isinstance(obs, Mapping):
+        return obs
+    if all(isinstance(v, torch.Tensor) for v in obs.values()):
+        return obs
+    return {k: _to_tensor(v, f"observation {k!r}", device) if k in keys else v for k, v in obs.items()}
+
+
+def as_noise_tensor(noise, device=None) -> torch.Tensor:
+    """``noise`` as a tensor (numpy arrays and lists on ``device``); raises ShapeError if it is not finite."""
+    noise = _to_tensor(noise, "noise", device)
+    if noise.is_floating_point() and not bool(torch.isfinite(noise).all()):
+        raise ShapeError("noise holds NaN or infinite values.")
+    return noise
+
+
 def check_obs_dict(obs: Mapping[str, torch.Tensor], keys, dims: Mapping[str, int], To: int, who: str) -> int:
-    """Validate an observation dict of ``(B, To, dim)`` tensors for ``keys``; return the batch size.
-    Raises ShapeError naming the culprit key."""
+    """Validate an observation dict of ``(B, To, dim)`` tensors (or arrays) for ``keys``; return the batch size.
+    Raises ShapeError naming the culprit key: a missing key, a wrong shape, a NaN or infinite value."""
     if not isinstance(obs, Mapping):
         raise ShapeError(f"observations must be a dict keyed by {list(keys)}, got {type(obs).__name__}.")
     missing = [k for k in keys if k not in obs]
     if missing:
         raise ShapeError(f"observation key(s) {missing} are missing; {who} needs {list(keys)}.")
     batch = None
+    values = {}
     for k in keys:
-        shape = tuple(obs[k].shape)
+        v = values[k] = _to_tensor(obs[k], f"observation {k!r}")
+        shape = tuple(v.shape)
         want = (To, dims[k])
         if len(shape) != 3 or shape[1:] != want:
             raise ShapeError(f"observation {k!r} has shape {shape}; expected (B, {want[0]}, {want[1]}) = (B, To, dim).")
         if batch is not None and shape[0] != batch:
             raise ShapeError(f"observation {k!r} has batch size {shape[0]} but others have {batch}.")
         batch = shape[0]
+    # one device sync for all keys; only a failure looks for the culprit
+    floats = [v for v in values.values() if v.is_floating_point()]
+    if floats and not bool(torch.stack([torch.isfinite(v).all().to(floats[0].device) for v in floats]).all()):
+        bad = next(k for k, v in values.items() if v.is_floating_point() and not bool(torch.isfinite(v).all()))
+        raise ShapeError(f"observation {bad!r} holds NaN or infinite values.")
     return batch
