@@ -6,16 +6,16 @@ from __future__ import annotations
 
 import hydra
 
-from dpolicy.cli.common import CONFIG_DIR, container, run_dir, user_errors
+from dpolicy.cli.common import CONFIG_DIR, checked, run_dir, settings, user_errors
 
 
 @user_errors
 def _run(cfg) -> dict:
-    from dpolicy.config import RunConfig, from_dict
+    from dpolicy.config import RunConfig
     from dpolicy.train.bc import train_bc
     from dpolicy.train.distributed import is_main
 
-    run_cfg = from_dict(RunConfig, container(cfg))
+    run_cfg = settings(RunConfig, cfg)
     out = run_dir()
     metrics = train_bc(run_cfg, out, progress=run_cfg.train.progress)
     if is_main() and "success_rate" in metrics:
@@ -31,6 +31,7 @@ def _run(cfg) -> dict:
     return metrics
 
 
+@checked("train")
 @hydra.main(config_path=CONFIG_DIR, config_name="train", version_base="1.3")
 def main(cfg) -> None:
     _run(cfg)
