@@ -15,6 +15,7 @@ import json
 import os
 import pickle
 import sys
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -50,7 +51,9 @@ def load_planner(run_dir, device):
     if not path.exists():
         raise CheckpointError(f"no planner checkpoint at {path}; pass init=<a train or rl run directory>.")
     try:
-        ck = torch.load(path, map_location=device, weights_only=True)
+        with warnings.catch_warnings():  # torch's remarks on a garbled pickle header would precede the sentence below
+            warnings.simplefilter("ignore")
+            ck = torch.load(path, map_location=device, weights_only=True)
     except (pickle.UnpicklingError, zipfile.BadZipFile, EOFError, OSError, RuntimeError, ValueError) as e:
         raise CheckpointError(f"{path} is corrupt or truncated (torch.load: {type(e).__name__}); "
                               "train the planner again or point init= at another run.") from None
