@@ -17,10 +17,29 @@ from dpolicy.errors import (  # noqa: F401
 )
 
 
-def __getattr__(name):
-    # Lazy so that `import dpolicy` stays cheap for the env-only and data-only users.
-    if name in ("ChunkPolicy", "PolicyConfig"):
-        from dpolicy import policy
+# public names that are imported on first use, so that `import dpolicy` stays cheap for the env-only and
+# data-only users: name -> the module that defines it
+_LAZY = {
+    "ChunkPolicy": "dpolicy.policy",
+    "load_policy": "dpolicy.policy",
+    "save_policy": "dpolicy.policy",
+    "PolicyConfig": "dpolicy.config",
+    "NetConfig": "dpolicy.config",
+    "ProcessConfig": "dpolicy.config",
+    "RunConfig": "dpolicy.config",
+    "TrainConfig": "dpolicy.config",
+}
 
-        return getattr(policy, name)
-    raise AttributeError(name)
+__all__ = ["CheckpointError", "ConfigError", "DatasetError", "DPolicyError", "ShapeError", "TrainingError", *_LAZY]
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'dpolicy' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))

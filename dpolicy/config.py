@@ -7,6 +7,10 @@ error messages. ``from_dict`` rejects unknown keys, naming them, so a typo never
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -14,7 +18,15 @@ from dpolicy.errors import ConfigError
 
 
 def from_dict(cls, d: Mapping[str, Any] | None, where: str = ""):
-    """Build dataclass ``cls`` from ``d``; nested dataclass fields are built recursively."""
+    """Build dataclass ``cls`` from ``d``; nested dataclass fields are built recursively.
+
+    Every value is checked against its field's annotation before the dataclass is made, so its
+    ``__post_init__`` range checks see the right types: ``int`` takes integers (an integral float such
+    as 1e4 too, never 2.5 or "abc"), ``float`` takes any real number, ``bool`` only true/false, ``str``
+    a string (a bare number is read as its text), ``list``/``tuple`` a sequence (element types checked
+    when given), ``dict`` a mapping, a dataclass a mapping (recursively). ``X | None`` also takes null;
+    null given to a field that is not Optional stands for that field's default.
+    """
     if d is None:
         return cls()
     if isinstance(d, cls):
@@ -26,12 +38,118 @@ def from_dict(cls, d: Mapping[str, Any] | None, where: str = ""):
     if unknown:
         raise ConfigError(f"unknown config key(s) {', '.join(repr(f'{where}.{k}' if where else k) for k in unknown)}; "
                           f"valid keys are {sorted(fields)}.")
-    kwargs = {}
-    for k, v in d.items():
-        ftype = fields[k].type
-        sub = _DATACLASSES.get(ftype if isinstance(ftype, str) else getattr(ftype, "__name__", ""))
-        kwargs[k] = from_dict(sub, v, f"{where}.{k}" if where else k) if sub is not None else v
-    return cls(**kwargs)
+    return cls(**{k: parse_field(cls, k, v, where) for k, v in d.items()})
+
+
+def parse_field(cls, name: str, value, where: str = ""):
+    """``value`` checked and converted for field ``name`` of dataclass ``cls`` (see ``from_dict``)."""
+    f = next((f for f in dataclasses.fields(cls) if f.name == name), None)
+    if f is None:
+        raise ConfigError(f"{cls.__name__} has no field {name!r}.")
+    key = f"{where}.{name}" if where else name
+    tp = _hints(cls).get(name, f.type)
+    if value is None and not _optional(tp):
+        if f.default is not dataclasses.MISSING:
+            return f.default
+        if f.default_factory is not dataclasses.MISSING:
+            return f.default_factory()
+    return _coerce(value, tp, key)
+
+
+@functools.lru_cache(maxsize=None)
+def _hints(cls) -> dict:
+    try:
+        return typing.get_type_hints(cls)
+    except Exception:  # an annotation that cannot be resolved: fall back to the registry by name
+        return {f.name: _DATACLASSES.get(f.type if isinstance(f.type, str) else "", f.type) for f in dataclasses.fields(cls)}
+
+
+def _optional(tp) -> bool:
+    return typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in typing.get_args(tp)
+
+
+_WORDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string", list: "a list", tuple: "a list",
+          dict: "a mapping"}
+
+
+def _describe(tp) -> str:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return " or ".join("null" if a is type(None) else _describe(a) for a in typing.get_args(tp))
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    if typing.get_origin(tp) is list and typing.get_args(tp):
+        return f"a list of {_describe(typing.get_args(tp)[0]).split(' ', 1)[1]}s"
+    return _WORDS.get(typing.get_origin(tp) or tp, getattr(tp, "__name__", str(tp)))
+
+
+def _coerce(v, tp, key: str):
+    """``v`` as type ``tp``, or a ConfigError naming ``key``."""
+    if isinstance(tp, str):
+        tp = _DATACLASSES.get(tp, Any)
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    shown = "null" if v is None else repr(v)
+    bad = ConfigError(f"{key}={shown} must be {_describe(tp)}.")
+    if tp is Any:
+        return v
+    if origin in (typing.Union, types.UnionType):
+        if v is None:
+            if type(None) in args:
+                return None
+            raise bad
+        numeric = isinstance(v, (int, float)) and not isinstance(v, bool) and (int in args or float in args)
+        for a in args:
+            if a is not type(None) and not (a is str and numeric):  # 2.5 for `int | str` is no text
+                try:
+                    return _coerce(v, a, key)
+                except ConfigError as e:
+                    if not str(e).startswith(f"{key}="):  # about a part of the value (an element, a nested key)
+                        raise
+        raise bad
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, v, key)
+    if tp is bool:
+        if isinstance(v, bool):
+            return v
+        raise bad
+    if tp is int:
+        if isinstance(v, bool):
+            raise bad
+        if isinstance(v, int):
+            return v
+        if isinstance(v, float) and math.isfinite(v) and v.is_integer():
+            return int(v)
+        if isinstance(v, str):
+            try:
+                return int(v.strip())
+            except ValueError:
+                pass
+        raise bad
+    if tp is float:
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            return float(v)
+        if isinstance(v, str):
+            try:
+                return float(v.strip())
+            except ValueError:
+                pass
+        raise bad
+    if tp is str:
+        if isinstance(v, str):
+            return v
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            return str(v)
+        raise bad
+    if tp in (list, tuple) or origin in (list, tuple):
+        if not isinstance(v, (list, tuple)):
+            raise bad
+        if origin is list and args:
+            v = [_coerce(x, args[0], f"{key}[{i}]") for i, x in enumerate(v)]
+        return tuple(v) if (tp is tuple or origin is tuple) else list(v)
+    if tp is dict or origin is dict:
+        if not isinstance(v, Mapping):
+            raise bad
+        return dict(v)
+    return v
 
 
 def to_dict(obj) -> dict:
@@ -43,22 +161,62 @@ def _check(cond: bool, msg: str):
         raise ConfigError(msg)
 
 
+def _key(where: str, name: str) -> str:
+    return f"{where}.{name}" if where else name
+
+
+def check_min(obj, where: str, lo, *names: str, null: str = ""):
+    """Each field in ``names`` of ``obj`` is None (when Optional) or at least ``lo``; ``null`` says what null means."""
+    for name in names:
+        v = getattr(obj, name)
+        if v is not None and not v >= lo:
+            tail = f" (null: {null})" if null else ""
+            raise ConfigError(f"{_key(where, name)}={v!r} must be at least {lo}{tail}.")
+
+
+def check_fraction(obj, where: str, *names: str, top_open: bool = False):
+    """Each field in ``names`` of ``obj`` lies in [0, 1] (``top_open``: [0, 1))."""
+    for name in names:
+        v = getattr(obj, name)
+        if v is not None and not (0 <= v < 1 if top_open else 0 <= v <= 1):
+            raise ConfigError(f"{_key(where, name)}={v!r} must lie in [0, 1{')' if top_open else ']'}.")
+
+
+def check_choice(obj, where: str, name: str, choices):
+    v = getattr(obj, name)
+    if v not in choices:
+        raise ConfigError(f"{_key(where, name)}={v!r} is unknown; choose one of {', '.join(map(str, choices))}.")
+
+
+DEVICES = "auto, cpu, cuda, cuda:N or mps"
+
+
+def check_device(name, key: str = "device") -> str:
+    """``name`` if it is a device name dpolicy accepts (auto, cpu, cuda, cuda:N, mps), else one ConfigError."""
+    s = str(name)
+    if s in ("auto", "cpu", "cuda", "mps") or (s.startswith("cuda:") and s[5:].isdigit()):
+        return s
+    raise ConfigError(f"{key}={name!r} is not a device; use {DEVICES}.")
+
+
 @dataclass
 class NetConfig:
     type: str = "mlp"  # "mlp" (residual MLP, DPPO design) or "unet" (1-D conditional U-Net, Diffusion Policy design)
     hidden: int = 256  # mlp width
     depth: int = 3  # mlp residual blocks
-    down_dims: list = field(default_factory=lambda: [64, 128, 256])  # unet channels per level
+    down_dims: list[int] = field(default_factory=lambda: [64, 128, 256])  # unet channels per level
     kernel_size: int = 5
     n_groups: int = 8
     time_dim: int = 32  # time-embedding width
 
     def __post_init__(self):
-        _check(self.type in ("mlp", "unet"), f"net.type={self.type!r} is unknown; choose 'mlp' or 'unet'.")
-        _check(self.hidden > 0 and self.depth >= 0, f"net.hidden={self.hidden} / net.depth={self.depth} must be positive.")
+        _check(self.type in ("mlp", "unet"), f"policy.net.type={self.type!r} is unknown; choose 'mlp' or 'unet'.")
+        _check(self.hidden > 0 and self.depth >= 0, f"policy.net.hidden={self.hidden} must be positive and "
+                                                         f"policy.net.depth={self.depth} at least 0.")
         _check(len(self.down_dims) >= 1 and all(int(d) > 0 for d in self.down_dims),
-               f"net.down_dims={list(self.down_dims)} must be a non-empty list of positive ints.")
-        _check(self.time_dim > 0 and self.time_dim % 2 == 0, f"net.time_dim={self.time_dim} must be a positive even int.")
+               f"policy.net.down_dims={list(self.down_dims)} must be a non-empty list of positive ints.")
+        _check(self.time_dim > 0 and self.time_dim % 2 == 0, f"policy.net.time_dim={self.time_dim} must be a positive even int.")
+        check_min(self, "policy.net", 1, "kernel_size", "n_groups")
         self.down_dims = [int(d) for d in self.down_dims]
 
 
@@ -104,6 +262,7 @@ class PolicyConfig:
 
     def __post_init__(self):
         _check(self.To >= 1, f"policy.To={self.To} must be at least 1.")
+        check_min(self, "policy", 0, "action_dim")
         _check(self.Tp >= 1, f"policy.Tp={self.Tp} must be at least 1.")
         _check(1 <= self.Ta <= self.Tp, f"policy.Ta={self.Ta} must be between 1 and Tp={self.Tp}.")
         _check(0.0 <= float(self.obs_noise) < float("inf"), f"policy.obs_noise={self.obs_noise} must be a finite number >= 0.")
@@ -123,11 +282,11 @@ class PolicyConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = 3000  # gradient steps
+    steps: int = 4000  # gradient steps
     batch_size: int = 256
     lr: float = 1e-3
     weight_decay: float = 1e-6
-    betas: list = field(default_factory=lambda: [0.95, 0.999])
+    betas: list[float] = field(default_factory=lambda: [0.95, 0.999])
     warmup_steps: int = 100
     grad_clip: float = 1.0
     ema_power: float = 0.75
@@ -154,6 +313,13 @@ class TrainConfig:
                f"train.early_stop={self.early_stop!r} must be a whole number of evaluations >= 0 (0: off).")
         _check(isinstance(self.stop_success, (int, float)) and 0.0 < self.stop_success <= 1.0,
                f"train.stop_success={self.stop_success!r} must be a success rate in (0, 1].")
+        check_min(self, "train", 0, "weight_decay", "warmup_steps")
+        check_min(self, "train", 1, "max_bad_steps")
+        _check(self.grad_clip > 0 and self.ema_power > 0, f"train.grad_clip={self.grad_clip} and train.ema_power={self.ema_power} "
+                                                          "must be positive.")
+        check_fraction(self, "train", "ema_max")
+        _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+               f"train.betas={list(self.betas)} must be two numbers in [0, 1).")
 
 
 @dataclass
@@ -168,6 +334,7 @@ class TaskConfig:
 
     def __post_init__(self):
         _check(self.n_demos >= 1, f"task.n_demos={self.n_demos} must be at least 1.")
+        check_min(self, "task", 0, "demo_noise")
         self.env_kwargs, self.expert_kwargs = dict(self.env_kwargs or {}), dict(self.expert_kwargs or {})
         self.obs_keys = list(self.obs_keys or [])
 
@@ -177,6 +344,9 @@ class DataConfig:
     path: str | None = None  # robomimic-layout HDF5; None: collect expert demos into the run directory
     filter_key: str | None = None  # mask/<filter_key> selects demos (e.g. "train")
     max_demos: int | None = None
+
+    def __post_init__(self):
+        check_min(self, "data", 1, "max_demos", null="all of them")
 
 
 @dataclass
@@ -188,11 +358,14 @@ class EvalConfig:
     video: bool = True
     video_episodes: int = 2
     plot: bool = True
-    every: int = 0  # evaluate every N training steps for the learning curve (0: only at the end)
+    every: int = 1000  # evaluate every N training steps for the learning curve (0: only at the end)
     episodes_during: int = 20  # episodes per evaluation during training
 
     def __post_init__(self):
         _check(self.episodes >= 1 and self.n_envs >= 1, f"eval.episodes={self.episodes} and eval.n_envs={self.n_envs} must be at least 1.")
+        check_min(self, "eval", 1, "steps", null="the policy's default")
+        check_min(self, "eval", 1, "episodes_during")
+        check_min(self, "eval", 0, "video_episodes", "every")
 
 
 @dataclass
@@ -205,9 +378,168 @@ class RunConfig:
     device: str = "auto"
     seed: int = 0
 
+    def __post_init__(self):
+        check_device(self.device)
+
+
+# The settings of the other hydra commands (configs/<command>.yaml holds the same defaults; the comments there
+# say what each one does). ``task=<name>`` selects configs/task/<name>.yaml, whose training recipe (train, policy,
+# eval) the commands drop.
+RECIPE_KEYS = ("train", "policy", "eval")
+
+
+def task_name(task: TaskConfig | None) -> str | None:
+    return None if task is None else task.name
+
+
+@dataclass
+class EvaluateConfig:
+    """``dpolicy-eval``: evaluate a checkpoint on the environment stored with it."""
+    checkpoint: str | None = None  # required: a policy directory, a step directory or a run's checkpoints/
+    task: TaskConfig | None = None  # task=<name> (configs/task/): run on that task instead of the stored one
+    env_kwargs: dict | None = None  # override the stored env kwargs
+    episodes: int = 100
+    n_envs: int = 10
+    seed: int = 100000
+    steps: int | None = None  # sampling steps (None: the policy's default)
+    video: bool = True
+    video_episodes: int = 2
+    device: str = "auto"
+
+    def __post_init__(self):
+        _check(bool(self.checkpoint), "checkpoint=<path> is required.")
+        check_min(self, "", 1, "episodes", "n_envs")
+        check_min(self, "", 1, "steps", null="the policy's default")
+        check_min(self, "", 0, "video_episodes")
+        check_device(self.device)
+
+
+@dataclass
+class CollectConfig:
+    """``dpolicy-collect``: scripted-expert demonstrations in robomimic's HDF5 layout."""
+    task: TaskConfig = field(default_factory=TaskConfig)
+    n_demos: int = 100  # configs/collect.yaml: task.n_demos
+    noise_std: float = 0.0  # expert action noise; configs/collect.yaml: task.demo_noise
+    out: str | None = None  # None: <run dir>/<task>_demos.hdf5
+    seed: int = 0
+    keep_failures: bool = False
+    valid_fraction: float = 0.1  # share of the demos in mask/valid (0: no masks)
+
+    def __post_init__(self):
+        check_min(self, "", 1, "n_demos")
+        check_min(self, "", 0, "noise_std")
+        check_fraction(self, "", "valid_fraction", top_open=True)
+
+
+DEPLOY_MODES = ("rti", "chunked")
+SAMPLERS = ("ddim", "ddpm", "euler", "heun", "direct")
+
+
+@dataclass
+class DeployConfig:
+    """``dpolicy-deploy``: a checkpoint as a controller in a fixed-rate loop (see dpolicy/deploy)."""
+    checkpoint: str | None = None  # required
+    task: TaskConfig | None = None  # task=<name> (configs/task/): run on that task instead of the stored one
+    env_kwargs: dict | None = None
+    mode: str = "rti"  # rti | chunked
+    k: int | str = 3  # rti: network evaluations per decision, or "full"
+    timesteps: list[int] | None = None  # rti: explicit descending timesteps ending at 0; overrides k
+    steps: int | None = None  # full-solve steps (None: the policy's default)
+    sampler: str | None = None  # None: the policy's own
+    renoise: bool = True
+    execute: int | None = None  # chunked: actions executed per solve (None: the policy's Ta)
+    discrete: dict | None = None  # binary action dimensions and their remedy, e.g. {-1: clip}
+    rate_hz: float | None = None  # None: the env's own rate
+    realtime: bool = True
+    prime: bool = True
+    episodes: int = 10
+    seed: int = 100000
+    max_steps: int | None = None
+    device: str = "auto"
+    threads: int | None = 1  # torch CPU threads (None: torch's default)
+    compile: bool = False
+    cuda_graph: bool | None = None  # None: on when the device is CUDA
+    export: str | None = None  # path of a .pt2 file for the exported decision step
+    eval_episodes: int = 0  # also a batched success evaluation over this many episodes (0: none)
+    n_envs: int = 10
+
+    def __post_init__(self):
+        _check(bool(self.checkpoint), "checkpoint=<path> is required.")
+        check_choice(self, "", "mode", DEPLOY_MODES)
+        _check(self.k == "full" if isinstance(self.k, str) else self.k >= 1, f"k={self.k!r} must be a positive integer or 'full'.")
+        if self.sampler is not None:
+            check_choice(self, "", "sampler", SAMPLERS)
+        check_min(self, "", 1, "steps", null="the policy's default")
+        check_min(self, "", 1, "execute", null="the policy's Ta")
+        check_min(self, "", 1, "episodes", "n_envs")
+        check_min(self, "", 1, "max_steps", null="the environment's own limit")
+        check_min(self, "", 1, "threads", null="torch's default")
+        check_min(self, "", 0, "eval_episodes")
+        _check(self.rate_hz is None or self.rate_hz > 0, f"rate_hz={self.rate_hz!r} must be positive (null: the env's own rate).")
+        check_device(self.device)
+
+
+@dataclass
+class CEMConfig:
+    """The cross-entropy weight search of ``dpolicy-compose search=cem``."""
+    iterations: int = 4
+    population: int = 8
+    elite_frac: float = 0.25
+    rng_seed: int = 0
+
+    def __post_init__(self):
+        check_min(self, "cem", 1, "iterations")
+        check_min(self, "cem", 2, "population")
+        _check(0 < self.elite_frac <= 1, f"cem.elite_frac={self.elite_frac!r} must lie in (0, 1].")
+
+
+@dataclass
+class ComposeConfig:
+    """``dpolicy-compose``: compose checkpoints (GPC), choose the weights on selection seeds, report on others."""
+    parents: list[str] = field(default_factory=list)  # required: checkpoint paths
+    operator: str = "convex"  # convex | product | mixture
+    search: str = "grid"  # grid | cem | none
+    weights: list[float] | None = None  # search=none: the weights, one per parent
+    resolution: int = 10
+    cem: CEMConfig = field(default_factory=CEMConfig)
+    select_episodes: int = 50
+    select_seed: int = 200000
+    episodes: int = 200
+    seed: int = 100000
+    n_envs: int = 10
+    steps: int | None = None  # None: the base parent's default
+    Ta: int | None = None  # None: the smallest of the parents'
+    action_norm_tol: float = 0.1
+    relative: bool = True
+    task: TaskConfig | None = None  # task=<name> (configs/task/): that task instead of the parents' stored one
+    env_kwargs: dict | None = None
+    device: str = "auto"
+
+    def __post_init__(self):
+        _check(len(self.parents) >= 1, "parents=[path,path,...] is required (checkpoint paths of the policies to compose).")
+        check_choice(self, "", "operator", ("convex", "product", "mixture"))
+        check_choice(self, "", "search", ("grid", "cem", "none"))
+        _check(self.operator != "product" or self.search == "none",
+               "the product operator takes fixed weights (any non-negative values); use search=none weights=[...].")
+        if self.search == "none":
+            _check(self.weights is not None, "search=none needs weights=[...] (one per parent).")
+        if self.weights is not None:
+            _check(len(self.weights) == len(self.parents) and all(w >= 0 for w in self.weights),
+                   f"weights={self.weights} must be {len(self.parents)} non-negative numbers, one per parent.")
+        check_min(self, "", 1, "resolution", "select_episodes", "episodes", "n_envs")
+        check_min(self, "", 1, "steps", null="the base parent's default")
+        check_min(self, "", 1, "Ta", null="the smallest of the parents'")
+        check_min(self, "", 0, "action_norm_tol")
+        if self.search != "none":
+            a, b = (self.select_seed, self.select_seed + self.select_episodes), (self.seed, self.seed + self.episodes)
+            _check(not (a[0] < b[1] and b[0] < a[1]), f"selection seeds [{a[0]}, {a[1]}) overlap evaluation seeds "
+                   f"[{b[0]}, {b[1]}); choose select_seed and seed so the weights are not chosen on the seeds that report them.")
+        check_device(self.device)
+
 
 _DATACLASSES = {c.__name__: c for c in (NetConfig, ProcessConfig, PolicyConfig, TrainConfig, TaskConfig, DataConfig,
-                                         EvalConfig, RunConfig)}
+                                         EvalConfig, RunConfig, EvaluateConfig, CollectConfig, DeployConfig, CEMConfig,
+                                         ComposeConfig)}
 
 
 def register(*classes) -> None:

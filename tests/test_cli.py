@@ -150,3 +150,168 @@ def test_task_keep_failures_reaches_the_demo_collection(tmp_path):
     (tmp_path / "strict").mkdir()
     with pytest.raises(ConfigError, match="keep_failures"):
         prepare_dataset(compose_run(over), tmp_path / "strict", progress=False)
+
+
+# ---- bad input on every command: checked before anything runs, one sentence, exit status 2 ----
+# Each case is (command, arguments, a text the one stderr line must hold: the key at fault). The hydra
+# commands run in this process (hydra.main with sys.argv), drive and bench through their main(argv).
+
+CKPT = str(Path(__file__).resolve().parents[1] / "checkpoints" / "avoid_diffusion")
+NO_CUDA = not __import__("torch").cuda.is_available()
+
+BAD_INPUT = {
+    "train": [(a, a.split("=")[0]) for a in [
+        "train.steps=abc", "train.steps=0", "train.steps=-5", "train.steps=2.5", "train.steps=true", "train.batch_size=0",
+        "train.lr=0", "train.lr=abc", "train.amp=maybe", "train.amp=1", "train.betas=[0.9]", "train.betas=abc",
+        "train.ema_max=2", "train.grad_clip=0", "train.warmup_steps=-1", "train.max_bad_steps=0", "train.keep_checkpoints=0",
+        "train.log_every=0", "eval.steps=0", "eval.episodes=abc", "eval.episodes=0", "eval.n_envs=0", "eval.every=-1",
+        "eval.video=3", "eval.video_episodes=-1", "eval.episodes_during=0", "task.n_demos=0", "task.n_demos=x",
+        "task.demo_noise=-1", "task.env_kwargs=5", "task.obs_keys=agent_pos", "data.max_demos=0", "data.path=[1]",
+        "policy.To=abc", "policy.To=0", "policy.Tp=1.5", "policy.obs_noise=-0.1", "policy.net.hidden=x",
+        "policy.net.depth=-1", "policy.net.time_dim=7", "policy.process.eta=abc", "policy.process.clip_sample=often",
+        "seed=abc", "train.seed=1.5", "train.no_such_key=1"]]
+    + [(["net=unet", "policy.net.down_dims=[32,x]"], "policy.net.down_dims[1]"),
+       (["net=unet", "policy.net.kernel_size=0"], "policy.net.kernel_size"), ("policy.process.steps=0", "process.steps"),
+       ("process=nonexistent", "process/nonexistent"), ("task=nope", "task/nope"), ("train.steps=[", "["),
+       ("seed=${nope}", "nope"), ("device=gpu", "device"), ("device=cuda:x", "device"), ("device=7", "device")]
+    + ([("device=cuda:3", "device")] if NO_CUDA else []),
+    "evaluate": [(a, a.split("=")[0]) for a in [
+        "episodes=abc", "episodes=0", "episodes=-2", "episodes=2.5", "n_envs=0", "steps=0", "steps=abc", "video=maybe",
+        "video_episodes=-1", "device=tpu", "seed=1.5", "env_kwargs=3", "no_such_key=1"]]
+    + [("checkpoint=null", "checkpoint"), ("task=nope", "task/nope")],
+    "collect": [(a, a.split("=")[0]) for a in [
+        "n_demos=abc", "valid_fraction=2", "valid_fraction=-0.1", "valid_fraction=1", "valid_fraction=x", "noise_std=-1",
+        "keep_failures=sometimes", "seed=x", "out=[1]", "task.env_kwargs=7"]] + [("n_demos=0", "n_demos"),
+                                                                             ("task.n_demos=-1", "n_demos")],
+    "deploy": [(a, a.split("=")[0]) for a in [
+        "execute=0", "execute=abc", "steps=0", "k=abc", "k=0", "k=2.5", "mode=fast", "episodes=0", "n_envs=0", "threads=0",
+        "rate_hz=0", "rate_hz=abc", "max_steps=0", "eval_episodes=-1", "sampler=rk4", "realtime=perhaps", "renoise=2",
+        "device=tpu", "cuda_graph=sometimes", "discrete=clip"]] + [("timesteps=[3,x]", "timesteps[1]"),
+                                                                   ("checkpoint=null", "checkpoint")],
+    "compose": [(a, a.split("=")[0]) for a in [
+        "parents=[]", "parents=a", "episodes=0", "select_episodes=0", "n_envs=abc", "resolution=0", "operator=sum",
+        "search=random", "steps=0", "Ta=0", "action_norm_tol=-1", "cem.population=1", "cem.elite_frac=0",
+        "cem.iterations=abc", "relative=3", "device=tpu"]]
+    + [("search=none", "weights"), ("operator=product", "product"), ("select_seed=100000", "seeds")],
+    "steer": [(a, a.split("=")[0]) for a in [
+        "env_steps=0", "env_steps=abc", "n_envs=0", "eval_episodes=0", "eval_every=0", "init_steps=-1", "buffer_size=0",
+        "sampling_steps=0", "base_eta=-1", "reward_offset=x", "dsrl.lr=0", "dsrl.algo=ppo", "dsrl.hidden=abc",
+        "dsrl.gamma=2", "dsrl.q_bounds=[1,0]", "dsrl.tau=0", "dsrl.init_alpha=0", "dsrl.utd=0", "sample_noise=maybe",
+        "device=tpu"]] + [("base=null", "base")],
+    "drive": [(["collect", a], a.split("=")[0]) for a in [
+        "data.n_train=-1", "data.n_train=0", "data.n_train=abc", "data.n_val=-1", "data.n_test=0", "model.d=abc",
+        "tokenizer.mode=bins", "tokenizer.resolution=0", "tokenizer.x_range=[1,0]", "train.steps=0", "train.lr=-1",
+        "train.batch=abc", "rl.lr=0", "rl.algo=ppo", "rl.lr_schedule=cosine", "rl.iters=0", "rl.eps_low=2",
+        "rl.order=sideways", "rl.eval_every=0", "eval.order=sideways", "eval.steps=0", "eval.scenes_in_picture=0",
+        "device=tpu", "init=[1]"]]
+    + [(["collect", "model.heads=3"], "model.heads"), (["collect", "rl.group=1"], "rl.group"), (["fly"], "command"),
+       (["collect", "no_such_key=1"], "no_such_key"), (["rl"], "init"), (["eval"], "init")],
+    "bench": [(["--episodes", "abc"], "--episodes"), (["--episodes", "0"], "--episodes"), (["--seeds", "0"], "--seeds"),
+              (["--expert-episodes", "-3"], "--expert-episodes"), (["--tasks", "avoid,nope"], "--tasks"),
+              (["--processes", "flo"], "--processes"), (["--sections", "steer", "--steer-tasks", "x"], "--steer-tasks"),
+              (["--sections", "envs,nope"], "nope"), (["train.steps=abc"], "train.steps"), (["train.steps=0"], "train.steps"),
+              (["eval.every=-1"], "eval.every"), (["--bogus"], "--bogus")],
+}
+REQUIRED = {"evaluate": [f"checkpoint={CKPT}"], "deploy": [f"checkpoint={CKPT}"], "compose": ["parents=[a,b]"],
+            "steer": [f"base={CKPT}"]}
+CASES = [(cmd, args, key) for cmd, rows in BAD_INPUT.items() for args, key in rows]
+
+
+def run_in_process(capsys, tmp_path, command, args):
+    """Exit status, stdout and stderr of a command run in this process."""
+    import importlib
+
+    mod = importlib.import_module(f"dpolicy.cli.{command}")
+    if command == "drive":
+        code = mod.main(["collect" if args[:1] == [] else args[0], *args[1:], f"out={tmp_path / 'd.hdf5'}",
+                         f"run_dir={tmp_path}"])
+    elif command == "bench":
+        code = mod.main([*args, "--out", str(tmp_path / "B.md"), "--work", str(tmp_path)])
+    else:
+        argv = sys.argv
+        sys.argv = [command, *REQUIRED.get(command, []), *args, f"hydra.run.dir={tmp_path}"]
+        try:
+            mod.main()
+            code = 0
+        except SystemExit as e:
+            code = e.code
+        finally:
+            sys.argv = argv
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_the_bad_input_table_covers_every_command():
+    assert set(BAD_INPUT) == {"train", "evaluate", "collect", "deploy", "compose", "steer", "drive", "bench"}
+    assert len(CASES) >= 150
+
+
+@pytest.mark.parametrize("command,args,key", CASES, ids=[f"{c}:{' '.join(a) if isinstance(a, list) else a}" for c, a, _ in CASES])
+def test_bad_input_is_one_sentence_naming_the_key(capsys, tmp_path, command, args, key):
+    code, _, err = run_in_process(capsys, tmp_path, command, args if isinstance(args, list) else [args])
+    lines = err.strip().splitlines()
+    assert code == 2, err[-2000:]
+    assert len(lines) == 1 and lines[0].startswith("error:") and "Traceback" not in err, err[-2000:]
+    assert key in lines[0], lines[0]
+    assert not (tmp_path / "metrics.json").exists() and not (tmp_path / "B.md").exists()
+
+
+@pytest.mark.parametrize("command,args,key", [
+    ("train", ["train.steps=abc"], "train.steps='abc' must be an integer"),
+    ("evaluate", [f"checkpoint={CKPT}", "episodes=abc"], "episodes='abc' must be an integer"),
+    ("collect", ["valid_fraction=2"], "valid_fraction"),
+    ("deploy", [f"checkpoint={CKPT}", "execute=0"], "execute=0 must be at least 1"),
+    ("compose", ["parents=[a,b]", "episodes=0"], "episodes=0"),
+    ("steer", [f"base={CKPT}", "env_steps=abc"], "env_steps='abc'"),
+    ("drive", ["collect", "data.n_train=-1"], "data.n_train=-1"),
+    ("bench", ["--episodes", "0"], "--episodes"),
+])
+def test_bad_input_in_a_real_process_exits_2_without_traceback(tmp_path, command, args, key):
+    extra = {"drive": [], "bench": ["--out", str(tmp_path / "B.md")]}.get(command, [f"hydra.run.dir={tmp_path}"])
+    res = run(command, *args, *extra, cwd=tmp_path)
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-2000:]
+    assert res.stderr.strip().splitlines() == [res.stderr.strip()] and key in res.stderr, res.stderr
+
+
+@pytest.fixture(scope="module")
+def drive_data(tmp_path_factory):
+    from dpolicy.cli.drive import main
+
+    path = tmp_path_factory.mktemp("drive") / "d.hdf5"
+    assert main(["collect", f"out={path}", "data.n_train=2", "data.n_val=0", "data.n_test=1"]) == 0
+    return path
+
+
+def _planner_file(d):
+    from dpolicy.cli.drive import save_planner
+    from dpolicy.drive import MaskedTokenPlanner, TrajectoryTokenizer
+
+    return save_planner(MaskedTokenPlanner(TrajectoryTokenizer(), d=16, layers=1, heads=4), d)
+
+
+@pytest.mark.parametrize("corrupt,match", [
+    (lambda p: p.write_bytes(b"\x80\x04garbage, not a checkpoint" * 20), "corrupt or truncated"),
+    (lambda p: p.write_bytes(p.read_bytes()[: len(p.read_bytes()) // 2]), "corrupt or truncated"),
+    (lambda p: p.write_bytes(b""), "corrupt or truncated"),
+    (lambda p: p.write_bytes(b"PK\x03\x04" + bytes(200)), "corrupt or truncated"),
+    (lambda p: __import__("torch").save([1, 2, 3], p), "not a dpolicy-drive planner checkpoint"),
+    (lambda p: __import__("torch").save({"format": "dpolicy-drive-masked/1", "cfg": {}}, p), "missing 'tokenizer'"),
+])
+@pytest.mark.parametrize("command", ["eval", "rl"])
+def test_corrupt_planner_checkpoint_is_one_sentence(capsys, tmp_path, drive_data, corrupt, match, command):
+    from dpolicy.cli.drive import main
+
+    corrupt(_planner_file(tmp_path / "run"))
+    code = main([command, f"data.path={drive_data}", f"init={tmp_path / 'run'}", f"run_dir={tmp_path / 'out'}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "planner.pt" in err[0] and match in err[0], err
+    assert not (tmp_path / "out").exists()
+
+
+def test_corrupt_planner_in_a_real_process(tmp_path, drive_data):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "planner.pt").write_bytes(b"\x80\x04garbage, not a checkpoint" * 20)  # a pickle header, then noise
+    res = subprocess.run([sys.executable, "-m", "dpolicy.cli.drive", "eval", f"data.path={drive_data}", f"init={tmp_path / 'run'}",
+                          f"run_dir={tmp_path / 'out'}"], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2 and "Traceback" not in res.stderr and "corrupt or truncated" in res.stderr, res.stderr[-2000:]
+    assert len(res.stderr.strip().splitlines()) == 1, res.stderr

@@ -43,6 +43,8 @@ BASE_NOTES = {
 }
 # env steps per run (the acceptance asks for 90% within 50,000; runs stop at these budgets)
 BUDGETS = {"avoid": 10000, "push": 20000, "lift": 20000}
+# STEER_DEFAULTS and DSRL_DEFAULTS repeat SteerConfig's and DSRLConfig's defaults except the bench's own recipe values,
+# eval_every=2500 and q_bounds=(0, 1) (tests/test_configs.py holds them to that)
 STEER_DEFAULTS = dict(n_envs=4, init_steps=1500, eval_every=2500, eval_episodes=50)
 # sparse success reward (no per-step cost: on avoid a collision ends the episode, and a per-step cost
 # would pay the agent to crash early); TD targets without the entropy bonus and clipped to the returns a

@@ -31,20 +31,66 @@ from pathlib import Path
 SECTIONS = ("envs", "throughput", "bc", "steer", "headroom", "rti", "latency", "compose", "drive", "robosuite", "pusht", "peers")
 
 
+def _count(text: str) -> int:
+    """argparse type: an integer of at least 1."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} must be an integer") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"{v} must be at least 1")
+    return v
+
+
+def _names(option: str, text: str, valid) -> list[str]:
+    from dpolicy.errors import ConfigError
+
+    names = [s.strip() for s in text.split(",") if s.strip()]
+    bad = [n for n in names if n not in valid]
+    if bad or not names:
+        what = f"has unknown name(s) {bad}" if bad else "names nothing"
+        raise ConfigError(f"{option}={text!r} {what}; choose from {', '.join(valid)}.")
+    return names
+
+
+def check_args(args, sections: list[str]) -> None:
+    """Everything dpolicy-bench is asked to run is checked before the first section starts: the task,
+    process and steer-task names, and the extra overrides composed into each bc run's RunConfig."""
+    from dpolicy.cli.common import CONFIG_DIR, compose, settings
+    from dpolicy.config import RunConfig
+
+    tasks = _names("--tasks", args.tasks, sorted(p.stem for p in (Path(CONFIG_DIR) / "task").glob("*.yaml")))
+    procs = _names("--processes", args.processes, sorted(p.stem for p in (Path(CONFIG_DIR) / "process").glob("*.yaml")))
+    if "steer" in sections:
+        from dpolicy.bench.steer import WEAK_BASES
+
+        _names("--steer-tasks", args.steer_tasks, list(WEAK_BASES))
+    if "bc" in sections or args.overrides:
+        runs = [[f"task={t}", f"process={p}"] for t in tasks for p in procs] if "bc" in sections else [[]]
+        for over in runs:
+            settings(RunConfig, compose("train", over + list(args.overrides)))
+
+
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="dpolicy-bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from dpolicy.cli.common import Parser
+    from dpolicy.errors import DPolicyError
+
+    ap = Parser(prog="dpolicy-bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sections", default="envs,throughput,bc", help="comma-separated: " + ", ".join(SECTIONS))
     ap.add_argument("--tasks", default="avoid,push,lift", help="tasks for the bc section")
     ap.add_argument("--processes", default="diffusion,flow", help="processes for the bc section")
-    ap.add_argument("--episodes", type=int, default=200, help="evaluation episodes per policy (bc)")
-    ap.add_argument("--expert-episodes", type=int, default=1000, help="expert episodes per task (envs)")
+    ap.add_argument("--episodes", type=_count, default=200, help="evaluation episodes per policy (bc)")
+    ap.add_argument("--expert-episodes", type=_count, default=1000, help="expert episodes per task (envs)")
     ap.add_argument("--out", default="BENCHMARKS.md")
     ap.add_argument("--work", default="runs/bench", help="where bench runs are written")
     ap.add_argument("--steer-tasks", default="avoid,lift", help="tasks for the steer section")
-    ap.add_argument("--seeds", type=int, default=3, help="seeds per method (steer)")
+    ap.add_argument("--seeds", type=_count, default=3, help="seeds per method (steer)")
     ap.add_argument("--ship", action="store_true", help="copy the bc policies into checkpoints/ with a manifest")
     ap.add_argument("overrides", nargs="*", help="extra hydra overrides for the bc runs, e.g. train.steps=500")
-    args = ap.parse_args(argv)
+    try:
+        args = ap.parse_args(argv)
+    except SystemExit as e:  # a usage error (one line, from Parser) or --help
+        return e.code
     from dpolicy.bench import suite
     from dpolicy.bench.report import write_section
 
@@ -52,6 +98,11 @@ def main(argv=None) -> int:
     unknown = set(sections) - set(SECTIONS)
     if unknown:
         print(f"error: unknown section(s) {sorted(unknown)}; choose from {', '.join(SECTIONS)}.", file=sys.stderr)
+        return 2
+    try:
+        check_args(args, sections)
+    except DPolicyError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
     command = "dpolicy-bench " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     log = lambda msg: print(msg, flush=True)  # noqa: E731

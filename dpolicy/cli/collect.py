@@ -6,31 +6,25 @@ import json
 
 import hydra
 
-from dpolicy.cli.common import CONFIG_DIR, container, run_dir, user_errors
+from dpolicy.cli.common import CONFIG_DIR, checked, run_dir, settings, user_errors
 
 
 @user_errors
 def _run(cfg) -> dict:
+    from dpolicy.config import RECIPE_KEYS, CollectConfig
     from dpolicy.data.collect import collect_demos
-    from dpolicy.errors import ConfigError
 
-    c = container(cfg)
-    for recipe_key in ("train", "policy", "eval"):  # a task file's training recipe does not concern collection
-        c.pop(recipe_key, None)
-    allowed = {"task", "n_demos", "out", "seed", "noise_std", "keep_failures", "valid_fraction"}
-    unknown = sorted(set(c) - allowed)
-    if unknown:
-        raise ConfigError(f"unknown config key(s) {unknown} for dpolicy-collect; valid keys are {sorted(allowed)}.")
-    task = c["task"]
-    out = c["out"] or str(run_dir() / f"{task['name']}_demos.hdf5")
-    summary = collect_demos(task["name"], int(c["n_demos"]), out, seed=int(c["seed"]), noise_std=float(c["noise_std"]),
-                            env_kwargs=task.get("env_kwargs") or {}, expert_kwargs=task.get("expert_kwargs") or {},
-                            keep_failures=bool(c["keep_failures"]), valid_fraction=float(c["valid_fraction"]))
+    c = settings(CollectConfig, cfg, drop=RECIPE_KEYS)  # a task file's training recipe does not concern collection
+    out = c.out or str(run_dir() / f"{c.task.name}_demos.hdf5")
+    summary = collect_demos(c.task.name, c.n_demos, out, seed=c.seed, noise_std=c.noise_std, env_kwargs=c.task.env_kwargs,
+                            expert_kwargs=c.task.expert_kwargs, keep_failures=c.keep_failures,
+                            valid_fraction=c.valid_fraction)
     (run_dir() / "metrics.json").write_text(json.dumps(summary, indent=2))
     print(json.dumps(summary, indent=2))
     return summary
 
 
+@checked("collect")
 @hydra.main(config_path=CONFIG_DIR, config_name="collect", version_base="1.3")
 def main(cfg) -> None:
     _run(cfg)

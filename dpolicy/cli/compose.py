@@ -12,35 +12,26 @@ import json
 
 import hydra
 
-from dpolicy.cli.common import CONFIG_DIR, container, run_dir, user_errors
-
-ALLOWED = {"parents", "operator", "search", "weights", "resolution", "cem", "select_episodes", "select_seed", "episodes",
-           "seed", "n_envs", "steps", "Ta", "action_norm_tol", "relative", "task", "env_kwargs", "device"}
+from dpolicy.cli.common import CONFIG_DIR, checked, device, run_dir, settings, user_errors
 
 
 @user_errors
 def _run(cfg) -> dict:
+    import dataclasses
+
     from dpolicy.compose import ComposedPolicy, select_and_report
     from dpolicy.compose.plots import plot_weight_sweep
-    from dpolicy.errors import ConfigError
+    from dpolicy.config import RECIPE_KEYS, ComposeConfig, task_name
     from dpolicy.tasks import env_factory, policy_env_args
     from dpolicy.train.bc import check_env_compat
-    from dpolicy.utils import resolve_device
 
-    c = container(cfg)
-    unknown = sorted(set(c) - ALLOWED)
-    if unknown:
-        raise ConfigError(f"unknown config key(s) {unknown} for dpolicy-compose; valid keys are {sorted(ALLOWED)}.")
-    parents = c["parents"] or []
-    if isinstance(parents, str) or len(parents) < 1:
-        raise ConfigError("parents=[path,path,...] is required (checkpoint paths of the policies to compose).")
-    if c["operator"] == "product" and c["search"] != "none":
-        raise ConfigError("the product operator takes fixed weights (any non-negative values); use search=none weights=[...].")
+    c = settings(ComposeConfig, cfg, drop=RECIPE_KEYS)
+    parents = c.parents
     n = len(parents)
-    policy = ComposedPolicy.from_checkpoints(parents, device=resolve_device(c["device"]), operator=c["operator"],
-                                             weights=c["weights"] if c["search"] == "none" else [1.0 / n] * n,
-                                             steps=c["steps"], Ta=c["Ta"], action_norm_tol=float(c["action_norm_tol"]))
-    env_args = policy_env_args(policy, "the parents store no env_args; pass task=<name>.", c["task"], c["env_kwargs"])
+    policy = ComposedPolicy.from_checkpoints(parents, device=device(c.device), operator=c.operator,
+                                             weights=c.weights if c.search == "none" else [1.0 / n] * n,
+                                             steps=c.steps, Ta=c.Ta, action_norm_tol=c.action_norm_tol)
+    env_args = policy_env_args(policy, "the parents store no env_args; pass task=<name>.", task_name(c.task), c.env_kwargs)
     make_env = env_factory(env_args)
     probe = make_env()
     for p in policy.parents:
@@ -48,12 +39,12 @@ def _run(cfg) -> dict:
     probe.close()
     out = run_dir()
     log = lambda msg: print(msg, flush=True)  # noqa: E731
-    report = select_and_report(policy, make_env, search=c["search"], select_episodes=int(c["select_episodes"]),
-                               select_seed=int(c["select_seed"]), eval_episodes=int(c["episodes"]), eval_seed=int(c["seed"]),
-                               n_envs=int(c["n_envs"]), steps=c["steps"], resolution=int(c["resolution"]), cem=c["cem"],
-                               weights=c["weights"], log=log)
+    report = select_and_report(policy, make_env, search=c.search, select_episodes=c.select_episodes,
+                               select_seed=c.select_seed, eval_episodes=c.episodes, eval_seed=c.seed, n_envs=c.n_envs,
+                               steps=c.steps, resolution=c.resolution, cem=dataclasses.asdict(c.cem), weights=c.weights,
+                               log=log)
     plot = plot_weight_sweep(report, out / "weight_sweep.png", parent_names=[f"parent {i}" for i in range(n)])
-    ckpt = policy.save(out / "composed", relative=bool(c["relative"]))
+    ckpt = policy.save(out / "composed", relative=c.relative)
     metrics = {"parents": [str(p) for p in parents], "env_args": env_args, "composition": policy.describe(),
                "checkpoint": str(ckpt), "plot": str(plot), **report}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
@@ -67,6 +58,7 @@ def _run(cfg) -> dict:
     return metrics
 
 
+@checked("compose")
 @hydra.main(config_path=CONFIG_DIR, config_name="compose", version_base="1.3")
 def main(cfg) -> None:
     _run(cfg)

@@ -8,79 +8,58 @@ import json
 
 import hydra
 
-from dpolicy.cli.common import CONFIG_DIR, container, run_dir, user_errors
-
-KEYS = {"checkpoint", "task", "env_kwargs", "mode", "k", "timesteps", "steps", "sampler", "renoise", "execute", "discrete",
-        "rate_hz", "realtime", "prime", "episodes", "seed", "max_steps", "device", "threads", "compile", "cuda_graph",
-        "export", "eval_episodes", "n_envs"}
-
-
-def _k(v):
-    if isinstance(v, str) and v != "full":
-        try:
-            return int(v)
-        except ValueError:
-            pass
-    return v
+from dpolicy.cli.common import CONFIG_DIR, checked, device, run_dir, settings, user_errors
 
 
 @user_errors
 def _run(cfg) -> dict:
     import torch
 
+    from dpolicy.config import RECIPE_KEYS, DeployConfig, task_name
     from dpolicy.deploy import Controller, evaluate_controller, run_loop
-    from dpolicy.errors import ConfigError
     from dpolicy.policy import load_policy
     from dpolicy.tasks import env_factory, policy_env_args
     from dpolicy.train.bc import check_env_compat
-    from dpolicy.utils import resolve_device
 
-    c = container(cfg)
-    unknown = sorted(set(c) - KEYS)
-    if unknown:
-        raise ConfigError(f"unknown config key(s) {unknown} for dpolicy-deploy; valid keys are {sorted(KEYS)}.")
-    if not c["checkpoint"]:
-        raise ConfigError("checkpoint=<path> is required.")
-    for key in ("episodes", "n_envs"):
-        if not isinstance(c[key], int) or c[key] < 1:
-            raise ConfigError(f"{key}={c[key]!r} must be a positive integer.")
-    if c["threads"]:
-        torch.set_num_threads(int(c["threads"]))
-    device = resolve_device(c["device"])
-    policy = load_policy(c["checkpoint"], device)
-    env_args = policy_env_args(policy, f"checkpoint {c['checkpoint']!r} stores no env_args; pass task=<name>.",
-                               c["task"], c["env_kwargs"])
+    c = settings(DeployConfig, cfg, drop=RECIPE_KEYS)
+    if c.threads is not None:
+        torch.set_num_threads(c.threads)
+    dev = device(c.device)
+    policy = load_policy(c.checkpoint, dev)
+    env_args = policy_env_args(policy, f"checkpoint {c.checkpoint!r} stores no env_args; pass task=<name>.",
+                               task_name(c.task), c.env_kwargs)
     make_env = env_factory(env_args)
     probe = make_env()
     check_env_compat(probe, policy)
     probe.close()
 
-    kw = dict(mode=c["mode"], k=_k(c["k"]), timesteps=c["timesteps"], steps=c["steps"], sampler=c["sampler"],
-              renoise=bool(c["renoise"]), execute=c["execute"], discrete=c["discrete"])
-    ctrl = Controller(policy, seed=int(c["seed"]), compile=bool(c["compile"]), cuda_graph=c["cuda_graph"], **kw)
+    kw = dict(mode=c.mode, k=c.k, timesteps=c.timesteps, steps=c.steps, sampler=c.sampler, renoise=c.renoise,
+              execute=c.execute, discrete=c.discrete)
+    ctrl = Controller(policy, seed=c.seed, compile=c.compile, cuda_graph=c.cuda_graph, **kw)
     out = run_dir()
-    metrics = {"checkpoint": str(c["checkpoint"]), "env_args": env_args, "controller": ctrl.describe(),
-               "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+    metrics = {"checkpoint": str(c.checkpoint), "env_args": env_args, "controller": ctrl.describe(),
+               "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
                "threads": torch.get_num_threads()}
-    if c["export"]:
-        metrics["export"] = str(ctrl.export(c["export"], kind="warm" if c["mode"] == "rti" else "cold"))
-    report = run_loop(ctrl, make_env, rate_hz=c["rate_hz"], episodes=int(c["episodes"]), seed=int(c["seed"]),
-                      max_steps=c["max_steps"], realtime=bool(c["realtime"]), prime=bool(c["prime"]))
+    if c.export:
+        metrics["export"] = str(ctrl.export(c.export, kind="warm" if c.mode == "rti" else "cold"))
+    report = run_loop(ctrl, make_env, rate_hz=c.rate_hz, episodes=c.episodes, seed=c.seed, max_steps=c.max_steps,
+                      realtime=c.realtime, prime=c.prime)
     metrics["loop"] = report.to_dict()
-    if c["eval_episodes"]:
-        res = evaluate_controller(policy, make_env, n_episodes=int(c["eval_episodes"]), n_envs=int(c["n_envs"]),
-                                  seed=int(c["seed"]), max_steps=c["max_steps"], **kw)
+    if c.eval_episodes:
+        res = evaluate_controller(policy, make_env, n_episodes=c.eval_episodes, n_envs=c.n_envs, seed=c.seed,
+                                  max_steps=c.max_steps, **kw)
         metrics["eval"] = res.to_dict()
         lo, hi = res.success_ci95
         print(f"batched evaluation: success {res.success_rate:.3f} (95% CI {lo:.3f}-{hi:.3f}) over {res.n_episodes} episodes")
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
     print(report.summary())
     print(f"metrics    : {out / 'metrics.json'}")
-    if c["export"]:
+    if c.export:
         print(f"export     : {metrics['export']}")
     return metrics
 
 
+@checked("deploy")
 @hydra.main(config_path=CONFIG_DIR, config_name="deploy", version_base="1.3")
 def main(cfg) -> None:
     _run(cfg)

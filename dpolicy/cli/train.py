@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import hydra
 
-from dpolicy.cli.common import CONFIG_DIR, container, run_dir, user_errors
+from dpolicy.cli.common import CONFIG_DIR, checked, container, run_dir, settings, user_errors
 
 
 def task_from_data(cfg, overrides) -> bool:
@@ -35,7 +35,7 @@ def compose_from_data(overrides, config_name: str = "train"):
 def _run(cfg) -> dict:
     from hydra.core.hydra_config import HydraConfig
 
-    from dpolicy.config import RunConfig, from_dict
+    from dpolicy.config import RunConfig
     from dpolicy.train.bc import train_bc
     from dpolicy.train.distributed import is_main
 
@@ -45,7 +45,7 @@ def _run(cfg) -> dict:
         cfg = compose_from_data(overrides, hc.job.config_name)
     c = container(cfg)
     c.setdefault("task", {}).setdefault("name", None)  # ~task: no task group, so the task comes from the data
-    run_cfg = from_dict(RunConfig, c)
+    run_cfg = settings(RunConfig, c)
     out = run_dir()
     metrics = train_bc(run_cfg, out, progress=run_cfg.train.progress)
     if is_main() and "success_rate" not in metrics:
@@ -70,6 +70,7 @@ def _run(cfg) -> dict:
     return metrics
 
 
+@checked("train")
 @hydra.main(config_path=CONFIG_DIR, config_name="train", version_base="1.3")
 def main(cfg) -> None:
     _run(cfg)

@@ -241,12 +241,6 @@ def boundary_polygon(scenes: Scenes, i: int) -> np.ndarray:
     return np.concatenate([l, r[::-1]])
 
 
-def lane_centerline(scenes: Scenes, lane: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """Points (B, K, 2) of lane ``lane`` (B,) at stations ``s`` (B, K), batched torch."""
-    d = scenes.lane_offsets.gather(1, lane[:, None]).expand_as(s)
-    return road_points(scenes.road, s, d)[..., :2]
-
-
 def road_points(road: torch.Tensor, s: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
     """Batched Frenet -> (x, y, heading): road (B, P, 3), s and d (B, ...) -> (B, ..., 3)."""
     B, P, _ = road.shape
