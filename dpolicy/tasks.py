@@ -13,7 +13,7 @@ from dpolicy.errors import ConfigError
 
 def env_args(name: str, **env_kwargs) -> dict:
     """robomimic-style ``env_args`` for a task name or gymnasium id."""
-    import envs
+    import dpolicy_envs as envs
 
     try:
         return envs.env_args(name, **env_kwargs)
@@ -23,7 +23,7 @@ def env_args(name: str, **env_kwargs) -> dict:
 
 def make_env(args: dict, **overrides):
     """Build the environment an ``env_args`` dict describes (``overrides`` such as render_mode win)."""
-    import envs
+    import dpolicy_envs as envs
 
     try:
         return envs.make_env_from_args(args, **overrides)
@@ -53,7 +53,7 @@ def env_factory_for(policy, **env_kwargs):
 
 
 def make_expert(env, noise_std: float = 0.0, seed=None, **expert_kwargs):
-    import envs
+    import dpolicy_envs as envs
 
     try:
         return envs.make_expert(env, noise_std=noise_std, seed=seed, **expert_kwargs)

@@ -248,3 +248,21 @@ def test_every_public_name_of_the_package_imports():
 
     with pytest.raises(AttributeError, match="no_such_name"):
         dpolicy.no_such_name
+
+
+def test_every_package_folder_is_installed_and_envs_under_its_own_name():
+    """pyproject lists the packages explicitly (envs/ installs as dpolicy_envs); a new subpackage must be listed."""
+    import tomllib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    setup = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]
+    assert setup["package-dir"] == {"dpolicy_envs": "envs"}
+    found = set()
+    for init in list((root / "dpolicy").rglob("__init__.py")) + list((root / "envs").rglob("__init__.py")):
+        rel = init.parent.relative_to(root).parts
+        found.add(".".join(("dpolicy_envs",) + rel[1:] if rel[0] == "envs" else rel))
+    assert found == set(setup["packages"])
+    import dpolicy_envs
+
+    assert Path(dpolicy_envs.__file__).resolve().parent == root / "envs"

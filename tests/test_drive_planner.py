@@ -155,12 +155,12 @@ def test_group_advantages():
 
 
 def test_rl_loop_runs_and_moves_the_policy(drive_sets, monkeypatch):
-    import envs.driving
+    import dpolicy_envs.driving
 
     train, test = drive_sets
     m = _tiny()
     # a random policy scores 0 everywhere (no advantage, no update): reward here = mean lateral position
-    monkeypatch.setattr(envs.driving, "score", lambda sc, traj, best_progress=None: {"pdms": traj[..., 1].mean((-1))})
+    monkeypatch.setattr(dpolicy_envs.driving, "score", lambda sc, traj, best_progress=None: {"pdms": traj[..., 1].mean((-1))})
     before = [p.detach().clone() for p in m.parameters()]
     hist = rl_train(m, train, lambda p: 0.0, RLConfig(group=3, scenes_per_iter=2, iters=2, steps=4, eval_every=1))
     assert len(hist) == 3 and hist[1]["ratio_dev"] > 0
@@ -193,10 +193,10 @@ def test_replay_logp_is_the_decoding_chain_rule():
 
 
 def test_rl_linear_lr_schedule_decays_to_zero(drive_sets, monkeypatch):
-    import envs.driving
+    import dpolicy_envs.driving
 
     train, _ = drive_sets
-    monkeypatch.setattr(envs.driving, "score", lambda sc, traj, best_progress=None: {"pdms": traj[..., 1].mean((-1))})
+    monkeypatch.setattr(dpolicy_envs.driving, "score", lambda sc, traj, best_progress=None: {"pdms": traj[..., 1].mean((-1))})
     seen = []
     step = torch.optim.AdamW.step
 

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from envs.driving import expert_plan, generate_scenes, observe, score, split_seeds
-from envs.driving.scenes import HORIZON, MAX_AGENTS, N_STATIONS, S0, STATION_STEP, Scenes
+from dpolicy_envs.driving import expert_plan, generate_scenes, observe, score, split_seeds
+from dpolicy_envs.driving.scenes import HORIZON, MAX_AGENTS, N_STATIONS, S0, STATION_STEP, Scenes
 
 V = 10.0
 

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from gymnasium.utils.env_checker import check_env
 
-import envs
-from envs import avoid
-from envs.benchmark import adversarial_check
+import dpolicy_envs as envs
+from dpolicy_envs import avoid
+from dpolicy_envs.benchmark import adversarial_check
 
 TASKS = ("avoid", "push", "lift")
 

@@ -6,8 +6,8 @@ import pytest
 
 pytest.importorskip("gym_pusht", reason="optional extra not installed: pip install 'gym-pusht>=0.1.5,<0.2' 'pymunk>=6.6,<7'")
 
-import envs  # noqa: E402
-from envs import pusht  # noqa: E402
+import dpolicy_envs as envs  # noqa: E402
+from dpolicy_envs import pusht  # noqa: E402
 
 GOAL = (256.0, 256.0, np.pi / 4)  # gym-pusht's goal pose of the T
 

@@ -9,8 +9,8 @@ import pytest
 
 pytest.importorskip("robosuite", reason="optional extra not installed: pip install robosuite==1.5.2")
 
-import envs  # noqa: E402
-from envs import robosuite_tasks as rt  # noqa: E402
+import dpolicy_envs as envs  # noqa: E402
+from dpolicy_envs import robosuite_tasks as rt  # noqa: E402
 
 KEYS = ["robot0_eef_pos", "robot0_eef_quat", "robot0_gripper_qpos", "object"]
 

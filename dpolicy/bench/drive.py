@@ -21,7 +21,7 @@ from dpolicy.drive.plots import plot_curves, plot_scenes
 from dpolicy.drive.rl import RLConfig, rl_train
 from dpolicy.drive.tokenizer import TrajectoryTokenizer
 from dpolicy.drive.train import evaluate, plan_tokens, train_continuous, train_token_planner
-from envs.driving import SUB_SCORES, score
+from dpolicy_envs.driving import SUB_SCORES, score
 
 # RL budget: 50 iterations of 512 trajectories, lr 2e-4 decayed linearly to 0. At a constant lr (3e-5 for 40 x 256,
 # 1e-4 for 100 x 512) the greedy score rose early and fell back (GRPO +7 points after 25 iterations, then +0);

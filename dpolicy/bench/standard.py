@@ -114,7 +114,7 @@ def pusht_section(work=None, log=print, episodes: int = 50, checkpoints=(), seed
     title = "PushT (gym-pusht): evaluation with LeRobot's metrics"
     if _missing("gym_pusht"):
         return _skip(title, f"gym-pusht is not installed ({PUSHT_INSTALL}).")
-    from envs import pusht
+    from dpolicy_envs import pusht
 
     rows, results = [], {}
     policies = {"random actions": pusht.random_policy, "hold still (target = agent position)": pusht.hold_policy}

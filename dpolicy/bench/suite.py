@@ -29,7 +29,7 @@ def compose_run(overrides: list[str]):
 
 
 def envs_section(episodes: int = 1000, steps: int = 20000, log=print) -> str:
-    from envs import benchmark as eb
+    from dpolicy_envs import benchmark as eb
 
     rows, adv_rows, modes = [], [], {}
     for name in TASKS:

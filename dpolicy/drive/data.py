@@ -15,7 +15,7 @@ import torch
 
 from dpolicy.data.robomimic import Demo, read_dataset, write_dataset
 from dpolicy.errors import DatasetError
-from envs.driving import Scenes, expert_plan, generate_scenes, observe, split_seeds
+from dpolicy_envs.driving import Scenes, expert_plan, generate_scenes, observe, split_seeds
 
 ENV_ARGS = {"env_name": "driving", "env_type": "dpolicy-drive", "env_kwargs": {"horizon_s": 4.0, "waypoints": 8}}
 

@@ -10,8 +10,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from envs.driving import boundary_polygon  # noqa: E402
-from envs.driving.scenes import S0, STATION_STEP, frenet_to_xy  # noqa: E402
+from dpolicy_envs.driving import boundary_polygon  # noqa: E402
+from dpolicy_envs.driving.scenes import S0, STATION_STEP, frenet_to_xy  # noqa: E402
 
 
 def plot_curves(path, curves: dict, ylabel: str = "test PDMS-like", xkey: str = "samples") -> Path:

@@ -101,7 +101,7 @@ def rl_train(planner, train, evaluate, cfg: RLConfig, log=print) -> list[dict]:
     """Fine-tune ``planner`` in place. ``train`` is a DriveSet of training scenes; ``evaluate(planner)``
     returns the mean PDMS-like score on held-out scenes. Returns the history (one record per iteration).
     """
-    from envs.driving import score
+    from dpolicy_envs.driving import score
 
     dev = train.obs["ego"].device
     gen = torch.Generator(dev).manual_seed(cfg.seed)

@@ -13,7 +13,7 @@ import math
 import torch
 
 from dpolicy.errors import TrainingError
-from envs.driving import score
+from dpolicy_envs.driving import score
 
 
 def fit(model, loss_fn, n: int, steps: int, batch: int = 64, lr: float = 1e-3, seed: int = 0, device="cpu",

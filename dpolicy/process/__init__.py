@@ -44,7 +44,7 @@ def check_process_config(cfg) -> None:
     if cfg.sampler not in cls.samplers:
         raise ConfigError(f"process.sampler={cfg.sampler!r} does not fit process.type={cfg.type!r}; "
                           f"choose one of {cls.samplers}.")
-    cls.parse_options(getattr(cfg, "options", None))
+    cls.from_config(cfg)  # the process's own checks (levels, prediction, eta, options, ...), before anything runs
 
 
 def build_process(cfg) -> Process:

@@ -3,9 +3,9 @@
 This package never imports dpolicy; the planners and RL that use it live in dpolicy/drive.
 """
 
-from envs.driving.expert import candidates, expert_plan, observe
-from envs.driving.scenes import Scenes, boundary_polygon, generate_scenes, road_points, split_seeds
-from envs.driving.scorer import SUB_SCORES, score, track
+from dpolicy_envs.driving.expert import candidates, expert_plan, observe
+from dpolicy_envs.driving.scenes import Scenes, boundary_polygon, generate_scenes, road_points, split_seeds
+from dpolicy_envs.driving.scorer import SUB_SCORES, score, track
 
 __all__ = ["Scenes", "generate_scenes", "split_seeds", "boundary_polygon", "road_points", "score", "track",
            "SUB_SCORES", "candidates", "expert_plan", "observe"]

@@ -12,8 +12,8 @@ import math
 
 import torch
 
-from envs.driving.scenes import DT, LANE_W, Scenes, road_points
-from envs.driving.scorer import N_WAYPOINTS, WAYPOINT_DT, score
+from dpolicy_envs.driving.scenes import DT, LANE_W, Scenes, road_points
+from dpolicy_envs.driving.scorer import N_WAYPOINTS, WAYPOINT_DT, score
 
 SPEED_FRACTIONS = (0.0, 0.3, 0.6, 0.85, 1.0)
 ROUTE_SHIFTS = (-0.5, 0.5)
@@ -80,7 +80,7 @@ def observe(scenes: Scenes) -> dict:
     ego = torch.stack([scenes.ego_v / 20, scenes.speed_limit / 20, (route_d - scenes.ego_d) / LANE_W, scenes.cross[:, 2]], -1)
     st = torch.linspace(0, 75, N_ROUTE_PTS, device=dev).expand(B, -1)
     route = road_points(scenes.road, st, route_d[:, None].expand_as(st))[..., :2] / 50
-    from envs.driving.scorer import _interp_station
+    from dpolicy_envs.driving.scorer import _interp_station
     left = road_points(scenes.road, st, _interp_station(scenes.left, st))[..., :2] / 50
     right = road_points(scenes.road, st, _interp_station(scenes.right, st))[..., :2] / 50
     a = scenes.agents[:, :, 0]                                              # (B, A, 3)

@@ -22,7 +22,7 @@ import math
 
 import torch
 
-from envs.driving.scenes import DT, EGO_LEN, EGO_WID, HORIZON, S0, STATION_STEP, Scenes, road_points
+from dpolicy_envs.driving.scenes import DT, EGO_LEN, EGO_WID, HORIZON, S0, STATION_STEP, Scenes, road_points
 
 WHEELBASE = 2.9
 MAX_STEER = 0.6
