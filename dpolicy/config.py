@@ -324,7 +324,7 @@ class TrainConfig:
 
 @dataclass
 class TaskConfig:
-    name: str = "avoid"  # short task name (envs.TASKS) or any gymnasium id with a Box action space
+    name: str | None = "avoid"  # short task name (dpolicy_envs.TASKS) or any gymnasium id with a Box action space; None: from data.path
     env_kwargs: dict = field(default_factory=dict)  # passed to the environment constructor
     obs_keys: list = field(default_factory=list)  # observation keys the policy sees (empty: all of the dataset's)
     n_demos: int = 100  # expert demos collected when data.path is not given

@@ -156,65 +156,7 @@ def test_task_keep_failures_reaches_the_demo_collection(tmp_path):
 # Each case is (command, arguments, a text the one stderr line must hold: the key at fault). The hydra
 # commands run in this process (hydra.main with sys.argv), drive and bench through their main(argv).
 
-CKPT = str(Path(__file__).resolve().parents[1] / "checkpoints" / "avoid_diffusion")
-NO_CUDA = not __import__("torch").cuda.is_available()
-
-BAD_INPUT = {
-    "train": [(a, a.split("=")[0]) for a in [
-        "train.steps=abc", "train.steps=0", "train.steps=-5", "train.steps=2.5", "train.steps=true", "train.batch_size=0",
-        "train.lr=0", "train.lr=abc", "train.amp=maybe", "train.amp=1", "train.betas=[0.9]", "train.betas=abc",
-        "train.ema_max=2", "train.grad_clip=0", "train.warmup_steps=-1", "train.max_bad_steps=0", "train.keep_checkpoints=0",
-        "train.log_every=0", "eval.steps=0", "eval.episodes=abc", "eval.episodes=0", "eval.n_envs=0", "eval.every=-1",
-        "eval.video=3", "eval.video_episodes=-1", "eval.episodes_during=0", "task.n_demos=0", "task.n_demos=x",
-        "task.demo_noise=-1", "task.env_kwargs=5", "task.obs_keys=agent_pos", "data.max_demos=0", "data.path=[1]",
-        "policy.To=abc", "policy.To=0", "policy.Tp=1.5", "policy.obs_noise=-0.1", "policy.net.hidden=x",
-        "policy.net.depth=-1", "policy.net.time_dim=7", "policy.process.eta=abc", "policy.process.clip_sample=often",
-        "seed=abc", "train.seed=1.5", "train.no_such_key=1"]]
-    + [(["net=unet", "policy.net.down_dims=[32,x]"], "policy.net.down_dims[1]"),
-       (["net=unet", "policy.net.kernel_size=0"], "policy.net.kernel_size"), ("policy.process.steps=0", "process.steps"),
-       ("process=nonexistent", "process/nonexistent"), ("task=nope", "task/nope"), ("train.steps=[", "["),
-       ("seed=${nope}", "nope"), ("device=gpu", "device"), ("device=cuda:x", "device"), ("device=7", "device")]
-    + ([("device=cuda:3", "device")] if NO_CUDA else []),
-    "evaluate": [(a, a.split("=")[0]) for a in [
-        "episodes=abc", "episodes=0", "episodes=-2", "episodes=2.5", "n_envs=0", "steps=0", "steps=abc", "video=maybe",
-        "video_episodes=-1", "device=tpu", "seed=1.5", "env_kwargs=3", "no_such_key=1"]]
-    + [("checkpoint=null", "checkpoint"), ("task=nope", "task/nope")],
-    "collect": [(a, a.split("=")[0]) for a in [
-        "n_demos=abc", "valid_fraction=2", "valid_fraction=-0.1", "valid_fraction=1", "valid_fraction=x", "noise_std=-1",
-        "keep_failures=sometimes", "seed=x", "out=[1]", "task.env_kwargs=7"]] + [("n_demos=0", "n_demos"),
-                                                                             ("task.n_demos=-1", "n_demos")],
-    "deploy": [(a, a.split("=")[0]) for a in [
-        "execute=0", "execute=abc", "steps=0", "k=abc", "k=0", "k=2.5", "mode=fast", "episodes=0", "n_envs=0", "threads=0",
-        "rate_hz=0", "rate_hz=abc", "max_steps=0", "eval_episodes=-1", "sampler=rk4", "realtime=perhaps", "renoise=2",
-        "device=tpu", "cuda_graph=sometimes", "discrete=clip"]] + [("timesteps=[3,x]", "timesteps[1]"),
-                                                                   ("checkpoint=null", "checkpoint")],
-    "compose": [(a, a.split("=")[0]) for a in [
-        "parents=[]", "parents=a", "episodes=0", "select_episodes=0", "n_envs=abc", "resolution=0", "operator=sum",
-        "search=random", "steps=0", "Ta=0", "action_norm_tol=-1", "cem.population=1", "cem.elite_frac=0",
-        "cem.iterations=abc", "relative=3", "device=tpu"]]
-    + [("search=none", "weights"), ("operator=product", "product"), ("select_seed=100000", "seeds")],
-    "steer": [(a, a.split("=")[0]) for a in [
-        "env_steps=0", "env_steps=abc", "n_envs=0", "eval_episodes=0", "eval_every=0", "init_steps=-1", "buffer_size=0",
-        "sampling_steps=0", "base_eta=-1", "reward_offset=x", "dsrl.lr=0", "dsrl.algo=ppo", "dsrl.hidden=abc",
-        "dsrl.gamma=2", "dsrl.q_bounds=[1,0]", "dsrl.tau=0", "dsrl.init_alpha=0", "dsrl.utd=0", "sample_noise=maybe",
-        "device=tpu"]] + [("base=null", "base")],
-    "drive": [(["collect", a], a.split("=")[0]) for a in [
-        "data.n_train=-1", "data.n_train=0", "data.n_train=abc", "data.n_val=-1", "data.n_test=0", "model.d=abc",
-        "tokenizer.mode=bins", "tokenizer.resolution=0", "tokenizer.x_range=[1,0]", "train.steps=0", "train.lr=-1",
-        "train.batch=abc", "rl.lr=0", "rl.algo=ppo", "rl.lr_schedule=cosine", "rl.iters=0", "rl.eps_low=2",
-        "rl.order=sideways", "rl.eval_every=0", "eval.order=sideways", "eval.steps=0", "eval.scenes_in_picture=0",
-        "device=tpu", "init=[1]"]]
-    + [(["collect", "model.heads=3"], "model.heads"), (["collect", "rl.group=1"], "rl.group"), (["fly"], "command"),
-       (["collect", "no_such_key=1"], "no_such_key"), (["rl"], "init"), (["eval"], "init")],
-    "bench": [(["--episodes", "abc"], "--episodes"), (["--episodes", "0"], "--episodes"), (["--seeds", "0"], "--seeds"),
-              (["--expert-episodes", "-3"], "--expert-episodes"), (["--tasks", "avoid,nope"], "--tasks"),
-              (["--processes", "flo"], "--processes"), (["--sections", "steer", "--steer-tasks", "x"], "--steer-tasks"),
-              (["--sections", "envs,nope"], "nope"), (["train.steps=abc"], "train.steps"), (["train.steps=0"], "train.steps"),
-              (["eval.every=-1"], "eval.every"), (["--bogus"], "--bogus")],
-}
-REQUIRED = {"evaluate": [f"checkpoint={CKPT}"], "deploy": [f"checkpoint={CKPT}"], "compose": ["parents=[a,b]"],
-            "steer": [f"base={CKPT}"]}
-CASES = [(cmd, args, key) for cmd, rows in BAD_INPUT.items() for args, key in rows]
+from dpolicy.bench.reliability import BAD_INPUT, CASES, CKPT  # noqa: E402  (the table the reliability bench tallies)
 
 
 def run_in_process(capsys, tmp_path, command, args):

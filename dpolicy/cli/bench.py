@@ -28,7 +28,8 @@ import time
 from pathlib import Path
 
 
-SECTIONS = ("envs", "throughput", "bc", "steer", "headroom", "rti", "latency", "compose", "drive", "robosuite", "pusht", "peers")
+SECTIONS = ("envs", "throughput", "bc", "steer", "headroom", "rti", "latency", "gpu-latency", "compose", "drive", "robosuite",
+            "pusht", "peers", "reliability")
 
 
 def _count(text: str) -> int:
@@ -135,6 +136,14 @@ def main(argv=None) -> int:
         work.mkdir(parents=True, exist_ok=True)
         (work / "rti_results.json").write_text(json.dumps(res, indent=2, default=str))
         write_section(args.out, "rti", body, command)
+    if "gpu-latency" in sections:  # says so when this machine has no CUDA device
+        from dpolicy.bench.latency import gpu_latency_section
+
+        write_section(args.out, "gpu-latency", gpu_latency_section(shipped[0], log=log)[0], command)
+    if "reliability" in sections:
+        from dpolicy.bench.reliability import reliability_section
+
+        write_section(args.out, "reliability", reliability_section(log=log)[0], command)
     if "latency" in sections:
         from dpolicy.bench.latency import latency_section, latency_summary, unet_policy
 

@@ -78,6 +78,9 @@ def steer(cfg: SteerConfig, run_dir, log=None) -> dict:
     device = resolve_device(cfg.device)
     base_dir = resolve_checkpoint(cfg.base)
     base = load_policy(base_dir, device)
+    if not hasattr(base, "cond_dim"):
+        raise ConfigError(f"base {str(base_dir)!r} is a {type(base).__name__}; DSRL steers the noise of one trained chunk "
+                          f"policy (not a composed or an already steered one): steer one of its parents instead.")
     if cfg.base_eta is not None:
         if not 0.0 <= cfg.base_eta <= 1.0:
             raise ConfigError(f"base_eta={cfg.base_eta} must lie in [0, 1].")
