@@ -64,8 +64,9 @@ def bc_section(work: Path, tasks=TASKS, processes=("diffusion", "flow"), episode
     for task in tasks:
         procs = list(processes) + (["regression"] if task == "avoid" else [])
         for proc in procs:
-            overrides = [f"task={task}", f"process={proc}", f"eval.episodes={episodes}", "eval.video=false", "eval.every=0",
-                         "train.progress=false", *(extra or [])]
+            # evaluations during training (every 500 steps, 50 episodes) give the time to 90% success
+            overrides = [f"task={task}", f"process={proc}", f"eval.episodes={episodes}", "eval.video=false", "eval.every=500",
+                         "eval.episodes_during=50", "train.progress=false", *(extra or [])]
             cfg = compose_run(overrides)
             run_dir = work / f"{task}_{proc}"
             if run_dir.exists():
@@ -77,8 +78,10 @@ def bc_section(work: Path, tasks=TASKS, processes=("diffusion", "flow"), episode
             results[f"{task}_{proc}"] = m
             lo, hi = m["success_ci95"]
             log(f"[bc] {task}/{proc}: success {m['success_rate']:.3f} [{lo:.3f}, {hi:.3f}], train {m['train_time_s']:.0f}s")
+            tts = m.get("time_to_success") or {}
+            reach = (f"{tts['step']:,} / {tts['seconds_without_eval']:.0f} s" if tts.get("step") is not None else "not reached")
             rows.append([task, proc, m["demos"], f"{m['success_rate']:.3f}", f"[{lo:.3f}, {hi:.3f}]",
-                         f"{m['train_time_s']:.0f}", m["train_steps"], f"{m['params']:,}"])
+                         f"{m['train_time_s']:.0f}", m["train_steps"], reach, f"{m['params']:,}"])
             modes = m["eval"].get("mode_counts") or {}
             if task == "avoid":
                 summary = json.loads((run_dir / "collect_summary.json").read_text())
@@ -86,7 +89,11 @@ def bc_section(work: Path, tasks=TASKS, processes=("diffusion", "flow"), episode
             if ship is not None and proc != "regression":
                 _ship(run_dir, ship / f"{task}_{proc}", m)
     body = "## Behaviour cloning on the task suite (100 expert demos per task, 2-core CPU)\n\n"
-    body += table(["task", "process", "demos", f"success ({episodes} episodes)", "95% CI (Wilson)", "train time (s)", "steps", "parameters"], rows)
+    body += table(["task", "process", "demos", f"success ({episodes} episodes)", "95% CI (Wilson)", "train time (s)", "steps",
+                   "first >= 90% (step / train s)", "parameters"], rows)
+    body += ("\n\nTime to 90%: the first evaluation during training (every 500 steps, 50 episodes each) with success "
+             ">= 0.9, as the step and the training seconds up to it (evaluation time excluded); a 50-episode estimate, "
+             "so a noisy lower bound on what a recipe needs.")
     if mode_rows:
         body += "\n\n### Multimodal task: mode frequencies of successful rollouts vs the demos\n\n"
         from dpolicy.eval.stats import mode_frequencies, total_variation

@@ -79,7 +79,7 @@ def main(argv=None) -> int:
     ap = Parser(prog="dpolicy-bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sections", default="envs,throughput,bc", help="comma-separated: " + ", ".join(SECTIONS))
     ap.add_argument("--tasks", default="avoid,push,lift", help="tasks for the bc section")
-    ap.add_argument("--processes", default="diffusion,flow", help="processes for the bc section")
+    ap.add_argument("--processes", default="diffusion,flow,edm", help="processes for the bc section")
     ap.add_argument("--episodes", type=_count, default=200, help="evaluation episodes per policy (bc)")
     ap.add_argument("--expert-episodes", type=_count, default=1000, help="expert episodes per task (envs)")
     ap.add_argument("--out", default="BENCHMARKS.md")

@@ -184,6 +184,14 @@ class Process:
         raise NotImplementedError
 
 
+def uniform_schedule(steps: int, t_start: float = 1.0) -> list[tuple[float, float]]:
+    """``steps`` equal steps of continuous time from ``t_start`` to 0."""
+    if steps < 1:
+        raise ConfigError(f"sampling steps={steps} must be at least 1.")
+    ts = [t_start * (1 - i / steps) for i in range(steps + 1)]
+    return list(zip(ts[:-1], ts[1:]))
+
+
 def sample_loop(process: Process, field_fn: FieldFn, x: torch.Tensor, schedule: Sequence[tuple[float, float]],
                 generator: torch.Generator | None = None) -> torch.Tensor:
     """Integrate ``x`` along ``schedule``. Deterministic given ``x`` unless ``process.stochastic``."""

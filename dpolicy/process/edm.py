@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from dpolicy.errors import ConfigError
-from dpolicy.process.base import Process, StepPlan, register
+from dpolicy.process.base import Process, StepPlan, register, uniform_schedule
 
 
 @dataclass(frozen=True)
@@ -136,10 +136,7 @@ class EDM(Process):
 
     # -- sampling -------------------------------------------------------------------------------------
     def schedule(self, steps, t_start=1.0):
-        if steps < 1:
-            raise ConfigError(f"sampling steps={steps} must be at least 1.")
-        ts = [t_start * (1 - i / steps) for i in range(steps + 1)]
-        return list(zip(ts[:-1], ts[1:]))
+        return uniform_schedule(steps, t_start)
 
     def step_plan(self, t, t_next):
         s, s_next = self.sigma(t), self.sigma(t_next)

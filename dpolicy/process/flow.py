@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from dpolicy.errors import ConfigError
-from dpolicy.process.base import Process, StepPlan, register
+from dpolicy.process.base import Process, StepPlan, register, uniform_schedule
 
 
 @register("flow")
@@ -64,10 +64,7 @@ class Flow(Process):
         return (field_fn(x_t, t).float() - (noise - x0)).pow(2).mean(dim=(1, 2))
 
     def schedule(self, steps, t_start=1.0):
-        if steps < 1:
-            raise ConfigError(f"sampling steps={steps} must be at least 1.")
-        ts = [t_start * (1 - i / steps) for i in range(steps + 1)]
-        return list(zip(ts[:-1], ts[1:]))
+        return uniform_schedule(steps, t_start)
 
     def step_plan(self, t, t_next):
         # Heun's last step is Euler (as in Karras et al.): the field at t=0 is not needed
