@@ -34,6 +34,7 @@ slot's actions do not depend on what the other slots do.
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -42,6 +43,7 @@ import torch
 from dpolicy.deploy.kernel import DecisionStep, DiscreteActions, FastStep, has_fast_form, shift_chunk
 from dpolicy.deploy.schedule import parse_discrete, resolve_timesteps, warm_schedule
 from dpolicy.errors import ConfigError, ShapeError
+from dpolicy.policy.base import check_steps
 from dpolicy.process import sample_loop
 
 MODES = ("chunked", "rti")
@@ -95,22 +97,23 @@ class Controller:
             raise ConfigError(f"batch_size={batch_size} must be at least 1.")
         self.policy, self.mode, self.B = policy, mode, int(batch_size)
         self.device = torch.device(policy.device)
-        self.To, self.Tp, self.Da = int(policy.To), int(policy.Tp), int(policy.action_dim)
-        self.obs_keys = list(policy.obs_keys)
-        cfg = policy.cfg if hasattr(policy, "cfg") else policy.base.cfg  # a steered policy describes its base's
-        self.obs_dims = {k_: int(cfg.obs_dims[k_]) for k_ in self.obs_keys}
+        spec = policy.spec
+        self.To, self.Tp, self.Da = spec.To, spec.Tp, spec.action_dim
+        self.obs_keys = list(spec.obs_keys)
+        self.obs_dims = dict(spec.obs_dims)
         self.process = policy.process  # with another sampler of the same process when asked
         if sampler is not None and sampler != policy.process.sampler:
             self.process = policy.process.with_sampler(sampler)
-        self.steps = int(steps or getattr(policy, "steps", None) or cfg.process.steps)
-        if self.steps < 1:
-            raise ConfigError(f"steps={steps} must be at least 1.")
-        self.execute = int(execute or policy.Ta) if mode == "chunked" else 1
-        if not 1 <= self.execute <= self.Tp:
-            raise ConfigError(f"execute={execute} must be between 1 and Tp={self.Tp}.")
+        self.steps = check_steps(steps, spec.default_steps)
+        self.execute = 1  # rti executes the first action of every decision
+        if mode == "chunked":
+            self.execute = spec.Ta if execute is None else execute
+            if isinstance(execute, bool) or not isinstance(self.execute, numbers.Integral) or not 1 <= self.execute <= self.Tp:
+                raise ConfigError(f"execute={execute!r} must be between 1 and Tp={self.Tp}.")
+            self.execute = int(self.execute)
         self.renoise = bool(renoise)
         self.discrete = parse_discrete(discrete, self.Da)
-        scale = getattr(cfg, "action_scale", None)
+        scale = spec.action_scale
         for d in self.discrete:
             if d.remedy == "scale" and (scale is None or not scale[d.dim] < 1.0):
                 raise ConfigError(f"action dimension {d.dim} uses the 'scale' remedy but the policy was not trained with "
