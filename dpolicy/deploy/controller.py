@@ -1,7 +1,8 @@
 """``Controller``: the stateful receding-horizon runtime around any chunk policy.
 
 ``reset()`` then ``step(obs) -> action`` once per control period. The controller keeps the
-observation history (a fresh episode's first observation repeated ``To`` times) and either
+observation history (an ``ObsHistory``: a fresh episode's first observation repeated ``To`` times) and
+reads the policy's shapes and default steps from its ``spec`` (any ``Policy``); it either
 
 * ``mode="chunked"`` (Diffusion Policy's way): a full solve from noise (``steps`` steps of the
   policy's sampler, or ``sampler=`` another one, e.g. DDPM), then ``execute`` (default ``Ta``)

@@ -2,7 +2,8 @@
 
 The same protocol as ``dpolicy.eval.evaluate`` (episode ``i`` is reset with seed ``seed + i``,
 results stored by episode index, Wilson interval), but actions come from a ``Controller`` with one
-slot per sub-env, so chunked and RTI execution are compared on identical episodes. A slot's noise is
+slot per sub-env, so chunked and RTI execution are compared on identical episodes; the episodes run in
+the same loop (``dpolicy.eval.runner.EpisodeRunner``), with the controller's step as the decision. A slot's noise is
 reseeded from its episode's seed at every reset, so an episode's outcome does not depend on which
 slot ran it. Latency is not measured here (the batch is not the deployment case): see ``run_loop``.
 """

@@ -18,7 +18,7 @@ from dpolicy.config import PolicyConfig
 from dpolicy.data.normalizer import DictNormalizer
 from dpolicy.errors import ConfigError
 from dpolicy.nn import build_net
-from dpolicy.policy.base import Policy, PolicySpec, as_noise_tensor, as_obs_tensors, check_obs_dict  # noqa: F401
+from dpolicy.policy.base import Policy, PolicySpec
 from dpolicy.policy.checkpoint import load_weights, read_policy_dir, register_kind, save_policy
 from dpolicy.process import build_process, sample_loop
 
