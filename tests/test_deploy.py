@@ -312,7 +312,7 @@ def test_fast_controller_equals_the_generic_controller_bitwise(kind, mode):
     # the history the fast path keeps is DecisionStep.encode of the raw history
     raw = history(obs[6:], pol.To)
     want = fast.decision_step("cold").encode(torch.cat([raw["pos"], raw["vel"]], -1))
-    assert torch.equal(fast._hist.flatten(1), want)
+    assert torch.equal(fast.history.buffer.flatten(1), want)
 
 
 # -- discrete (gripper) dimensions -----------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from dpolicy.config import NetConfig, PolicyConfig, ProcessConfig
 from dpolicy.data.normalizer import DictNormalizer
 from dpolicy.errors import CheckpointError, ConfigError
 from dpolicy.policy import ChunkPolicy
-from dpolicy.policy.checkpoint import load_policy
+from dpolicy.policy import load_policy
 from dpolicy.rl.agent import Actor, DSRLAgent, DSRLConfig
 from dpolicy.rl.noise_env import NoiseActionEnv
 from dpolicy.rl.replay import ReplayBuffer

@@ -2,9 +2,10 @@
 
 The parents are stored by reference: a path relative to the composed directory (the default, so a
 folder holding the parents and the composition can be moved as a whole) or an absolute path, with
-the SHA-256 of each parent's weights. Loading goes through ``dpolicy.policy.load_policy`` (which
-dispatches on ``kind``); a missing parent, or a parent whose weights changed since the weights were
-chosen, is a CheckpointError naming it. Written atomically like every checkpoint.
+the SHA-256 of each parent's weights. ``ComposedPolicy`` is registered for the kind, so
+``dpolicy.load_policy`` loads the directory (through ``read_composed`` here); a missing parent, or a
+parent whose weights changed since the weights were chosen, is a CheckpointError naming it. Written
+atomically like every checkpoint.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import os
 from pathlib import Path
 
 from dpolicy.errors import CheckpointError, ConfigError
-from dpolicy.policy.checkpoint import atomic_dir, write_json
+from dpolicy.policy.checkpoint import atomic_dir, load_checkpoint, resolve_checkpoint, write_json
 
 FORMAT = "dpolicy-composed"
 FORMAT_VERSION = 1
@@ -32,7 +33,6 @@ def weights_digest(policy_dir: Path) -> str:
 def save_composed(policy, path, relative: bool = True) -> Path:
     """Atomically write ``policy`` (a ComposedPolicy built with parent paths) at ``path``."""
     from dpolicy import __version__
-    from dpolicy.policy.checkpoint import resolve_checkpoint
 
     if policy.parent_paths is None:
         raise ConfigError("this composed policy does not know where its parents are stored; build it with "
@@ -45,7 +45,7 @@ def save_composed(policy, path, relative: bool = True) -> Path:
         if target == d or target in d.parents:
             raise ConfigError(f"cannot save the composition at {str(path)!r}: parent {i} lives inside it.")
         ref = os.path.relpath(d, target) if relative else str(d)
-        parents.append({"path": ref, "sha256": weights_digest(d), "process": policy.parents[i].cfg.process.type})
+        parents.append({"path": ref, "sha256": weights_digest(d), "process": policy.parents[i].process.name})
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "kind": KIND, "dpolicy_version": __version__,
             "operator": policy.operator, "weights": policy.weights, "steps": policy.default_steps, "Ta": policy.Ta,
             "action_norm_tol": policy.action_norm_tol, "parents": parents, "metadata": policy.metadata,
@@ -56,11 +56,9 @@ def save_composed(policy, path, relative: bool = True) -> Path:
     return path
 
 
-def load_composed(d: Path, meta: dict, device="cpu"):
-    """Rebuild a ComposedPolicy from the ``meta.json`` of composed directory ``d``."""
-    from dpolicy.compose.composed import ComposedPolicy
-    from dpolicy.policy.checkpoint import load_policy, resolve_checkpoint
-
+def read_composed(d: Path, meta: dict, device="cpu") -> tuple[list, list[str], dict]:
+    """What the ``meta.json`` of composed directory ``d`` describes: ``(parents, their resolved paths, the
+    ComposedPolicy settings)``, each parent loaded from its own checkpoint and checked against its digest."""
     where = d / "meta.json"
     if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{where} has format {meta.get('format')!r} version {meta.get('format_version')!r}; "
@@ -76,7 +74,7 @@ def load_composed(d: Path, meta: dict, device="cpu"):
             raise CheckpointError(f"parent {i} of composed checkpoint {str(d)!r} is missing: {str(e['path'])!r} "
                                   f"(resolved to {str(full.resolve())!r}) does not exist.")
         try:
-            parent = load_policy(full, device)
+            parent = load_checkpoint(full, device)
         except CheckpointError as err:
             raise CheckpointError(f"parent {i} of composed checkpoint {str(d)!r} cannot be loaded: {err}") from None
         if getattr(parent, "parents", None) is not None:
@@ -87,18 +85,13 @@ def load_composed(d: Path, meta: dict, device="cpu"):
                                   f"weights than when it was composed; re-run the weight search for the new parent.")
         parents.append(parent)
         paths.append(str(full.resolve()))
-    try:
-        policy = ComposedPolicy(parents, weights=meta.get("weights"), operator=meta.get("operator", "convex"),
-                                steps=meta.get("steps"), Ta=meta.get("Ta"),
-                                action_norm_tol=float(meta.get("action_norm_tol", 0.1)), parent_paths=paths)
-    except ConfigError as err:
-        raise CheckpointError(f"composed checkpoint {str(d)!r} is invalid: {err}") from None
-    policy.metadata.update(meta.get("metadata") or {})
-    return policy.to(device).eval()
+    settings = {"weights": meta.get("weights"), "operator": meta.get("operator", "convex"), "steps": meta.get("steps"),
+                "Ta": meta.get("Ta"), "action_norm_tol": float(meta.get("action_norm_tol", 0.1))}
+    return parents, paths, settings
 
 
 def is_composed(meta) -> bool:
     return isinstance(meta, dict) and meta.get("kind") == KIND
 
 
-__all__ = ["save_composed", "load_composed", "is_composed", "weights_digest", "FORMAT", "FORMAT_VERSION"]
+__all__ = ["save_composed", "read_composed", "is_composed", "weights_digest", "FORMAT", "FORMAT_VERSION"]

@@ -7,9 +7,10 @@ is converted to the base's time grid and parameterization (``fields.py``), the f
 the base process takes one step. ``mixture`` ("OR") instead gives each sample to one parent, drawn
 with probability ``w_i`` from a deterministic function of the sample's noise, and that parent
 samples it on its own. Every operator is a deterministic function of the noise (DDIM eta=0, flow),
-like ``ChunkPolicy``; the object has the same duck-typed interface (``To, Tp, Ta, action_dim,
-obs_keys, device, metadata, act``, plus ``encode``, ``field_fn``, ``sample_normalized`` and
-``process`` for warm starts and latent-noise steering), so evaluation takes it unchanged.
+like ``ChunkPolicy``; it is a ``Policy`` (``spec``: the union of the parents' observation keys, the
+longest history, the shortest ``Ta`` unless given; ``encode`` gives one conditioning per parent), so
+evaluation, the controllers and warm starts take it unchanged. Saved as checkpoint kind ``"composed"``
+(``checkpoint.py``: the parents by reference).
 
 Actions are composed in the base parent's normalized space. A parent whose action normalizer
 differs is mapped affinely into it (``x0 -> D x0 + d`` per dimension); that is exact for the
@@ -22,17 +23,19 @@ bit for bit.
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass
+import numbers
 from typing import Mapping, Sequence
 
 import torch
 from torch import nn
 
+from dpolicy.compose.checkpoint import read_composed, save_composed
 from dpolicy.compose.fields import OPERATORS, check_weights, combine, matched_time
-from dpolicy.errors import ConfigError, ShapeError
+from dpolicy.errors import CheckpointError, ConfigError, ShapeError
+from dpolicy.policy.base import Policy, PolicySpec, check_steps
+from dpolicy.policy.checkpoint import load_checkpoint, register_kind, resolve_checkpoint
+from dpolicy.policy.chunk_policy import ChunkPolicy
 from dpolicy.process import sample_loop
-from dpolicy.policy.chunk_policy import ChunkPolicy, check_obs_dict
 
 # The mixture draws u ~ U[0, 1) per sample as frac(_MIX_FREQ * <noise, r>) for a fixed unit vector r:
 # a deterministic function of the noise (the map stays noise -> chunk), uniform for Gaussian noise,
@@ -41,27 +44,12 @@ _MIX_FREQ = 1000.0
 _MIX_SEED = 0x6C0_3B05E
 
 
-@dataclass(frozen=True)
-class ComposedShape:
-    """What code written for ``ChunkPolicy.cfg`` reads (shapes, the shared process's settings)."""
-
-    obs_keys: list
-    obs_dims: dict
-    action_dim: int
-    To: int
-    Tp: int
-    Ta: int
-    process: object  # the base parent's ProcessConfig, with the composition's default steps
-
-
 def check_compatible(parents: Sequence, action_norm_tol: float = 0.1) -> dict:
     """Check that ``parents`` can share one noisy chunk; return what composing them needs.
 
     Raises ConfigError with one sentence per incompatibility: kind, action dimension, chunk
     length, observation dimensions, noise schedule, action normalization, environment.
     """
-    from dpolicy.policy.chunk_policy import ChunkPolicy
-
     if len(parents) == 0:
         raise ConfigError("composition needs at least one parent policy.")
     for i, p in enumerate(parents):
@@ -69,7 +57,7 @@ def check_compatible(parents: Sequence, action_norm_tol: float = 0.1) -> dict:
             raise ConfigError(f"parent {i} is a {type(p).__name__}, not a ChunkPolicy; compose checkpoints of "
                               f"trained policies (nested compositions are not supported).")
         if not p.process.denoising:
-            raise ConfigError(f"parent {i} is a {p.cfg.process.type} policy; it has no denoising field to compose, "
+            raise ConfigError(f"parent {i} is a {p.process.name} policy; it has no denoising field to compose, "
                               f"only policies of a denoising process (diffusion, flow, edm) do.")
     p0 = parents[0]
     for i, p in enumerate(parents[1:], 1):
@@ -83,7 +71,7 @@ def check_compatible(parents: Sequence, action_norm_tol: float = 0.1) -> dict:
     owner: dict[str, int] = {}
     for i, p in enumerate(parents):
         for k in p.obs_keys:
-            d = p.cfg.obs_dims[k]
+            d = p.obs_dims[k]
             if k in obs_dims and obs_dims[k] != d:
                 raise ConfigError(f"observation {k!r} has dimension {d} for parent {i} but {obs_dims[k]} for "
                                   f"parent {owner[k]}; the parents must read the same observation.")
@@ -124,7 +112,10 @@ def _action_map(base, p, i: int, b: int, tol: float):
     return D, d
 
 
-class ComposedPolicy(nn.Module):
+@register_kind("composed")
+class ComposedPolicy(Policy):
+    who = "the composed policy"
+
     def __init__(self, parents: Sequence, weights: Sequence[float] | None = None, operator: str = "convex",
                  steps: int | None = None, Ta: int | None = None, action_norm_tol: float = 0.1,
                  parent_paths: Sequence[str] | None = None):
@@ -143,18 +134,17 @@ class ComposedPolicy(nn.Module):
         self.process = base.process
         self.normalizer = base.normalizer  # the base parent's: actions are composed in its normalized space
         self._native = [not self._mapped[i] and self._same_kind(p) for i, p in enumerate(parents)]
-        self.default_steps = base.default_steps if steps is None else int(steps)
-        if self.default_steps < 1:
-            raise ConfigError(f"steps={steps} must be at least 1.")
-        min_ta = min(p.Ta for p in parents)
-        self._Ta = int(Ta or min_ta)
-        if not 1 <= self._Ta <= base.Tp:
-            raise ConfigError(f"Ta={Ta} must be between 1 and Tp={base.Tp}.")
+        default_steps = check_steps(steps, base.default_steps)
+        Ta_ = min(p.Ta for p in parents) if Ta is None else Ta
+        if isinstance(Ta_, bool) or not isinstance(Ta_, numbers.Integral) or not 1 <= Ta_ <= base.Tp:
+            raise ConfigError(f"Ta={Ta!r} must be between 1 and Tp={base.Tp}.")
+        self._spec = PolicySpec(list(self._obs_dims), self._obs_dims, max(p.To for p in parents), base.Tp, int(Ta_),
+                                base.action_dim, default_steps)
         self.action_norm_tol = float(action_norm_tol)
         self.parent_paths = None if parent_paths is None else [str(p) for p in parent_paths]
         if self.parent_paths is not None and len(self.parent_paths) != len(parents):
             raise ConfigError(f"got {len(self.parent_paths)} parent path(s) for {len(parents)} parents.")
-        self.metadata: dict = {}  # the task the parents share (the first parent that names it)
+        # metadata: the task the parents share (the first parent that names it)
         for p in [base, *parents]:
             for k in ("env_args", "task"):
                 if k in p.metadata:
@@ -197,34 +187,11 @@ class ComposedPolicy(nn.Module):
     def describe(self) -> dict:
         """JSON facts: operator, weights, base and each parent's kind."""
         return {"operator": self.operator, "weights": self.weights, "base": self.base_index, "steps": self.default_steps,
-                "Ta": self.Ta, "parents": [{"process": p.cfg.process.type, "obs_keys": list(p.obs_keys),
+                "Ta": self.Ta, "parents": [{"process": p.process.name, "obs_keys": list(p.obs_keys),
                                             "native": self._native[i], "action_map": self._mapped[i]}
                                            for i, p in enumerate(self.parents)]}
 
-    # -- shapes -------------------------------------------------------------------------------
-    @property
-    def cfg(self) -> ComposedShape:
-        base = self.parents[self.base_index].cfg.process
-        return ComposedShape(self.obs_keys, self.obs_dims, self.action_dim, self.To, self.Tp, self.Ta,
-                             dataclasses.replace(base, steps=self.default_steps))
-
-    To = property(lambda self: max(p.To for p in self.parents))
-    Tp = property(lambda self: self.parents[0].Tp)
-    Ta = property(lambda self: self._Ta)
-    action_dim = property(lambda self: self.parents[0].action_dim)
-    obs_dims = property(lambda self: dict(self._obs_dims))
-    obs_keys = property(lambda self: list(self._obs_dims))
-
-    @property
-    def device(self) -> torch.device:
-        return self.parents[0].device
-
-    def chunk_shape(self, batch: int) -> tuple[int, int, int]:
-        return (batch, self.Tp, self.action_dim)
-
-    def check_obs(self, obs: Mapping[str, torch.Tensor]) -> int:
-        """Validate the union of the parents' observation keys; return the batch size."""
-        return check_obs_dict(obs, self.obs_keys, self._obs_dims, self.To, "the composed policy")
+    spec = property(lambda self: self._spec)
 
     # -- the map ------------------------------------------------------------------------------
     def encode(self, obs: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
@@ -277,17 +244,15 @@ class ComposedPolicy(nn.Module):
         cond = tuple(cond)
         if len(cond) != len(self.parents):
             raise ShapeError(f"got {len(cond)} conditioning tensor(s) for {len(self.parents)} parents; use encode(obs).")
-        b, device = cond[0].shape[0], cond[0].device
-        if noise is None:
-            noise = torch.randn(self.chunk_shape(b), device=device, generator=generator)
-        elif tuple(noise.shape) != self.chunk_shape(b):
-            raise ShapeError(f"noise has shape {tuple(noise.shape)}; expected {self.chunk_shape(b)} = (B, Tp, Da).")
-        noise = noise.to(device, torch.float32)
-        if self.operator == "mixture":
+        noise = self.initial_noise(cond[0].shape[0], cond[0].device, noise, generator)
+        if self.operator == "mixture":  # each parent samples on its own (with its own default when steps is None)
+            if steps is not None:
+                self.resolve_steps(steps)
             return self._sample_mixture(cond, noise, steps, generator, t_start)
+        steps = self.resolve_steps(steps)
         if t_start >= 1.0 and self.process.noise_scale != 1.0:
             noise = noise * self.process.noise_scale
-        schedule = self.process.schedule(self.default_steps if steps is None else steps, t_start)
+        schedule = self.process.schedule(steps, t_start)
         return sample_loop(self.process, self.field_fn(cond), noise, schedule, generator)
 
     def mixture_choice(self, noise: torch.Tensor) -> torch.Tensor:
@@ -322,24 +287,33 @@ class ComposedPolicy(nn.Module):
             out[rows] = x
         return out
 
-    @torch.no_grad()
-    def act(self, obs: Mapping[str, torch.Tensor], noise: torch.Tensor | None = None, steps: int | None = None,
-            generator: torch.Generator | None = None) -> torch.Tensor:
-        """``{k: (B, To, d_k)}`` (union of the parents' keys) -> chunk ``(B, Tp, Da)`` in env units."""
-        return ChunkPolicy.act(self, obs, noise, steps, generator)  # the same check, encode, sample, unnormalize
+    def _use_sampler(self, sampler, settings) -> None:
+        """The shared process, and each parent of the same process (which the mixture samples through), take
+        the sampler; the other parents keep theirs (their fields are read on the shared process's steps)."""
+        name = self.process.name
+        self.process = self.process.with_sampler(sampler or self.process.sampler, **settings)
+        self.parents = nn.ModuleList([p.with_sampler(sampler, **settings) if p.process.name == name else p
+                                      for p in self.parents])
 
     # -- persistence --------------------------------------------------------------------------
     def save(self, path, relative: bool = True):
         """Write a composed checkpoint directory (parents by reference); see ``dpolicy.compose.checkpoint``."""
-        from dpolicy.compose.checkpoint import save_composed
-
         return save_composed(self, path, relative=relative)
 
     @classmethod
     def from_checkpoints(cls, paths: Sequence, device="cpu", **kwargs) -> "ComposedPolicy":
-        """Load each parent with ``load_policy`` and compose them; the paths are kept for ``save``."""
-        from dpolicy.policy.checkpoint import load_policy, resolve_checkpoint
-
-        parents = [load_policy(p, device) for p in paths]
+        """Load each parent checkpoint and compose them; the paths are kept for ``save``."""
+        parents = [load_checkpoint(p, device) for p in paths]
         return cls(parents, parent_paths=[str(resolve_checkpoint(p).resolve()) for p in paths], **kwargs)
+
+    @classmethod
+    def load(cls, path, meta: dict, device="cpu") -> "ComposedPolicy":
+        """Rebuild from the ``meta.json`` of composed directory ``path`` (its parents load from their own)."""
+        parents, paths, settings = read_composed(path, meta, device)
+        try:
+            policy = cls(parents, parent_paths=paths, **settings)
+        except ConfigError as err:
+            raise CheckpointError(f"composed checkpoint {str(path)!r} is invalid: {err}") from None
+        policy.metadata.update(meta.get("metadata") or {})
+        return policy.to(device).eval()
 

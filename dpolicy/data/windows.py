@@ -38,7 +38,7 @@ class WindowDataset:
         self._obs_off = torch.arange(-To + 1, 1, device=self.device)
         self._act_off = torch.arange(0, Tp, device=self.device)
         if rank is None or world_size is None:  # under torchrun every rank reads a disjoint shard of one permutation
-            from dpolicy.train.distributed import world
+            from dpolicy.utils.distributed import world
 
             rank, world_size = world()
         self.rank, self.world_size = rank, world_size

@@ -1,7 +1,8 @@
 """``Controller``: the stateful receding-horizon runtime around any chunk policy.
 
 ``reset()`` then ``step(obs) -> action`` once per control period. The controller keeps the
-observation history (a fresh episode's first observation repeated ``To`` times) and either
+observation history (an ``ObsHistory``: a fresh episode's first observation repeated ``To`` times) and
+reads the policy's shapes and default steps from its ``spec`` (any ``Policy``); it either
 
 * ``mode="chunked"`` (Diffusion Policy's way): a full solve from noise (``steps`` steps of the
   policy's sampler, or ``sampler=`` another one, e.g. DDPM), then ``execute`` (default ``Ta``)
@@ -34,6 +35,7 @@ slot's actions do not depend on what the other slots do.
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -42,6 +44,8 @@ import torch
 from dpolicy.deploy.kernel import DecisionStep, DiscreteActions, FastStep, has_fast_form, shift_chunk
 from dpolicy.deploy.schedule import parse_discrete, resolve_timesteps, warm_schedule
 from dpolicy.errors import ConfigError, ShapeError
+from dpolicy.policy.base import check_steps
+from dpolicy.policy.history import ObsHistory
 from dpolicy.process import sample_loop
 
 MODES = ("chunked", "rti")
@@ -95,22 +99,23 @@ class Controller:
             raise ConfigError(f"batch_size={batch_size} must be at least 1.")
         self.policy, self.mode, self.B = policy, mode, int(batch_size)
         self.device = torch.device(policy.device)
-        self.To, self.Tp, self.Da = int(policy.To), int(policy.Tp), int(policy.action_dim)
-        self.obs_keys = list(policy.obs_keys)
-        cfg = policy.cfg if hasattr(policy, "cfg") else policy.base.cfg  # a steered policy describes its base's
-        self.obs_dims = {k_: int(cfg.obs_dims[k_]) for k_ in self.obs_keys}
+        spec = policy.spec
+        self.To, self.Tp, self.Da = spec.To, spec.Tp, spec.action_dim
+        self.obs_keys = list(spec.obs_keys)
+        self.obs_dims = dict(spec.obs_dims)
         self.process = policy.process  # with another sampler of the same process when asked
         if sampler is not None and sampler != policy.process.sampler:
             self.process = policy.process.with_sampler(sampler)
-        self.steps = int(steps or getattr(policy, "steps", None) or cfg.process.steps)
-        if self.steps < 1:
-            raise ConfigError(f"steps={steps} must be at least 1.")
-        self.execute = int(execute or policy.Ta) if mode == "chunked" else 1
-        if not 1 <= self.execute <= self.Tp:
-            raise ConfigError(f"execute={execute} must be between 1 and Tp={self.Tp}.")
+        self.steps = check_steps(steps, spec.default_steps)
+        self.execute = 1  # rti executes the first action of every decision
+        if mode == "chunked":
+            self.execute = spec.Ta if execute is None else execute
+            if isinstance(execute, bool) or not isinstance(self.execute, numbers.Integral) or not 1 <= self.execute <= self.Tp:
+                raise ConfigError(f"execute={execute!r} must be between 1 and Tp={self.Tp}.")
+            self.execute = int(self.execute)
         self.renoise = bool(renoise)
         self.discrete = parse_discrete(discrete, self.Da)
-        scale = getattr(cfg, "action_scale", None)
+        scale = spec.action_scale
         for d in self.discrete:
             if d.remedy == "scale" and (scale is None or not scale[d.dim] < 1.0):
                 raise ConfigError(f"action dimension {d.dim} uses the 'scale' remedy but the policy was not trained with "
@@ -140,23 +145,11 @@ class Controller:
             raise ConfigError("compile=True needs the fast path (a ChunkPolicy).")
 
         B, dev = self.B, self.device
-        d_obs = sum(self.obs_dims.values())
         # the history: normalized observations on the fast path (what the FastStep reads), env units on the generic one
-        self._hist = torch.zeros(B, self.To, d_obs, device=dev)
+        self.history = ObsHistory(self.obs_keys, self.To, B, dev, self.obs_dims)
         self._prev = torch.zeros(B, self.Tp, self.Da, device=dev)
         self._noise = torch.zeros(B, self.Tp, self.Da, device=dev)
         self._noise_rows = [self._noise[r] for r in range(B)]
-        cuda = dev.type == "cuda"
-        self._host_hist = None if cuda else self._hist.numpy()
-        self._stage = torch.zeros(B, d_obs, pin_memory=cuda) if cuda else None
-        self._row = self._stage.numpy() if cuda else np.zeros((B, d_obs), dtype=np.float32)  # the new observation
-        self._staged = torch.cuda.Event() if cuda else None  # the stage's last host-to-device copy
-        self._slices = {}
-        off = 0
-        for k_ in self.obs_keys:
-            self._slices[k_] = slice(off, off + self.obs_dims[k_])
-            off += self.obs_dims[k_]
-        self._key_slices = [(k_, self._slices[k_], self.obs_dims[k_]) for k_ in self.obs_keys]
         self._obs_norm = None  # (offset, scale) as float32 arrays: the fast path normalizes on arrival
         self._discrete_generic = None if self.fast else DiscreteActions(policy.normalizer.action, self.discrete, self.Da)
         self.plans: dict[str, _Plan] = {}
@@ -257,65 +250,19 @@ class Controller:
 
     # -- observations ------------------------------------------------------------------------------------
     def _read_obs(self, obs) -> bool:
-        """Validate an observation dict and write it into ``self._row`` (``(B, Dobs)`` float32, keys in
-        ``obs_keys`` order, normalized on the fast path); return whether it was batched."""
-        if not isinstance(obs, Mapping):
-            raise ShapeError(f"observations must be a dict keyed by {self.obs_keys}, got {type(obs).__name__}.")
-        row, B, batched = self._row, self.B, False
-        if self._staged is not None:  # CUDA: the pinned stage may still be read by the previous asynchronous copy
-            self._staged.synchronize()
-        for k, sl, d in self._key_slices:
-            try:
-                v = obs[k]
-            except KeyError:
-                missing = [m for m in self.obs_keys if m not in obs]
-                raise ShapeError(f"observation key(s) {missing} are missing; the policy needs {self.obs_keys}.") from None
-            a = np.asarray(v, dtype=np.float32)
-            if a.ndim <= 1 and a.size == d and B == 1:
-                row[0, sl] = a.reshape(d)
-            elif a.ndim >= 2 and a.shape[0] == B and a[0].size == d:
-                batched = True
-                row[:, sl] = a.reshape(B, d)
-            else:
-                want = f"({d},) or ({B}, {d})" if B == 1 else f"({B}, {d})"
-                raise ShapeError(f"observation {k!r} has shape {np.shape(v)}; expected {want}.")
-        if not np.isfinite(row).all():
-            bad = next(k for k, sl, _ in self._key_slices if not np.isfinite(row[:, sl]).all())
-            raise ShapeError(f"observation {bad!r} holds NaN or infinite values.")
+        """Validate an observation dict and write it into the history's row buffer (``(B, Dobs)`` float32, keys
+        in ``obs_keys`` order, normalized on the fast path); return whether it was batched."""
+        row, batched = self.history.read(obs, check_finite=True)
         if self._obs_norm is not None:  # = DecisionStep.encode's (obs - offset) * scale, float32, elementwise
             np.subtract(row, self._obs_norm[0], out=row)
             np.multiply(row, self._obs_norm[1], out=row)
         return batched
 
     def _push_obs(self, only_fresh: bool = False) -> None:
-        """Slide the history by one and write ``self._row``; fresh slots get it ``To`` times.
+        """Slide the history by one and write the row just read; fresh slots get it ``To`` times.
         ``only_fresh`` leaves the other slots' histories alone (``prime``)."""
-        fresh = np.nonzero(self._fresh)[0] if self._fresh.any() else None
-        row = self._row
-        if self._host_hist is not None:  # CPU: the history tensor's own memory, written through numpy
-            h = self._host_hist
-            if only_fresh:
-                h[fresh] = row[fresh, None]
-            else:
-                if self.To > 1:
-                    h[:, :-1] = h[:, 1:]  # numpy handles the overlap
-                h[:, -1] = row
-                if fresh is not None:
-                    h[fresh] = row[fresh, None]
-        else:  # CUDA: the row is staged in pinned memory; one copy, then slide on the device
-            x = self._stage.to(self.device, non_blocking=True)
-            self._staged.record()
-            h = self._hist
-            if not only_fresh:
-                for i in range(self.To - 1):  # slice by slice: no overlapping copies
-                    h[:, i].copy_(h[:, i + 1])
-                h[:, -1].copy_(x)
-            if fresh is not None:
-                if len(fresh) == self.B:
-                    h.copy_(x[:, None].expand(-1, self.To, -1))
-                else:
-                    idx = torch.as_tensor(fresh, device=self.device)
-                    h[idx] = x[idx, None].expand(-1, self.To, -1)
+        fresh = self._fresh if self._fresh.any() else None
+        self.history.push(slots=np.zeros(self.B, dtype=bool) if only_fresh else None, fresh=fresh)
         if fresh is not None:
             self._fresh[:] = False
 
@@ -338,12 +285,12 @@ class Controller:
         if self.fast:
             if self.cuda_graph and not self._graphs_ready:
                 self._capture()
-            return plan.kernel(self._prev, self._hist, self._noise, plan.step_noise)
+            return plan.kernel(self._prev, self.history.buffer, self._noise, plan.step_noise)
         return self._run_generic(plan, warm, rows)
 
     def _run_generic(self, plan: _Plan, warm: bool, rows: np.ndarray):
         pol = self.policy
-        cond = pol.encode({k: self._hist[:, :, s] for k, s in self._slices.items()})
+        cond = pol.encode(self.history.views())
         fn = pol.field_fn(cond) if warm or self.process is not pol.process else None
         g = self._gens[int(rows[0])] if len(rows) else None  # per-step (DDPM) noise: one stream on this path
         if warm:
@@ -360,7 +307,7 @@ class Controller:
 
     def _capture(self) -> None:
         for plan in self.plans.values():
-            plan.kernel = _Graphed(plan.kernel, (self._prev, self._hist, self._noise, plan.step_noise))
+            plan.kernel = _Graphed(plan.kernel, (self._prev, self.history.buffer, self._noise, plan.step_noise))
         self._graphs_ready = True
 
     def _decide(self) -> np.ndarray:

@@ -1,6 +1,7 @@
 """Evaluation of chunk policies: batched seeded rollouts, success statistics, videos and plots.
 
-``evaluate(policy, env_fn, ...)`` returns an ``EvalResult``; ``wilson_interval`` and
+``evaluate(policy, env_fn, ...)`` returns an ``EvalResult``; ``EpisodeRunner`` is the episode loop under
+it (and under the controller's evaluation and the noise-action env); ``wilson_interval`` and
 ``total_variation`` are the statistics it and the benchmarks use; ``record_video`` /
 ``write_video`` make videos; ``plot_learning_curve`` / ``plot_success_vs`` make headless PNGs.
 The video and plot modules are imported on first use so that ``import dpolicy.eval`` does not
@@ -8,7 +9,7 @@ pay for matplotlib or imageio when only numbers are wanted.
 """
 
 from dpolicy.eval.rollout import EvalResult, evaluate, make_vector_env, summarize
-from dpolicy.eval.runner import EpisodeRecord, run_episodes
+from dpolicy.eval.runner import EpisodeRecord, EpisodeRunner, run_episodes
 from dpolicy.eval.stats import mode_frequencies, total_variation, wilson_interval
 
 _LAZY = {
@@ -20,7 +21,7 @@ _LAZY = {
 }
 
 __all__ = [
-    "EpisodeRecord", "EvalResult", "RenderError", "evaluate", "make_vector_env", "mode_frequencies",
+    "EpisodeRecord", "EpisodeRunner", "EvalResult", "RenderError", "evaluate", "make_vector_env", "mode_frequencies",
     "plot_learning_curve", "plot_success_vs", "record_video", "run_episodes", "summarize",
     "total_variation", "wilson_interval", "write_video",
 ]

@@ -21,8 +21,6 @@ import shutil
 import uuid
 from pathlib import Path
 
-import torch
-
 from dpolicy.errors import CheckpointError, ConfigError
 
 FORMAT = "dpolicy-policy"
@@ -229,28 +227,55 @@ def check_resume_compatible(step_dir, current) -> None:
                               f"or the same settings.")
 
 
-def load_policy(path, device="cpu"):
-    """Load a ``ChunkPolicy`` (or a ``ComposedPolicy``, kind "composed", or a ``SteeredPolicy``, kind "steered") from any checkpoint
-    path, on any device, without hydra."""
+# -- kinds ----------------------------------------------------------------------------------------------
+# A checkpoint's meta.json names its kind ("kind"; none: a ChunkPolicy directory, kind "chunk"). Each kind is
+# a class with a ``load(dir, meta, device)`` classmethod, registered by the module that defines it. The
+# loader below only consults this table, so the policy layer never imports the layers built on it;
+# ``dpolicy.kinds`` imports every kind dpolicy defines and is what ``load_policy`` users call.
+KINDS: dict[str, type] = {}
+DEFAULT_KIND = "chunk"
+
+
+def register_kind(name: str):
+    """Class decorator: checkpoints whose ``meta.json`` says ``"kind": name`` load with ``cls.load(dir, meta, device)``."""
+    def deco(cls):
+        if not callable(getattr(cls, "load", None)):
+            raise ConfigError(f"checkpoint kind {name!r}: {cls.__name__} has no load(dir, meta, device) classmethod.")
+        prev = KINDS.get(name)
+        if prev is not None and (prev.__module__, prev.__qualname__) != (cls.__module__, cls.__qualname__):
+            raise ConfigError(f"checkpoint kind {name!r} is registered twice ({prev.__qualname__}, {cls.__qualname__}).")
+        KINDS[name] = cls
+        cls.kind = name
+        return cls
+    return deco
+
+
+def load_checkpoint(path, device="cpu"):
+    """Load the policy behind any checkpoint path (see ``resolve_checkpoint``), on any device, without hydra,
+    with the class registered for its kind. Only kinds whose modules were imported are known here;
+    ``dpolicy.kinds.load_policy`` (also ``dpolicy.load_policy`` and ``dpolicy.policy.load_policy``) knows them all."""
+    d = resolve_checkpoint(path)
+    meta = read_json(d / "meta.json", "the checkpoint")
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{d / 'meta.json'} does not describe a dpolicy policy (format=None).")
+    kind = meta.get("kind", DEFAULT_KIND)
+    cls = KINDS.get(kind) if isinstance(kind, str) else None
+    if cls is None:
+        raise CheckpointError(f"{d} is a checkpoint of kind {kind!r}, which no loaded module registers (known: "
+                              f"{sorted(KINDS)}); load it with dpolicy.load_policy or import the module defining it.")
+    return cls.load(d, meta, device)
+
+
+def read_policy_dir(d: Path, meta: dict):
+    """``(PolicyConfig, DictNormalizer, weights)`` of the ChunkPolicy directory ``d``, each checked."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     from dpolicy.config import PolicyConfig, from_dict
     from dpolicy.data.normalizer import DictNormalizer
-    from dpolicy.policy.chunk_policy import ChunkPolicy
 
-    d = resolve_checkpoint(path)
-    meta = read_json(d / "meta.json", "the checkpoint")
-    if isinstance(meta, dict) and meta.get("kind") == "composed":  # parents by reference + weights (GPC)
-        from dpolicy.compose.checkpoint import load_composed
-
-        return load_composed(d, meta, device)
-    if isinstance(meta, dict) and meta.get("kind") == "steered":  # frozen base by reference + DSRL actor
-        from dpolicy.rl.steered import SteeredPolicy
-
-        return SteeredPolicy.from_checkpoint(d, device)
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise CheckpointError(f"{d / 'meta.json'} does not describe a dpolicy policy (format={meta.get('format') if isinstance(meta, dict) else None!r}).")
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{d / 'meta.json'} does not describe a dpolicy policy (format={meta.get('format')!r}).")
     if meta.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{d} has format_version {meta.get('format_version')!r}; this dpolicy reads version {FORMAT_VERSION}.")
     try:
@@ -258,8 +283,6 @@ def load_policy(path, device="cpu"):
     except ConfigError as e:
         raise CheckpointError(f"{d / 'config.json'} is invalid: {e}") from None
     normalizer = DictNormalizer.from_dict(read_json(d / "normalizer.json", "the checkpoint"))
-    policy = ChunkPolicy(cfg, normalizer)
-    policy.metadata = dict(meta.get("metadata") or {})
     wfile = d / "model.safetensors"
     if not wfile.exists():
         raise CheckpointError(f"{wfile} is missing; the checkpoint is incomplete.")
@@ -267,14 +290,18 @@ def load_policy(path, device="cpu"):
         state = load_file(str(wfile), device="cpu")
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"{wfile} cannot be read ({e}); the file is truncated or not safetensors.") from None
-    missing, unexpected = _diff_keys(policy.state_dict(), state)
+    return cfg, normalizer, state
+
+
+def load_weights(module, state: dict, wfile) -> None:
+    """``module.load_state_dict(state)``, strictly; a mismatch is a CheckpointError naming ``wfile``."""
+    missing, unexpected = _diff_keys(module.state_dict(), state)
     if missing or unexpected:
         raise CheckpointError(f"{wfile} does not match its config: missing {missing[:5]}, unexpected {unexpected[:5]}.")
     try:
-        policy.load_state_dict(state, strict=True)
+        module.load_state_dict(state, strict=True)
     except RuntimeError as e:
         raise CheckpointError(f"{wfile} has tensors of the wrong shape for its config ({str(e).splitlines()[-1].strip()}).") from None
-    return policy.to(torch.device(device)).eval()
 
 
 def _diff_keys(expected: dict, got: dict):

@@ -4,7 +4,9 @@
 normalized observation-history encoding (``policy.encode``), its action a batch ``w`` of shape
 ``(n, Tp * Da)`` inside ``Box(-b, b)``. One ``step`` makes ONE batched call to the frozen base policy
 on its device, executes each chunk's first ``Ta`` actions (stopping early when an episode ends),
-sums the rewards, and resets finished environments. Deterministic samplers (DDIM with eta=0, flow
+sums the rewards, and resets finished environments. The environments run in dpolicy's episode loop
+(``dpolicy.eval.runner.EpisodeRunner`` over the list of envs, endless episodes seeded from ``seed``)
+and the observation history is an ``ObsHistory``, as in evaluation. Deterministic samplers (DDIM with eta=0, flow
 ODEs) make the chunk a function of ``(state, w)``; a stochastic sampler (DDPM) is allowed, as the
 ablation, and flagged by ``deterministic = False``.
 """
@@ -17,6 +19,8 @@ import numpy as np
 import torch
 
 from dpolicy.errors import ConfigError
+from dpolicy.eval.runner import EpisodeRunner
+from dpolicy.policy.history import ObsHistory
 
 
 @dataclass
@@ -41,40 +45,31 @@ class NoiseActionEnv:
         self.base = base.eval().requires_grad_(False)
         self.deterministic = not getattr(base.process, "stochastic", False)
         self.envs = [env_fn() for _ in range(n_envs)]
-        self.n, self.b, self.steps, self.reward_offset = n_envs, float(action_magnitude), steps, float(reward_offset)
+        self.n, self.b, self.reward_offset = n_envs, float(action_magnitude), float(reward_offset)
+        self.steps = None if steps is None else base.resolve_steps(steps)
         self.To, self.Tp, self.Ta, self.Da = base.To, base.Tp, base.Ta, base.action_dim
         self.noise_dim, self.exec_dim = self.Tp * self.Da, self.Ta * self.Da
         self.state_dim = base.cond_dim
         self.device = base.device
         self.rng = np.random.default_rng(seed)
         self.gen = torch.Generator(device=self.device).manual_seed(seed)  # only stochastic samplers use it
-        self.hist: list[dict[str, np.ndarray]] = [{} for _ in range(n_envs)]
-        self.ep_return = np.zeros(n_envs)
-        self.ep_len = np.zeros(n_envs, dtype=int)
+        self.runner = EpisodeRunner(self.envs, next_seed=lambda: int(self.rng.integers(2**31)))
+        self.history = ObsHistory(base.obs_keys, self.To, n_envs, self.device, base.obs_dims)
+        self.ep_return = np.zeros(n_envs)  # the running episodes' returns, reward_offset included
 
-    # -- observation history -> state ------------------------------------------------------------
-    def _start(self, i: int, obs: dict) -> None:
-        self.hist[i] = {k: np.repeat(np.asarray(obs[k], np.float32).reshape(1, -1), self.To, 0) for k in self.base.obs_keys}
+    @property
+    def ep_len(self) -> np.ndarray:
+        return self.runner.length
 
-    def _push(self, i: int, obs: dict) -> None:
-        for k in self.base.obs_keys:
-            h = self.hist[i][k]
-            h[:-1] = h[1:]
-            h[-1] = np.asarray(obs[k], np.float32).reshape(-1)
-
-    def _encode(self, hists: list[dict]) -> torch.Tensor:
-        obs = {k: torch.as_tensor(np.stack([h[k] for h in hists]), device=self.device) for k in self.base.obs_keys}
-        return self.base.encode(obs)
-
-    def _reset_env(self, i: int) -> None:
-        obs, _ = self.envs[i].reset(seed=int(self.rng.integers(2**31)))
-        self._start(i, obs)
-        self.ep_return[i], self.ep_len[i] = 0.0, 0
+    def _state(self) -> torch.Tensor:
+        """The base's encoding of every slot's observation history."""
+        return self.base.encode(self.history.window())
 
     def reset(self) -> torch.Tensor:
-        for i in range(self.n):
-            self._reset_env(i)
-        return self._encode(self.hist)
+        obs, _ = self.runner.reset()
+        self.history.start(self.history.read(obs)[0])
+        self.ep_return[:] = 0.0
+        return self._state()
 
     # -- the base policy ------------------------------------------------------------------------------
     @torch.no_grad()
@@ -95,23 +90,25 @@ class NoiseActionEnv:
         actions = self.base.normalizer.action.unnormalize(chunk)[:, :self.Ta].cpu().numpy()
         reward = np.zeros(self.n)
         term, done, success = np.zeros(self.n), np.zeros(self.n, bool), np.zeros(self.n, bool)
+        running = np.ones(self.n, bool)  # slots still executing their chunk
         env_steps = 0
-        for i, env in enumerate(self.envs):
-            for j in range(self.Ta):
-                obs, r, terminated, truncated, info = env.step(actions[i, j])
-                env_steps += 1
-                reward[i] += float(r) + self.reward_offset
-                self.ep_len[i] += 1
-                self._push(i, obs)
-                if terminated or truncated:
-                    term[i], done[i] = float(terminated), True
-                    success[i] = bool(info.get("is_success", False))
-                    break
+        for j in range(self.Ta):
+            res = self.runner.step(actions[:, j], running)
+            env_steps += int(running.sum())
+            reward[running] += res.reward[running] + self.reward_offset
+            self.history.push(self.history.read(res.obs)[0], slots=running)
+            ended = res.ended
+            term[ended], done[ended], success[ended] = res.terminated[ended], True, res.success[ended]
+            running &= ~ended
+            if not running.any():
+                break
         self.ep_return += reward
-        next_state = self._encode(self.hist)
-        for i in np.nonzero(done)[0]:
-            self._reset_env(i)
-        new_state = self._encode(self.hist) if done.any() else next_state
+        next_state = self._state()
+        if done.any():
+            obs, reset, _ = self.runner.restart(done)
+            self.history.start(self.history.read(obs)[0], reset)
+            self.ep_return[reset] = 0.0
+        new_state = self._state() if done.any() else next_state
         t = lambda a: torch.as_tensor(a, dtype=torch.float32, device=self.device)  # noqa: E731
         return NoiseStep(next_state, new_state, self.executed_part(chunk), t(reward), t(term), done, success, env_steps)
 

@@ -1,52 +1,51 @@
 """A steered policy: a frozen base policy plus the DSRL actor that picks its noise.
 
-It has the ChunkPolicy interface the evaluator and controllers use (``To, Tp, Ta, action_dim,
-obs_keys, device, act``). By default ``act`` takes the actor's deterministic noise (the tanh of its
-mean) and ignores a ``noise`` argument, since choosing the noise is the point. With ``sample=True``
-the noise is drawn from the actor, reparameterized by the caller's standard-normal ``noise`` (so
-seeded evaluation stays reproducible and paired with the base's): the right choice when the base's
-mean noise decodes to a poor chunk (an average of modes) and the actor was trained to stay near
-the base's noise prior (``dsrl.regularizer=prior``).
+It is a ``Policy`` like any other (the evaluator, the controllers and ``load_policy`` take it), with the
+base's observations, shapes and normalizer. By default ``act`` takes the actor's deterministic noise
+(the tanh of its mean) and ignores a ``noise`` argument, since choosing the noise is the point. With
+``sample=True`` the noise is drawn from the actor, reparameterized by the caller's standard-normal
+``noise`` (so seeded evaluation stays reproducible and paired with the base's): the right choice when
+the base's mean noise decodes to a poor chunk (an average of modes) and the actor was trained to stay
+near the base's noise prior (``dsrl.regularizer=prior``). ``steps`` (None: the base's default) is the
+number of sampling steps a call uses when it names none.
 Saved as a directory: ``steered.json`` (kind, the base checkpoint's path, the actor's sizes),
-``actor.safetensors``, and ``meta.json`` marking the kind so ``load_policy`` can dispatch.
+``actor.safetensors``, and ``meta.json`` marking the kind (``"steered"``) so ``load_policy`` can dispatch.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from dpolicy.errors import CheckpointError
+from dpolicy.errors import CheckpointError, ConfigError
+from dpolicy.policy.base import Policy, PolicySpec, check_steps
+from dpolicy.policy.checkpoint import atomic_dir, load_checkpoint, read_json, register_kind, write_json
 
 KIND = "steered"
 
 
-class SteeredPolicy(nn.Module):
-    def __init__(self, base, actor: nn.Module, base_path: str | None = None, steps: int | None = None, sample: bool = False):
+@register_kind(KIND)
+class SteeredPolicy(Policy):
+    def __init__(self, base: Policy, actor: nn.Module, base_path: str | None = None, steps: int | None = None,
+                 sample: bool = False):
         super().__init__()
-        self.base, self.actor, self.base_path, self.steps, self.sample = base, actor, base_path, steps, bool(sample)
+        self.base, self.actor, self.base_path, self.sample = base, actor, base_path, bool(sample)
+        self.steps = None if steps is None else check_steps(steps, None)
         self.base.requires_grad_(False)
         self.metadata = dict(getattr(base, "metadata", {}))
 
-    obs_keys = property(lambda self: self.base.obs_keys)
-    To = property(lambda self: self.base.To)
-    Tp = property(lambda self: self.base.Tp)
-    Ta = property(lambda self: self.base.Ta)
-    action_dim = property(lambda self: self.base.action_dim)
-    obs_dims = property(lambda self: self.base.obs_dims)
+    @property
+    def spec(self) -> PolicySpec:
+        spec = self.base.spec
+        return spec if self.steps is None else dataclasses.replace(spec, default_steps=self.steps)
+
     cond_dim = property(lambda self: self.base.cond_dim)
     process = property(lambda self: self.base.process)
     normalizer = property(lambda self: self.base.normalizer)
-
-    @property
-    def device(self) -> torch.device:
-        return self.base.device
-
-    def check_obs(self, obs):
-        return self.base.check_obs(obs)
 
     def encode(self, obs):
         return self.base.encode(obs)
@@ -63,19 +62,15 @@ class SteeredPolicy(nn.Module):
         return w.reshape(cond.shape[0], self.Tp, self.action_dim)
 
     def sample_normalized(self, cond, noise=None, steps=None, generator=None, t_start: float = 1.0):
-        return self.base.sample_normalized(cond, self.noise_for(cond, noise, generator), steps or self.steps, generator, t_start)
+        steps = self.resolve_steps(steps)
+        return self.base.sample_normalized(cond, self.noise_for(cond, noise, generator), steps, generator, t_start)
 
-    @torch.no_grad()
-    def act(self, obs, noise=None, steps=None, generator=None) -> torch.Tensor:
-        self.check_obs(obs)
-        chunk = self.sample_normalized(self.encode(obs), noise, steps, generator)
-        return self.base.normalizer.action.unnormalize(chunk)
+    def _use_sampler(self, sampler, settings) -> None:
+        self.base = self.base.with_sampler(sampler, **settings)
 
     # -- checkpoints ----------------------------------------------------------------------------------
     def save(self, path) -> Path:
         from safetensors.torch import save_file
-
-        from dpolicy.policy.checkpoint import atomic_dir, write_json
 
         path = Path(path)
         if self.base_path is None:
@@ -93,10 +88,14 @@ class SteeredPolicy(nn.Module):
 
     @classmethod
     def from_checkpoint(cls, path, device="cpu") -> "SteeredPolicy":
+        """Load the steered policy directory ``path``."""
+        return cls.load(Path(path), None, device)
+
+    @classmethod
+    def load(cls, path, meta, device="cpu") -> "SteeredPolicy":
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        from dpolicy.policy.checkpoint import load_policy, read_json
         from dpolicy.rl.agent import Actor
 
         path = Path(path)
@@ -108,7 +107,7 @@ class SteeredPolicy(nn.Module):
             base_dir = Path(spec.get("base_abs", ""))
         if not base_dir.exists():
             raise CheckpointError(f"the base checkpoint {spec['base']!r} of steered policy {str(path)!r} does not exist.")
-        base = load_policy(base_dir, device)
+        base = load_checkpoint(base_dir, device)
         actor = Actor(spec["state_dim"], spec["noise_dim"], spec["hidden"], spec["layers"], spec["action_magnitude"])
         if spec["state_dim"] != base.cond_dim or spec["noise_dim"] != base.Tp * base.action_dim:
             raise CheckpointError(f"steered policy {str(path)!r} does not fit its base checkpoint (state or noise size differs).")
@@ -116,4 +115,7 @@ class SteeredPolicy(nn.Module):
             actor.load_state_dict(load_file(str(path / "actor.safetensors")))
         except (FileNotFoundError, SafetensorError, RuntimeError) as e:
             raise CheckpointError(f"{path / 'actor.safetensors'} cannot be loaded ({str(e).splitlines()[0]}).") from None
-        return cls(base, actor.to(device).eval(), str(base_dir), spec.get("steps"), bool(spec.get("sample", False)))
+        try:
+            return cls(base, actor.to(device).eval(), str(base_dir), spec.get("steps"), bool(spec.get("sample", False)))
+        except ConfigError as e:
+            raise CheckpointError(f"{path / 'steered.json'} is invalid: {e}") from None

@@ -67,7 +67,8 @@ def steer(cfg: SteerConfig, run_dir, log=None) -> dict:
     from tqdm import tqdm
 
     from dpolicy.eval import plot_success_vs
-    from dpolicy.policy.checkpoint import load_policy, resolve_checkpoint
+    from dpolicy.kinds import load_policy
+    from dpolicy.policy.checkpoint import resolve_checkpoint
     from dpolicy.tasks import env_factory, policy_env_args
     from dpolicy.utils import resolve_device, seed_everything
 

@@ -10,12 +10,7 @@ import os
 import torch
 import torch.distributed as dist
 
-
-def world() -> tuple[int, int]:
-    """(rank, world_size); (0, 1) when not launched by torchrun."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+from dpolicy.utils.distributed import world  # noqa: F401  (defined below the data layer, which shards by it)
 
 
 def init_from_env(device_type: str = "cpu") -> tuple[int, int, int]:
