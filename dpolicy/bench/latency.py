@@ -53,13 +53,13 @@ def default_discrete(policy) -> dict | None:
     env_name = str((policy.metadata.get("env_args") or {}).get("env_name", ""))
     if "Lift" not in env_name:
         return None
-    scale = getattr(policy.cfg, "action_scale", None)
+    scale = policy.spec.action_scale
     return {-1: "scale" if scale is not None and scale[-1] < 1 else "clip"}
 
 
 def schedule_name(policy, sampler: str | None = None, steps: int | None = None) -> str:
-    sampler = (sampler or policy.cfg.process.sampler).upper()
-    return f"{sampler}-{steps or policy.cfg.process.steps}"
+    sampler = (sampler or policy.process.sampler).upper()
+    return f"{sampler}-{policy.default_steps if steps is None else steps}"
 
 
 def checkpoint_label(checkpoint) -> str:
@@ -92,7 +92,7 @@ class DiffusersDDIMLoop:
 
     def sample_normalized(self, cond, noise=None, steps=None, generator=None, t_start: float = 1.0):
         s = self.scheduler
-        s.set_timesteps(steps or self._steps)
+        s.set_timesteps(self._steps if steps is None else steps)
         x = noise
         for t in s.timesteps:
             tt = torch.full((x.shape[0],), float(t) * 100.0 / self._K, device=x.device)  # the network's time scale
@@ -524,7 +524,7 @@ def gpu_latency_section(checkpoint, k: int = 3, decisions: int = 2000, seed: int
 
     policy = load_policy(checkpoint, "cuda")
     rng = np.random.default_rng(seed)
-    obs = [{k_: rng.normal(size=d).astype(np.float32) for k_, d in policy.cfg.obs_dims.items()} for _ in range(64)]
+    obs = [{k_: rng.normal(size=d).astype(np.float32) for k_, d in policy.obs_dims.items()} for _ in range(64)]
     rows, res = [], {}
     for label, kw in {"RTI, CUDA graph": dict(cuda_graph=True), "RTI, eager": dict(cuda_graph=False),
                       "chunked, CUDA graph": dict(mode="chunked", cuda_graph=True)}.items():
