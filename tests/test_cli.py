@@ -156,7 +156,7 @@ def test_task_keep_failures_reaches_the_demo_collection(tmp_path):
 # Each case is (command, arguments, a text the one stderr line must hold: the key at fault). The hydra
 # commands run in this process (hydra.main with sys.argv), drive and bench through their main(argv).
 
-from dpolicy.bench.reliability import BAD_INPUT, CASES, CKPT  # noqa: E402  (the table the reliability bench tallies)
+from dpolicy.bench.reliability import BAD_INPUT, CASES, CKPT, REQUIRED  # noqa: E402  (the table the reliability bench tallies)
 
 
 def run_in_process(capsys, tmp_path, command, args):
