@@ -52,6 +52,7 @@ class NetConfig:
     kernel_size: int = 5
     n_groups: int = 8
     time_dim: int = 32  # time-embedding width
+    film: str = "residual"  # unet FiLM: "residual" h*(1+scale)+bias, "plain" h*scale+bias (Diffusion Policy, LeRobot), "bias" h+bias
 
     def __post_init__(self):
         _check(self.type in ("mlp", "unet"), f"net.type={self.type!r} is unknown; choose 'mlp' or 'unet'.")
@@ -60,6 +61,7 @@ class NetConfig:
                f"net.down_dims={list(self.down_dims)} must be a non-empty list of positive ints.")
         _check(self.time_dim > 0 and self.time_dim % 2 == 0, f"net.time_dim={self.time_dim} must be a positive even int.")
         self.down_dims = [int(d) for d in self.down_dims]
+        _check(self.film in ("residual", "plain", "bias"), f"net.film={self.film!r} is unknown; choose 'residual', 'plain' or 'bias'.")
 
 
 @dataclass
