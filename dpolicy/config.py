@@ -208,6 +208,7 @@ class NetConfig:
     kernel_size: int = 5
     n_groups: int = 8
     time_dim: int = 32  # time-embedding width
+    film: str = "residual"  # unet FiLM: "residual" h*(1+scale)+bias, "plain" h*scale+bias (Diffusion Policy, LeRobot), "bias" h+bias
 
     def __post_init__(self):
         _check(self.type in ("mlp", "unet"), f"policy.net.type={self.type!r} is unknown; choose 'mlp' or 'unet'.")
@@ -218,6 +219,7 @@ class NetConfig:
         _check(self.time_dim > 0 and self.time_dim % 2 == 0, f"policy.net.time_dim={self.time_dim} must be a positive even int.")
         check_min(self, "policy.net", 1, "kernel_size", "n_groups")
         self.down_dims = [int(d) for d in self.down_dims]
+        _check(self.film in ("residual", "plain", "bias"), f"net.film={self.film!r} is unknown; choose 'residual', 'plain' or 'bias'.")
 
 
 @dataclass

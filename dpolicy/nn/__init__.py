@@ -13,7 +13,7 @@ def build_net(cfg, action_dim: int, horizon: int, cond_dim: int):
 
     if cfg.type == "unet":
         return ConditionalUnet1D(action_dim, cond_dim, down_dims=tuple(cfg.down_dims), kernel_size=cfg.kernel_size,
-                                 n_groups=cfg.n_groups, time_dim=cfg.time_dim)
+                                 n_groups=cfg.n_groups, time_dim=cfg.time_dim, film=cfg.film)
     if cfg.type == "mlp":
         return ResidualMLP(action_dim, horizon, cond_dim, hidden=cfg.hidden, depth=cfg.depth, time_dim=cfg.time_dim)
     raise ConfigError(f"net.type={cfg.type!r} is unknown; choose 'unet' or 'mlp'.")
