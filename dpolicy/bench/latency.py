@@ -83,7 +83,7 @@ class DiffusersDDIMLoop:
             raise ConfigError("the diffusers loop needs a diffusion policy.")
         p = policy.process
         self._policy, self._steps, self._K = policy, int(steps), p.levels
-        self.scheduler = DDIMScheduler(num_train_timesteps=p.K, beta_schedule="squaredcos_cap_v2",
+        self.scheduler = DDIMScheduler(num_train_timesteps=p.levels, beta_schedule="squaredcos_cap_v2",
                                        clip_sample=p.clip_sample, set_alpha_to_one=True, steps_offset=0,
                                        prediction_type="epsilon" if p.prediction == "epsilon" else "sample")
 

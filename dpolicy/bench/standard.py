@@ -188,9 +188,9 @@ class DiffusersDDPMTrainer:
         from dpolicy.train.ema import EMA
 
         p = policy.process
-        self.policy, self.device, self.K = policy, device, p.K
+        self.policy, self.device, self.K = policy, device, p.levels
         self.pred = "epsilon" if p.prediction == "epsilon" else "sample"
-        self.scheduler = DDPMScheduler(num_train_timesteps=p.K, beta_schedule="squaredcos_cap_v2",
+        self.scheduler = DDPMScheduler(num_train_timesteps=p.levels, beta_schedule="squaredcos_cap_v2",
                                        clip_sample=p.clip_sample, prediction_type=self.pred)
         self.loader = torch.utils.data.DataLoader(HostWindows(data), batch_size=batch_size, shuffle=True, num_workers=1,
                                                   pin_memory=device.type == "cuda", drop_last=True)
@@ -230,11 +230,11 @@ class DiffusersSampler:
 
         p = policy.process
         pred = "epsilon" if p.prediction == "epsilon" else "sample"
-        common = dict(num_train_timesteps=p.K, beta_schedule="squaredcos_cap_v2", clip_sample=p.clip_sample,
+        common = dict(num_train_timesteps=p.levels, beta_schedule="squaredcos_cap_v2", clip_sample=p.clip_sample,
                       prediction_type=pred)
         self.scheduler = (DDIMScheduler(**common, set_alpha_to_one=True, steps_offset=0) if kind == "ddim"
                           else DDPMScheduler(**common))
-        self.policy, self.steps, self.K = policy, int(steps), p.K
+        self.policy, self.steps, self.K = policy, int(steps), p.levels
 
     @torch.no_grad()
     def act(self, obs, noise):
