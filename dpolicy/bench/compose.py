@@ -1,4 +1,4 @@
-"""The composition benchmark (issue 6): weak parents of complementary strengths, the composition at
+"""The composition benchmark: weak parents of complementary strengths, the composition at
 weights chosen on selection seeds, and everything reported on disjoint evaluation seeds.
 
 Each experiment trains its two parents itself (``train_bc`` with CPU-sized budgets, so each lands
@@ -45,7 +45,7 @@ class Experiment:
 
 
 def default_experiments(budget: float = 1.0) -> list[Experiment]:
-    """The acceptance set. Budgets were chosen in development so each parent lands between 30% and
+    """The benchmark set. Budgets were chosen in development so each parent lands between 30% and
     85%: lift learns in a few hundred steps from 10 demos, push gets a looser tolerance (4 cm,
     0.4 rad) and 30 demos, avoid 20 demos. ``budget`` scales every parent's training steps."""
     s = lambda n: f"train.steps={max(20, int(n * budget))}"  # noqa: E731

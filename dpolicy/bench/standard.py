@@ -1,4 +1,4 @@
-"""Standard benchmarks (issue 8): robosuite Lift/Can, gym-pusht's PushT, and peers measured side by side.
+"""Standard benchmarks: robosuite Lift/Can, gym-pusht's PushT, and peers measured side by side.
 
 * ``robosuite_section``: per task, the exact ``dpolicy-train task=robosuite_<task>`` job (scripted-expert
   demos in robomimic layout, training, evaluation on ``episodes`` seeded episodes) with success, Wilson

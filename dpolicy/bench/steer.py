@@ -41,7 +41,7 @@ BASE_NOTES = {
             "failures kept",
     "push": "demos from a noisy expert, successful episodes only",
 }
-# env steps per run (the acceptance asks for 90% within 50,000; runs stop at these budgets)
+# env steps per run (the goal is 90% within 50,000; runs stop at these budgets)
 BUDGETS = {"avoid": 10000, "push": 20000, "lift": 20000}
 # STEER_DEFAULTS and DSRL_DEFAULTS repeat SteerConfig's and DSRLConfig's defaults except the bench's own recipe values,
 # eval_every=2500 and q_bounds=(0, 1) (tests/test_configs.py holds them to that)
