@@ -156,31 +156,12 @@ def test_task_keep_failures_reaches_the_demo_collection(tmp_path):
 # Each case is (command, arguments, a text the one stderr line must hold: the key at fault). The hydra
 # commands run in this process (hydra.main with sys.argv), drive and bench through their main(argv).
 
-from dpolicy.bench.reliability import BAD_INPUT, CASES, CKPT, REQUIRED  # noqa: E402  (the table the reliability bench tallies)
+from dpolicy.bench.reliability import BAD_INPUT, CASES, CKPT, run_command  # noqa: E402  (the table the reliability bench tallies)
 
 
 def run_in_process(capsys, tmp_path, command, args):
-    """Exit status, stdout and stderr of a command run in this process."""
-    import importlib
-
-    mod = importlib.import_module(f"dpolicy.cli.{command}")
-    if command == "drive":
-        code = mod.main(["collect" if args[:1] == [] else args[0], *args[1:], f"out={tmp_path / 'd.hdf5'}",
-                         f"run_dir={tmp_path}"])
-    elif command == "bench":
-        code = mod.main([*args, "--out", str(tmp_path / "B.md"), "--work", str(tmp_path)])
-    else:
-        argv = sys.argv
-        sys.argv = [command, *REQUIRED.get(command, []), *args, f"hydra.run.dir={tmp_path}"]
-        try:
-            mod.main()
-            code = 0
-        except SystemExit as e:
-            code = e.code
-        finally:
-            sys.argv = argv
-    out, err = capsys.readouterr()
-    return code, out, err
+    """Exit status, stdout and stderr of a command run in this process (the reliability bench's runner)."""
+    return run_command(command, args, tmp_path)
 
 
 def test_the_bad_input_table_covers_every_command():
