@@ -250,8 +250,8 @@ class ComposedPolicy(Policy):
                 self.resolve_steps(steps)
             return self._sample_mixture(cond, noise, steps, generator, t_start)
         steps = self.resolve_steps(steps)
-        if t_start >= 1.0 and self.process.noise_scale != 1.0:
-            noise = noise * self.process.noise_scale
+        if t_start >= 1.0:
+            noise = self.process.from_noise(noise)
         schedule = self.process.schedule(steps, t_start)
         return sample_loop(self.process, self.field_fn(cond), noise, schedule, generator)
 

@@ -299,8 +299,7 @@ class Controller:
                 x = self.process.noise_to(x, self._noise, plan.schedule[0][0])
             chunk = sample_loop(self.process, fn, x, plan.schedule, g)
         elif fn is not None:
-            scale = self.process.noise_scale
-            chunk = sample_loop(self.process, fn, self._noise * scale if scale != 1.0 else self._noise.clone(), plan.schedule, g)
+            chunk = sample_loop(self.process, fn, self.process.from_noise(self._noise.clone()), plan.schedule, g)
         else:
             chunk = pol.sample_normalized(cond, self._noise.clone(), self.steps, g)
         return chunk, self._discrete_generic.threshold(pol.normalizer.action.unnormalize(chunk))

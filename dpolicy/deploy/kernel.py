@@ -134,7 +134,6 @@ class DecisionStep(nn.Module):
         tnet = process.net_time(torch.tensor(times, dtype=torch.float32))
         self.register_buffer("tnet", tnet.to(na.offset.device))
         self.in_scale = [float(process.net_input_scale(t)) for t in times]
-        self.noise_scale = float(process.noise_scale)
         if self.warm:  # the coefficients of process.noise_to at the entry time, as constants
             self.renoise_coef = tuple(float(c) for c in process.coefficients(self.schedule[0][0]))
 
@@ -167,7 +166,7 @@ class DecisionStep(nn.Module):
                 a, b = self.renoise_coef
                 x = a * x + b * noise  # = process.noise_to(x, noise, t_enter)
         else:
-            x = noise if self.noise_scale == 1.0 else noise * self.noise_scale
+            x = self.process.from_noise(noise)
         chunk = self.integrate(x, cond, step_noise)
         return chunk, self.to_env(chunk)
 
@@ -260,7 +259,7 @@ class FastStep:
         self.shift_index = torch.tensor([min(i + step.shift, step.Tp - 1) for i in range(step.Tp)], device=dev)
         self.discrete = step.discrete
         self.act_scale, self.act_offset = step.act_scale, step.act_offset
-        self.process, self.noise_scale = step.process, step.noise_scale
+        self.process = step.process
         # one (plan, field, draw) per step, built once; they read the call's cond and step noise from self
         self._cond = self._step_noise = None
         self.steps = [(plan, self._indexed_field(i0, step.in_scale), self._draw(z)) for plan, i0, z in step.plans]
@@ -285,7 +284,7 @@ class FastStep:
                 a, b = self.renoise_coef
                 x = (x * a).add_(noise * b)  # = a * x + b * noise
         else:
-            x = noise if self.noise_scale == 1.0 else noise * self.noise_scale
+            x = self.process.from_noise(noise)
         self._cond, self._step_noise = cond, step_noise
         apply = self.process.apply_step
         for plan, field, draw in self.steps:

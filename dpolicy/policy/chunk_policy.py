@@ -71,8 +71,8 @@ class ChunkPolicy(Policy):
         a partially noised chunk at that time (a warm start) and is continued as it is."""
         steps = self.resolve_steps(steps)
         x = self.initial_noise(cond.shape[0], cond.device, noise, generator)
-        if t_start >= 1.0 and self.process.noise_scale != 1.0:
-            x = x * self.process.noise_scale
+        if t_start >= 1.0:
+            x = self.process.from_noise(x)
         schedule = self.process.schedule(steps, t_start)
         return sample_loop(self.process, self.field_fn(cond), x, schedule, generator)
 

@@ -116,6 +116,10 @@ class Process:
         a, s = self.coefficients(t)
         return a * x0 + s * noise
 
+    def from_noise(self, noise: torch.Tensor) -> torch.Tensor:
+        """The sample at ``t = 1`` for standard-normal ``noise``: ``noise_scale * noise`` (``noise`` itself when 1)."""
+        return noise if self.noise_scale == 1.0 else noise * self.noise_scale
+
     def split(self, f: torch.Tensor, x: torch.Tensor, t: float) -> tuple[torch.Tensor, torch.Tensor]:
         """The network's field at ``(x, t)`` -> ``(x0_hat, eps_hat)`` consistent with ``x``."""
         raise ConfigError(f"a {self.name} process has no field to split.")
