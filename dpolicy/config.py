@@ -246,9 +246,32 @@ class ProcessConfig:
 
 
 @dataclass
+class VisionConfig:
+    """The image encoder of a policy that reads cameras (``policy.image_shapes`` non-empty); ignored otherwise."""
+    encoder: str = "conv"  # "conv": a small convolutional encoder sized for CPUs; "resnet18": Diffusion Policy's (GroupNorm)
+    share: bool = False  # one encoder for every camera (true) or one per camera (false, Diffusion Policy's choice)
+    crop: int = 76  # random crop of this size while training, centre crop at inference (0: no crop)
+    color_jitter: float = 0.0  # strength of random brightness / contrast / saturation changes while training (0: off)
+    keypoints: int = 32  # spatial-softmax keypoints per camera; the features are their 2-D positions (2 * keypoints)
+    channels: list[int] = field(default_factory=lambda: [32, 64, 64])  # conv encoder: channels per stride-2 stage
+    pretrained: str | None = None  # a local weights file for the resnet18 (never downloaded); loaded loudly or refused
+
+    def __post_init__(self):
+        _check(self.encoder in ("conv", "resnet18"), f"policy.vision.encoder={self.encoder!r} is unknown; choose 'conv' or 'resnet18'.")
+        check_min(self, "policy.vision", 0, "crop", "color_jitter")
+        check_min(self, "policy.vision", 1, "keypoints")
+        _check(len(self.channels) >= 1 and all(int(c) > 0 for c in self.channels),
+               f"policy.vision.channels={list(self.channels)} must be a non-empty list of positive ints.")
+        self.channels = [int(c) for c in self.channels]
+        _check(self.pretrained is None or self.encoder == "resnet18",
+               f"policy.vision.pretrained names a weights file, which only the resnet18 encoder loads (encoder={self.encoder!r}).")
+
+
+@dataclass
 class PolicyConfig:
     obs_keys: list = field(default_factory=list)  # observation keys, in order
-    obs_dims: dict = field(default_factory=dict)  # key -> dimension (filled from the dataset)
+    obs_dims: dict = field(default_factory=dict)  # key -> dimension (filled from the dataset; an image's is H * W * C)
+    image_shapes: dict = field(default_factory=dict)  # camera key -> [H, W, C] uint8 image (filled from the dataset)
     action_dim: int = 0  # filled from the dataset
     To: int = 2  # observation history
     Tp: int = 16  # predicted chunk length
@@ -261,6 +284,7 @@ class PolicyConfig:
     action_scale: list | None = None
     net: NetConfig = field(default_factory=NetConfig)
     process: ProcessConfig = field(default_factory=ProcessConfig)
+    vision: VisionConfig = field(default_factory=VisionConfig)
 
     def __post_init__(self):
         _check(self.To >= 1, f"policy.To={self.To} must be at least 1.")
@@ -270,6 +294,14 @@ class PolicyConfig:
         _check(0.0 <= float(self.obs_noise) < float("inf"), f"policy.obs_noise={self.obs_noise} must be a finite number >= 0.")
         self.obs_keys = list(self.obs_keys)
         self.obs_dims = {str(k): int(v) for k, v in dict(self.obs_dims).items()}
+        shapes = {}
+        for k, v in dict(self.image_shapes).items():
+            _check(isinstance(v, (list, tuple)) and len(v) == 3 and all(isinstance(n, int) and n > 0 for n in v),
+                   f"policy.image_shapes[{k!r}]={v!r} must be [H, W, C] with positive integers.")
+            shapes[str(k)] = [int(n) for n in v]
+            _check(k not in self.obs_dims or self.obs_dims[k] == shapes[k][0] * shapes[k][1] * shapes[k][2],
+                   f"policy.obs_dims[{k!r}]={self.obs_dims.get(k)} is not H * W * C of its image shape {shapes[k]}.")
+        self.image_shapes = shapes
         if self.action_scale is not None:
             import math
 
@@ -539,7 +571,7 @@ class ComposeConfig:
         check_device(self.device)
 
 
-_DATACLASSES = {c.__name__: c for c in (NetConfig, ProcessConfig, PolicyConfig, TrainConfig, TaskConfig, DataConfig,
+_DATACLASSES = {c.__name__: c for c in (NetConfig, ProcessConfig, VisionConfig, PolicyConfig, TrainConfig, TaskConfig, DataConfig,
                                          EvalConfig, RunConfig, EvaluateConfig, CollectConfig, DeployConfig, CEMConfig,
                                          ComposeConfig)}
 
