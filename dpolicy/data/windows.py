@@ -26,7 +26,20 @@ class WindowDataset:
             raise DatasetError("no demonstrations to train on.")
         self.obs_keys, self.To, self.Tp = list(obs_keys), To, Tp
         self.device = torch.device(device)
-        self.obs = {k: torch.from_numpy(np.concatenate([d.obs[k] for d in demos])).float().to(self.device) for k in self.obs_keys}
+        # camera images ((H, W, C) per step) stay uint8 on the device, a quarter of float32's memory, and are
+        # turned into floats by the policy's encoder per batch; vectors are float32
+        self.image_shapes = {k: tuple(int(n) for n in demos[0].obs[k].shape[1:]) for k in self.obs_keys
+                             if np.asarray(demos[0].obs[k]).ndim == 4}
+        self.obs = {}
+        for k in self.obs_keys:
+            if k in self.image_shapes:
+                bad = next((i for i, d in enumerate(demos) if d.obs[k].dtype != np.uint8 or d.obs[k].shape[1:] != self.image_shapes[k]), None)
+                if bad is not None:
+                    raise DatasetError(f"observation {k!r} of demo {bad} is {demos[bad].obs[k].dtype} {demos[bad].obs[k].shape[1:]}; "
+                                       f"images must be uint8 {self.image_shapes[k]} like the first demo's.")
+                self.obs[k] = torch.from_numpy(np.concatenate([d.obs[k] for d in demos])).to(self.device)
+            else:
+                self.obs[k] = torch.from_numpy(np.concatenate([d.obs[k] for d in demos])).float().to(self.device)
         self.actions = torch.from_numpy(np.concatenate([d.actions for d in demos])).float().to(self.device)
         lengths = torch.tensor([len(d) for d in demos])
         ends = lengths.cumsum(0)
@@ -49,7 +62,13 @@ class WindowDataset:
 
     @property
     def obs_dims(self) -> dict:
-        return {k: int(v.shape[1]) for k, v in self.obs.items()}
+        """Per key the flat dimension of one step (``H * W * C`` for an image)."""
+        return {k: int(np.prod(v.shape[1:])) for k, v in self.obs.items()}
+
+    @property
+    def image_bytes_per_frame(self) -> int:
+        """Bytes one step's images take on the device (uint8), all cameras."""
+        return int(sum(np.prod(s) for s in self.image_shapes.values()))
 
     @property
     def action_dim(self) -> int:
@@ -59,7 +78,8 @@ class WindowDataset:
         return self.n
 
     def gather(self, idx: torch.Tensor):
-        """Windows at global step indices ``idx`` (B,) -> (obs {k: (B,To,d)}, actions (B,Tp,Da))."""
+        """Windows at global step indices ``idx`` (B,) -> (obs {k: (B,To,d)}, actions (B,Tp,Da)); an image key's
+        window is ``(B, To, H, W, C)`` uint8."""
         oi = torch.maximum(idx[:, None] + self._obs_off, self.ep_start[idx][:, None])
         ai = torch.minimum(idx[:, None] + self._act_off, self.ep_end[idx][:, None])
         return {k: v[oi] for k, v in self.obs.items()}, self.actions[ai]
@@ -98,4 +118,6 @@ class WindowDataset:
     def fit_normalizer(self, obs_mode: str = "limits", action_mode: str = "limits"):
         from dpolicy.data.normalizer import DictNormalizer
 
-        return DictNormalizer.fit({k: v.cpu() for k, v in self.obs.items()}, self.actions.cpu(), obs_mode, action_mode)
+        # images need no statistics: the encoder maps 0..255 to [0, 1] itself
+        return DictNormalizer.fit({k: v.cpu() for k, v in self.obs.items() if k not in self.image_shapes}, self.actions.cpu(),
+                                  obs_mode, action_mode)

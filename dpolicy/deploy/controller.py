@@ -146,7 +146,7 @@ class Controller:
 
         B, dev = self.B, self.device
         # the history: normalized observations on the fast path (what the FastStep reads), env units on the generic one
-        self.history = ObsHistory(self.obs_keys, self.To, B, dev, self.obs_dims)
+        self.history = ObsHistory(self.obs_keys, self.To, B, dev, self.obs_dims, shapes=spec.image_shapes)
         self._prev = torch.zeros(B, self.Tp, self.Da, device=dev)
         self._noise = torch.zeros(B, self.Tp, self.Da, device=dev)
         self._noise_rows = [self._noise[r] for r in range(B)]
@@ -379,4 +379,6 @@ class Controller:
         from dpolicy.deploy.export import export_step
 
         return export_step(self.decision_step(kind), path, batch_size=self.B,
-                           meta={"obs_keys": self.obs_keys, "obs_dims": self.obs_dims, "controller": self.describe()})
+                           meta={"obs_keys": self.obs_keys, "obs_dims": self.obs_dims,
+                                 "image_shapes": {k: list(v) for k, v in self.policy.image_shapes.items()},
+                                 "controller": self.describe()})

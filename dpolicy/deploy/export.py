@@ -53,7 +53,8 @@ def describe_step(step: DecisionStep, batch_size: int, dynamic_batch: bool) -> d
                    "noise": [b, step.Tp, step.Da], "step_noise": [step.n_step_noise, b, step.Tp, step.Da]},
         "outputs": {"chunk": [b, step.Tp, step.Da], "actions": [b, step.Tp, step.Da]},
         "notes": ("prev_chunk and chunk are normalized; obs_history holds the last To observations (oldest first, "
-                  "keys concatenated in obs_keys order) and actions are in env units; execute actions[:, 0] and "
+                  "keys concatenated in obs_keys order; a camera image (image_shapes) flattened row-major from (H, W, C), "
+                  "its 0..255 values as floats) and actions are in env units; execute actions[:, 0] and "
                   "feed chunk back as prev_chunk. noise and step_noise are standard normal draws."),
         "warm": step.warm, "renoise": step.renoise, "shift": step.shift, "schedule": step.schedule,
         "network_evaluations": step.n_evals, "stochastic": step.stochastic, "device": str(step.act_offset.device),

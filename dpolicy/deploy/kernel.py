@@ -109,9 +109,25 @@ class DecisionStep(nn.Module):
         self.schedule = [(float(a), float(b)) for a, b in schedule]
         if not 1 <= self.shift <= self.Tp:
             raise ConfigError(f"shift={shift} must be between 1 and Tp={self.Tp}.")
-        n_obs = policy.normalizer.obs
-        self.register_buffer("obs_offset", torch.cat([n_obs[k].offset for k in policy.obs_keys]).detach().clone())
-        self.register_buffer("obs_scale", torch.cat([n_obs[k].scale for k in policy.obs_keys]).detach().clone())
+        # per history column: a vector key's statistics; a camera key's columns pass unchanged (offset 0, scale 1),
+        # its 0..255 values go to the policy's image encoder, which runs once per decision
+        n_obs, images = policy.normalizer.obs, policy.image_shapes
+        ref = policy.normalizer.action.offset
+        offs, scales, self.vector_cols, self.image_cols, col = [], [], [], [], 0
+        for k in policy.obs_keys:
+            d = policy.obs_dims[k]
+            if k in images:
+                offs.append(torch.zeros(d, device=ref.device))
+                scales.append(torch.ones(d, device=ref.device))
+                self.image_cols.append((k, slice(col, col + d), tuple(images[k])))
+            else:
+                offs.append(n_obs[k].offset)
+                scales.append(n_obs[k].scale)
+                self.vector_cols.append(slice(col, col + d))
+            col += d
+        self.encoder = policy.encoder if images else None
+        self.register_buffer("obs_offset", torch.cat(offs).detach().clone())
+        self.register_buffer("obs_scale", torch.cat(scales).detach().clone())
         na = policy.normalizer.action
         self.register_buffer("act_offset", na.offset.detach().clone())
         self.register_buffer("act_scale", na.scale.detach().clone())
@@ -146,7 +162,17 @@ class DecisionStep(nn.Module):
         return self.discrete.threshold(chunk / self.act_scale + self.act_offset)
 
     def encode(self, obs: torch.Tensor) -> torch.Tensor:
-        return ((obs - self.obs_offset) * self.obs_scale).flatten(1)
+        return self.cond(((obs - self.obs_offset) * self.obs_scale))
+
+    def cond(self, obs_n: torch.Tensor) -> torch.Tensor:
+        """The conditioning from a normalized history ``(B, To, Dobs)``: the history itself, flattened, or for a
+        policy with cameras each frame's vectors then its image features (``ChunkPolicy.encode``'s layout)."""
+        if self.encoder is None:
+            return obs_n.flatten(1)
+        B, To = obs_n.shape[0], obs_n.shape[1]
+        frames = {k: obs_n[:, :, sl].reshape(B * To, *shape) for k, sl, shape in self.image_cols}
+        parts = [obs_n[:, :, sl] for sl in self.vector_cols] + [self.encoder(frames).reshape(B, To, -1)]
+        return torch.cat(parts, dim=-1).flatten(1)
 
     def _field(self, i: int, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         s = self.in_scale[i]
@@ -277,7 +303,7 @@ class FastStep:
 
     def __call__(self, prev: torch.Tensor, obs_n: torch.Tensor, noise: torch.Tensor,
                  step_noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        cond = obs_n.reshape(self.B, -1)
+        cond = obs_n.reshape(self.B, -1) if self.step.encoder is None else self.step.cond(obs_n)
         if self.warm:
             x = self.discrete.binarize(prev.index_select(1, self.shift_index))
             if self.renoise:

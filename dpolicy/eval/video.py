@@ -4,7 +4,9 @@ The batched evaluation never renders; instead the first ``n_episodes`` seeds are
 single render-enabled env through the same loop (same seeds, same per-episode noise), so the video
 shows the very episodes that were scored, as long as the policy and env are deterministic given
 those seeds. Frames of all episodes go into one file, ``.mp4`` (imageio-ffmpeg, H.264) or ``.gif``
-by the path's suffix. A machine that cannot render (e.g. MuJoCo without an offscreen GL context)
+by the path's suffix. For a policy that reads cameras, each frame shows the scene with what the
+policy saw beside it: its camera images of that step, scaled up to the scene's height (nearest
+pixel, so the policy's resolution stays visible). A machine that cannot render (e.g. MuJoCo without an offscreen GL context)
 raises ``RenderError`` with one sentence, or, with ``strict=False``, warns and writes nothing.
 """
 
@@ -14,6 +16,7 @@ import warnings
 from pathlib import Path
 from typing import Callable, Sequence
 
+import gymnasium as gym
 import numpy as np
 
 from dpolicy.errors import ConfigError, DPolicyError
@@ -67,6 +70,21 @@ def write_video(frames: Sequence[np.ndarray], path: str | Path, fps: float = 30.
     return path
 
 
+def beside(scene: np.ndarray, views: Sequence[np.ndarray]) -> np.ndarray:
+    """``scene`` (H, W, 3) with each of ``views`` (h, w, 3) scaled by an integer factor to at most H rows (nearest
+    pixel) and placed to its right, separated by a 2-pixel dark gap, on one canvas."""
+    H = scene.shape[0]
+    tiles = [scene]
+    for v in views:
+        v = as_rgb_frame(v)
+        f = max(1, H // v.shape[0])
+        big = np.repeat(np.repeat(v, f, axis=0), f, axis=1)[:H]
+        pad = np.zeros((H, big.shape[1], 3), np.uint8)
+        pad[:big.shape[0]] = big
+        tiles += [np.full((H, 2, 3), 32, np.uint8), pad]
+    return np.concatenate(tiles, axis=1)
+
+
 def make_render_env(env_fn: Callable, ready: bool = False):
     """Build the video env: ``env_fn()`` if ``ready``, else ``env_fn(render_mode="rgb_array")``."""
     if ready:
@@ -90,13 +108,14 @@ def record_video(policy, env_fn: Callable, path: str | Path, n_episodes: int = 1
 
     Returns the written path, or None when rendering failed and ``strict`` is False.
     """
-    import gymnasium as gym
     from gymnasium.vector import AutoresetMode
 
     path = Path(path)
     if path.suffix.lower() not in VIDEO_SUFFIXES:
         raise ConfigError(f"video path {str(path)!r} must end in one of {VIDEO_SUFFIXES}.")
     frames: list[np.ndarray] = []
+    cameras = list(getattr(policy, "image_shapes", {}) or {})
+    seen: dict = {}  # the observation of the video env's current step (what the policy reads)
 
     def on_frame(venv, active):
         if active[0]:
@@ -104,7 +123,10 @@ def record_video(policy, env_fn: Callable, path: str | Path, n_episodes: int = 1
                 frame = venv.envs[0].render()
             except Exception as e:  # GL/EGL/OSMesa failures surface as many different types
                 raise RenderError(f"env.render() failed ({type(e).__name__}: {e}); this machine may lack an offscreen GL context (try MUJOCO_GL=egl or osmesa).") from e
-            frames.append(as_rgb_frame(frame))
+            frame = as_rgb_frame(frame)
+            if cameras and all(k in seen for k in cameras):
+                frame = beside(frame, [seen[k] for k in cameras])
+            frames.append(frame)
 
     try:
         try:
@@ -113,6 +135,8 @@ def record_video(policy, env_fn: Callable, path: str | Path, n_episodes: int = 1
             raise
         except Exception as e:
             raise RenderError(f"could not create a render-enabled env ({type(e).__name__}: {e}).") from e
+        if cameras:
+            env = _Seen(env, seen)
         venv = gym.vector.SyncVectorEnv([lambda: env], autoreset_mode=AutoresetMode.DISABLED)
         try:
             with policy_inference(policy):
@@ -132,3 +156,24 @@ def record_video(policy, env_fn: Callable, path: str | Path, n_episodes: int = 1
             raise
         warnings.warn(f"no video written: {e}", RuntimeWarning, stacklevel=2)
         return None
+
+
+
+class _Seen(gym.Wrapper):
+    """Keeps the latest observation in a dict shared with the video recorder (what the policy reads)."""
+
+    def __init__(self, env, store: dict):
+        super().__init__(env)
+        self.store = store
+
+    def reset(self, **kwargs):
+        obs, info = self.env.reset(**kwargs)
+        self.store.clear()
+        self.store.update(obs)
+        return obs, info
+
+    def step(self, action):
+        out = self.env.step(action)
+        self.store.clear()
+        self.store.update(out[0])
+        return out

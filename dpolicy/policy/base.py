@@ -40,7 +40,9 @@ from dpolicy.errors import ConfigError, ShapeError
 @dataclass(frozen=True)
 class PolicySpec:
     """What a policy reads and writes. ``action_scale``: the per-dimension factors its actions were
-    shrunk by in normalized space during training (RTI-DP's "scale" remedy), None when there were none."""
+    shrunk by in normalized space during training (RTI-DP's "scale" remedy), None when there were none.
+    ``image_shapes``: the camera keys among ``obs_keys`` and their ``(H, W, C)`` images; an image key's
+    ``obs_dims`` entry is ``H * W * C`` (a history may hold it flattened), its values are 0..255."""
 
     obs_keys: tuple
     obs_dims: Mapping[str, int] = field(hash=False)
@@ -50,10 +52,16 @@ class PolicySpec:
     action_dim: int
     default_steps: int
     action_scale: tuple | None = None
+    image_shapes: Mapping[str, tuple] = field(default_factory=dict, hash=False)  # camera key -> (H, W, C)
 
     def __post_init__(self):
         object.__setattr__(self, "obs_keys", tuple(self.obs_keys))
         object.__setattr__(self, "obs_dims", {k: int(self.obs_dims[k]) for k in self.obs_keys})
+        object.__setattr__(self, "image_shapes", {k: tuple(int(n) for n in v) for k, v in dict(self.image_shapes).items()})
+        bad = [k for k, v in self.image_shapes.items() if k not in self.obs_dims or len(v) != 3
+               or v[0] * v[1] * v[2] != self.obs_dims[k]]
+        if bad:
+            raise ConfigError(f"image key(s) {bad} are not observation keys whose dimension is H * W * C of their image shape.")
         if self.action_scale is not None:
             object.__setattr__(self, "action_scale", tuple(float(v) for v in self.action_scale))
         if not self.obs_keys:
@@ -120,6 +128,8 @@ class Policy(nn.Module):
     # -- the spec, read through ------------------------------------------------------------------------
     obs_keys = property(lambda self: list(self.spec.obs_keys))
     obs_dims = property(lambda self: dict(self.spec.obs_dims))
+    image_shapes = property(lambda self: dict(self.spec.image_shapes))
+    obs_shapes = property(lambda self: obs_shapes(self.spec))  # per-step shape of every key: (d,) or (H, W, C)
     To = property(lambda self: self.spec.To)
     Tp = property(lambda self: self.spec.Tp)
     Ta = property(lambda self: self.spec.Ta)
@@ -145,7 +155,7 @@ class Policy(nn.Module):
         """Validate an observation dict (tensors, arrays or lists); return the batch size. Raises ShapeError
         naming the culprit key: a missing key, a wrong shape, a NaN or infinite value."""
         spec = self.spec
-        return check_obs_dict(obs, spec.obs_keys, spec.obs_dims, spec.To, self.who)
+        return check_obs_dict(obs, spec.obs_keys, spec.obs_dims, spec.To, self.who, spec.image_shapes)
 
     def initial_noise(self, batch: int, device, noise: torch.Tensor | None = None,
                       generator: torch.Generator | None = None) -> torch.Tensor:
@@ -226,9 +236,17 @@ def as_noise_tensor(noise, device=None) -> torch.Tensor:
     return noise
 
 
-def check_obs_dict(obs: Mapping[str, torch.Tensor], keys, dims: Mapping[str, int], To: int, who: str) -> int:
+def obs_shapes(spec: PolicySpec) -> dict[str, tuple]:
+    """Per-step shape of each observation key of ``spec``: ``(H, W, C)`` for a camera, ``(d,)`` otherwise."""
+    return {k: tuple(spec.image_shapes.get(k, (spec.obs_dims[k],))) for k in spec.obs_keys}
+
+
+def check_obs_dict(obs: Mapping[str, torch.Tensor], keys, dims: Mapping[str, int], To: int, who: str,
+                   image_shapes: Mapping[str, tuple] | None = None) -> int:
     """Validate an observation dict of ``(B, To, dim)`` tensors (or arrays) for ``keys``; return the batch size.
+    A camera key (in ``image_shapes``) may also come as ``(B, To, H, W, C)``.
     Raises ShapeError naming the culprit key: a missing key, a wrong shape, a NaN or infinite value."""
+    image_shapes = image_shapes or {}
     if not isinstance(obs, Mapping):
         raise ShapeError(f"observations must be a dict keyed by {list(keys)}, got {type(obs).__name__}.")
     missing = [k for k in keys if k not in obs]
@@ -240,7 +258,13 @@ def check_obs_dict(obs: Mapping[str, torch.Tensor], keys, dims: Mapping[str, int
         v = values[k] = _to_tensor(obs[k], f"observation {k!r}")
         shape = tuple(v.shape)
         want = (To, dims[k])
-        if len(shape) != 3 or shape[1:] != want:
+        image = image_shapes.get(k)
+        if image is not None and len(shape) == 5 and shape[1:] == (To, *image):
+            pass
+        elif len(shape) != 3 or shape[1:] != want:
+            if image is not None:
+                raise ShapeError(f"observation {k!r} has shape {shape}; expected (B, {To}, {', '.join(map(str, image))}) "
+                                 f"= (B, To, H, W, C) images.")
             raise ShapeError(f"observation {k!r} has shape {shape}; expected (B, {want[0]}, {want[1]}) = (B, To, dim).")
         if batch is not None and shape[0] != batch:
             raise ShapeError(f"observation {k!r} has batch size {shape[0]} but others have {batch}.")

@@ -93,7 +93,8 @@ def write_policy_files(policy, out: Path) -> None:
     write_json(out / "normalizer.json", policy.normalizer.to_dict())
     write_json(out / "meta.json", {
         "format": FORMAT, "format_version": FORMAT_VERSION, "dpolicy_version": __version__,
-        "shapes": {"obs": {k: [cfg.To, cfg.obs_dims[k]] for k in cfg.obs_keys}, "action": [cfg.Tp, cfg.action_dim]},
+        "shapes": {"obs": {k: [cfg.To, *cfg.image_shapes.get(k, [cfg.obs_dims[k]])] for k in cfg.obs_keys},
+                   "action": [cfg.Tp, cfg.action_dim]},
         "process": cfg.process.type, "net": cfg.net.type, "metadata": getattr(policy, "metadata", {}),
     })
 
@@ -186,13 +187,13 @@ def resolve_checkpoint(path) -> Path:
 
 
 # the PolicyConfig fields that fix a policy's weights and what it reads and writes; a resumed run must match them
-SHAPE_FIELDS = ("net", "process", "To", "Tp", "Ta", "obs_keys", "obs_dims", "action_dim")
+SHAPE_FIELDS = ("net", "process", "To", "Tp", "Ta", "obs_keys", "obs_dims", "action_dim", "image_shapes", "vision")
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
     out = {}
     for k, v in d.items():
-        if isinstance(v, dict) and k in ("net", "process"):
+        if isinstance(v, dict) and k in ("net", "process", "vision"):
             out.update(_flat(v, f"{prefix}{k}."))
         else:
             out[f"{prefix}{k}"] = v

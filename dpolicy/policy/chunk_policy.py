@@ -1,8 +1,11 @@
 """``ChunkPolicy``: the deterministic, batched map (obs history, noise, schedule) -> action chunk.
 
-Observations arrive as a dict of ``(B, To, d_k)`` tensors in environment units; they are
-normalized per key, concatenated in ``obs_keys`` order and flattened into the global
-conditioning vector (Diffusion Policy's ``obs_as_global_cond``). The action chunk is produced
+Observations arrive as a dict of ``(B, To, d_k)`` tensors in environment units; vectors are
+normalized per key, camera images (``cfg.image_shapes``; ``(B, To, H, W, C)`` or flattened, 0..255)
+go through the image encoder (``cfg.vision``, trained with the denoiser) once per frame; each frame's
+vectors (in ``obs_keys`` order) and image features are concatenated and flattened over the history
+into the global conditioning vector (Diffusion Policy's ``obs_as_global_cond``). The encoder runs once per call of
+``encode``, so once per decision however many denoising steps follow. The action chunk is produced
 in normalized space ``(B, Tp, Da)`` in [-1, 1] and unnormalized exactly once, in ``act`` (the
 ``Policy`` base's). ``chunk[:, 0]`` is the action for the current step; a controller executes
 ``chunk[:, :Ta]``. Saved as a policy directory (``checkpoint.py``), checkpoint kind ``"chunk"``.
@@ -10,6 +13,7 @@ in normalized space ``(B, Tp, Da)`` in [-1, 1] and unnormalized exactly once, in
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Mapping
 
 import torch
@@ -34,26 +38,48 @@ class ChunkPolicy(Policy):
             raise ConfigError(f"policy.obs_dims has no dimension for observation key(s) {missing}.")
         if cfg.action_dim < 1:
             raise ConfigError(f"policy.action_dim={cfg.action_dim} must be at least 1.")
+        images = {k: tuple(v) for k, v in cfg.image_shapes.items()}
+        unknown = [k for k in images if k not in cfg.obs_keys]
+        if unknown:
+            raise ConfigError(f"policy.image_shapes names key(s) {unknown} that are not in policy.obs_keys {cfg.obs_keys}.")
         for k in cfg.obs_keys:
+            if k in images:
+                continue
             if k not in normalizer.obs or normalizer.obs[k].dim != cfg.obs_dims[k]:
                 raise ConfigError(f"the normalizer has no statistics of dimension {cfg.obs_dims[k]} for observation key {k!r}.")
         if normalizer.action.dim != cfg.action_dim:
             raise ConfigError(f"the action normalizer has dimension {normalizer.action.dim}, expected {cfg.action_dim}.")
         self.cfg = cfg
         self.normalizer = normalizer
-        self.cond_dim = cfg.To * sum(cfg.obs_dims[k] for k in cfg.obs_keys)
+        self.image_keys = [k for k in cfg.obs_keys if k in images]
+        self.vector_keys = [k for k in cfg.obs_keys if k not in images]
+        self.encoder = None
+        if images:
+            from dpolicy.nn import build_image_encoder
+
+            self.encoder = build_image_encoder(cfg.vision, {k: images[k] for k in self.image_keys})
+        frame = sum(cfg.obs_dims[k] for k in self.vector_keys) + (self.encoder.out_dim if self.encoder is not None else 0)
+        self.cond_dim = cfg.To * frame
         self.net = build_net(cfg.net, cfg.action_dim, cfg.Tp, self.cond_dim)
         self.process = build_process(cfg.process)
         self._spec = PolicySpec(cfg.obs_keys, cfg.obs_dims, cfg.To, cfg.Tp, cfg.Ta, cfg.action_dim, cfg.process.steps,
-                                cfg.action_scale)
+                                cfg.action_scale, images)
 
     spec = property(lambda self: self._spec)  # fixed by the config at construction
 
     # -- the map ------------------------------------------------------------------------------
-    def encode(self, obs: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """``{k: (B, To, d_k)}`` in env units -> conditioning ``(B, To * sum d_k)``."""
-        parts = [self.normalizer.obs[k].normalize(obs[k].to(self.device, torch.float32)) for k in self.obs_keys]
-        return torch.cat(parts, dim=-1).flatten(1)
+    def encode(self, obs: Mapping[str, torch.Tensor], generator: torch.Generator | None = None) -> torch.Tensor:
+        """``{k: (B, To, d_k)}`` in env units -> conditioning ``(B, To * frame features)``; ``generator`` draws the
+        image augmentation while training."""
+        device = self.device
+        if self.encoder is None:
+            parts = [self.normalizer.obs[k].normalize(obs[k].to(device, torch.float32)) for k in self.obs_keys]
+            return torch.cat(parts, dim=-1).flatten(1)
+        B, To = obs[self.obs_keys[0]].shape[:2]
+        frames = {k: obs[k].to(device).reshape(B * To, *self.cfg.image_shapes[k]) for k in self.image_keys}
+        feats = self.encoder(frames, generator).reshape(B, To, -1)
+        vectors = [self.normalizer.obs[k].normalize(obs[k].to(device, torch.float32)) for k in self.vector_keys]
+        return torch.cat(vectors + [feats], dim=-1).flatten(1)
 
     def field_fn(self, cond: torch.Tensor):
         """Close over the conditioning: ``(x_t (B,Tp,Da), t float or (B,)) -> field (B,Tp,Da)``."""
@@ -79,7 +105,7 @@ class ChunkPolicy(Policy):
     def loss(self, obs: Mapping[str, torch.Tensor], actions: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Mean training loss for a batch: obs ``{k: (B,To,d_k)}``, actions ``(B,Tp,Da)``, both in env units."""
         x0 = self.normalizer.action.normalize(actions)
-        cond = self.encode(obs)
+        cond = self.encode(obs, generator)
         if self.cfg.obs_noise > 0 and self.training:
             cond = cond + self.cfg.obs_noise * torch.randn(cond.shape, device=cond.device, generator=generator)
         return self.process.loss(self.field_fn(cond), x0, generator).mean()
@@ -98,6 +124,8 @@ class ChunkPolicy(Policy):
     @classmethod
     def load(cls, path, meta: dict, device="cpu") -> "ChunkPolicy":
         cfg, normalizer, state = read_policy_dir(path, meta)
+        if cfg.vision.pretrained is not None:  # the saved weights hold what the file gave; it is not needed again
+            cfg.vision = dataclasses.replace(cfg.vision, pretrained=None)
         policy = cls(cfg, normalizer)
         policy.metadata = dict(meta.get("metadata") or {})
         load_weights(policy, state, path / "model.safetensors")

@@ -26,8 +26,11 @@ from dpolicy.errors import ShapeError
 
 class ObsHistory:
     def __init__(self, keys: Sequence[str], To: int, n: int, device="cpu", dims: Mapping[str, int] | None = None,
-                 who: str = "the policy"):
+                 who: str = "the policy", shapes: Mapping[str, tuple] | None = None):
         self.keys, self.To, self.n, self.who = list(keys), int(To), int(n), who
+        # per-step shapes of keys that are not vectors (camera images (H, W, C)): one slot's image arrives
+        # as (H, W, C), a batch as (n, H, W, C); both are flattened into the row
+        self.shapes = {k: tuple(int(v) for v in s) for k, s in (shapes or {}).items()}
         self.device = torch.device(device)
         self.dims: dict[str, int] | None = None
         self.buffer: torch.Tensor | None = None
@@ -68,7 +71,17 @@ class ObsHistory:
         for k, sl, d in self._key_slices:
             v = obs[k]
             a = np.asarray(v, dtype=np.float32)
-            if a.ndim <= 1 and a.size == d and n == 1:
+            shape = self.shapes.get(k)
+            if shape is not None:
+                if a.shape == shape and n == 1:
+                    row[0, sl] = a.reshape(d)
+                elif a.shape == (n, *shape):
+                    batched = True
+                    row[:, sl] = a.reshape(n, d)
+                else:
+                    want = f"{shape} or {(n, *shape)}" if n == 1 else f"{(n, *shape)}"
+                    raise ShapeError(f"observation {k!r} has shape {np.shape(v)}; expected {want}.")
+            elif a.ndim <= 1 and a.size == d and n == 1:
                 row[0, sl] = a.reshape(d)
             elif a.ndim >= 1 and a.shape[0] == n and a.size == n * d and (a.ndim >= 2 or d == 1):
                 batched = True
@@ -83,6 +96,8 @@ class ObsHistory:
 
     def _dim_of(self, k: str, v) -> int:
         a = np.asarray(v)
+        if k in self.shapes:
+            return int(np.prod(self.shapes[k]))
         if self.n == 1 and a.ndim <= 1:
             return max(int(a.size), 1)
         if a.ndim >= 1 and a.shape[0] == self.n:

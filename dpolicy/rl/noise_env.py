@@ -54,7 +54,7 @@ class NoiseActionEnv:
         self.rng = np.random.default_rng(seed)
         self.gen = torch.Generator(device=self.device).manual_seed(seed)  # only stochastic samplers use it
         self.runner = EpisodeRunner(self.envs, next_seed=lambda: int(self.rng.integers(2**31)))
-        self.history = ObsHistory(base.obs_keys, self.To, n_envs, self.device, base.obs_dims)
+        self.history = ObsHistory(base.obs_keys, self.To, n_envs, self.device, base.obs_dims, shapes=base.image_shapes)
         self.ep_return = np.zeros(n_envs)  # the running episodes' returns, reward_offset included
 
     @property

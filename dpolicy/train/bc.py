@@ -48,7 +48,7 @@ def check_env_compat(env, policy: ChunkPolicy) -> None:
 
 def build_policy(policy_cfg: PolicyConfig, data: WindowDataset) -> ChunkPolicy:
     cfg = PolicyConfig(**{**policy_cfg.__dict__, "obs_keys": data.obs_keys, "obs_dims": data.obs_dims,
-                          "action_dim": data.action_dim})
+                          "image_shapes": {k: list(v) for k, v in data.image_shapes.items()}, "action_dim": data.action_dim})
     normalizer = data.fit_normalizer(cfg.obs_norm, cfg.action_norm)
     if cfg.action_scale is not None:  # RTI-DP "scale": shrink chosen dimensions in the normalized action space
         normalizer.action = normalizer.action.rescaled(cfg.action_scale)
