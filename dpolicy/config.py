@@ -458,11 +458,16 @@ class CollectConfig:
     seed: int = 0
     keep_failures: bool = False
     valid_fraction: float = 0.1  # share of the demos in mask/valid (0: no masks)
+    compression: str | None = "gzip"  # of the images: gzip (level 4), lzf or null
+    rerender: str | None = None  # a dataset whose observations are rendered anew from its states (no expert runs)
 
     def __post_init__(self):
         check_min(self, "", 1, "n_demos")
         check_min(self, "", 0, "noise_std")
         check_fraction(self, "", "valid_fraction", top_open=True)
+        _check(self.compression in ("gzip", "lzf", None),
+               f"compression={self.compression!r} is unknown; choose one of gzip, lzf or null.")
+        _check(self.rerender != "", "rerender='' names no dataset; give rerender=<file.hdf5>.")
 
 
 DEPLOY_MODES = ("rti", "chunked")

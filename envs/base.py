@@ -209,6 +209,10 @@ class MujocoTaskEnv(gym.Env):
         mujoco.mj_getState(self.model, self.data, self._good, _STATE_SPEC)
         self._last_obs = self._get_obs()
 
+    def observation(self) -> dict:
+        """A copy of the current observation (after reset, step or set_state)."""
+        return {k: np.array(v) for k, v in self._last_obs.items()}
+
     # ---- rendering ------------------------------------------------------------------------------
     def render(self):
         if self.render_mode != "rgb_array":

@@ -47,8 +47,9 @@ BAD_INPUT = {
     + [("checkpoint=null", "checkpoint"), ("task=nope", "task/nope")],
     "collect": [(a, a.split("=")[0]) for a in [
         "n_demos=abc", "valid_fraction=2", "valid_fraction=-0.1", "valid_fraction=1", "valid_fraction=x", "noise_std=-1",
-        "keep_failures=sometimes", "seed=x", "out=[1]", "task.env_kwargs=7"]] + [("n_demos=0", "n_demos"),
-                                                                             ("task.n_demos=-1", "n_demos")],
+        "keep_failures=sometimes", "seed=x", "out=[1]", "task.env_kwargs=7", "compression=zip", "rerender=[1]"]]
+    + [("n_demos=0", "n_demos"), ("task.n_demos=-1", "n_demos"),
+       ("rerender=/nonexistent/demos.hdf5", "/nonexistent/demos.hdf5")],
     "deploy": [(a, a.split("=")[0]) for a in [
         "execute=0", "execute=abc", "steps=0", "k=abc", "k=0", "k=2.5", "mode=fast", "episodes=0", "n_envs=0", "threads=0",
         "rate_hz=0", "rate_hz=abc", "max_steps=0", "eval_episodes=-1", "sampler=rk4", "realtime=perhaps", "renoise=2",
@@ -190,6 +191,15 @@ def _foreign_file(d: Path) -> list:
     return [f"data.path={d / 'theirs.hdf5'}", "train.steps=20", "train.batch_size=16", "train.progress=false"]
 
 
+def _without_states(d: Path) -> list:
+    """A dataset with no simulator states (an (N, 0) array) given to ``dpolicy-collect rerender=``."""
+    from dpolicy.data.robomimic import Demo, write_dataset
+
+    demos = [Demo(obs={"eef_pos": np.zeros((5, 3), np.float32)}, actions=np.zeros((5, 4), np.float32)) for _ in range(2)]
+    write_dataset(d / "no_states.hdf5", demos, {"env_name": "dpolicy/Lift-v0", "env_type": "gymnasium", "env_kwargs": {}})
+    return [f"rerender={d / 'no_states.hdf5'}", "task=lift", f"out={d / 'rendered.hdf5'}"]
+
+
 # (command, setup(run_dir) -> args, culprit named in the error, or None when the command must succeed)
 SCENARIOS = [
     ("steer", _composed, "composed"),
@@ -203,6 +213,7 @@ SCENARIOS = [
     ("drive", _planner_garbage, "planner.pt"),
     ("train", _foreign_file, None),
     ("train", lambda d: ["data.path=/nonexistent/demos.hdf5"], "/nonexistent/demos.hdf5"),
+    ("collect", _without_states, "no_states.hdf5"),
 ]
 
 
@@ -339,7 +350,7 @@ def reliability_section(log=print) -> tuple[str, dict]:
             "or device, a corrupt file, a non-finite or misshapen observation) to a command run in a directory that "
             "already holds an earlier run's checkpoint, metrics and dataset, or to an API call. *Clear*: exit code 2 and "
             "one `error:` line naming the culprit (API: a project error naming it); *traceback*: anything else escaped; "
-            "*files lost*: earlier files missing or changed afterwards. The files a user brings: a composed checkpoint given to DSRL, resuming a run with another process / network / chunk length, a `latest` pointer holding garbage (must fall back to the newest complete step and succeed), truncated weights, a corrupt driving planner, a dataset written by another tool with no environment (must train), a missing dataset.\n\n")
+            "*files lost*: earlier files missing or changed afterwards. The files a user brings: a composed checkpoint given to DSRL, resuming a run with another process / network / chunk length, a `latest` pointer holding garbage (must fall back to the newest complete step and succeed), truncated weights, a corrupt driving planner, a dataset written by another tool with no environment (must train), a missing dataset, a dataset without simulator states given to re-render.\n\n")
     body += table(["where", "cases", "clear errors", "tracebacks", "unclear / accepted", "files lost"],
                   [[k, v["cases"], v["clear"], v["traceback"], v["unclear"], v["files_lost"]] for k, v in rows.items()]
                   + [["all", total["cases"], total["clear"], total["traceback"], total["unclear"], total["files_lost"]]])
