@@ -88,7 +88,7 @@ def env_of_dataset(cfg: RunConfig, path: Path, say=print) -> tuple[list[str], di
     dims, skipped, action_dim = low_dim_obs_dims(path, cfg.data.filter_key)
     if skipped and not cfg.task.obs_keys:
         say("observation key(s) " + ", ".join(f"{k!r} ({why})" for k, why in skipped.items()) +
-            " are left out: a low-dimensional policy reads vectors.")
+            " are left out: a policy reads the file's vectors unless task.obs_keys names its cameras.")
     keys = list(cfg.task.obs_keys) or list(dims)
     if not keys:
         raise DatasetError(f"{path}: the first demo has no numeric observation key to train on (skipped: {skipped}).")
