@@ -253,7 +253,9 @@ class VisionConfig:
     crop: int = 76  # random crop of this size while training, centre crop at inference (0: no crop)
     color_jitter: float = 0.0  # strength of random brightness / contrast / saturation changes while training (0: off)
     keypoints: int = 32  # spatial-softmax keypoints per camera; the features are their 2-D positions (2 * keypoints)
-    channels: list[int] = field(default_factory=lambda: [32, 64, 64])  # conv encoder: channels per stride-2 stage
+    # conv encoder: channels per stride-2 stage; [8, 16, 32] trains a batch of 128 76x76 frames in 50-90 ms on one
+    # CPU thread, [32, 64, 64] (9x the multiply-adds) in 280-400 ms
+    channels: list[int] = field(default_factory=lambda: [8, 16, 32])
     pretrained: str | None = None  # a local weights file for the resnet18 (never downloaded); loaded loudly or refused
 
     def __post_init__(self):

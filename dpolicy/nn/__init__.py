@@ -1,10 +1,12 @@
 """Denoiser networks: ``net(x_t (B,Tp,Da), t (B,), cond (B,Dc)) -> field (B,Tp,Da)``.
 
 Every network here has that one signature, so processes and samplers never care which is used.
+Image encoders (``build_image_encoder``) turn camera frames into the features a policy conditions on.
 """
 
 from dpolicy.nn.mlp import ResidualMLP
 from dpolicy.nn.unet1d import ConditionalUnet1D
+from dpolicy.nn.vision import ImageEncoder, build_image_encoder
 
 
 def build_net(cfg, action_dim: int, horizon: int, cond_dim: int):
@@ -19,4 +21,4 @@ def build_net(cfg, action_dim: int, horizon: int, cond_dim: int):
     raise ConfigError(f"net.type={cfg.type!r} is unknown; choose 'unet' or 'mlp'.")
 
 
-__all__ = ["ConditionalUnet1D", "ResidualMLP", "build_net"]
+__all__ = ["ConditionalUnet1D", "ImageEncoder", "ResidualMLP", "build_image_encoder", "build_net"]
