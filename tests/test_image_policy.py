@@ -40,7 +40,7 @@ def image_policy(process="diffusion", To=2, share=False, seed=0):
     torch.manual_seed(seed)
     data = WindowDataset(image_demos(), ["pos", "cam"], To=To, Tp=4, seed=seed)
     cfg = PolicyConfig(To=To, Tp=4, Ta=2, net=NetConfig(type="mlp", hidden=32, depth=1),
-                       process=ProcessConfig(type=process, steps=3),
+                       process=ProcessConfig(type=process, steps=3, sampler="euler" if process == "flow" else "ddim"),
                        vision=VisionConfig(crop=12, keypoints=4, channels=[8], share=share))
     return build_policy(cfg, data), data
 

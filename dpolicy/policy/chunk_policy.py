@@ -13,7 +13,6 @@ in normalized space ``(B, Tp, Da)`` in [-1, 1] and unnormalized exactly once, in
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Mapping
 
 import torch
@@ -29,7 +28,7 @@ from dpolicy.process import build_process, sample_loop
 
 @register_kind("chunk")
 class ChunkPolicy(Policy):
-    def __init__(self, cfg: PolicyConfig, normalizer: DictNormalizer):
+    def __init__(self, cfg: PolicyConfig, normalizer: DictNormalizer, load_pretrained: bool = True):
         super().__init__()
         if not cfg.obs_keys:
             raise ConfigError("policy.obs_keys is empty; name at least one observation key.")
@@ -57,7 +56,7 @@ class ChunkPolicy(Policy):
         if images:
             from dpolicy.nn import build_image_encoder
 
-            self.encoder = build_image_encoder(cfg.vision, {k: images[k] for k in self.image_keys})
+            self.encoder = build_image_encoder(cfg.vision, {k: images[k] for k in self.image_keys}, load_pretrained)
         frame = sum(cfg.obs_dims[k] for k in self.vector_keys) + (self.encoder.out_dim if self.encoder is not None else 0)
         self.cond_dim = cfg.To * frame
         self.net = build_net(cfg.net, cfg.action_dim, cfg.Tp, self.cond_dim)
@@ -124,9 +123,7 @@ class ChunkPolicy(Policy):
     @classmethod
     def load(cls, path, meta: dict, device="cpu") -> "ChunkPolicy":
         cfg, normalizer, state = read_policy_dir(path, meta)
-        if cfg.vision.pretrained is not None:  # the saved weights hold what the file gave; it is not needed again
-            cfg.vision = dataclasses.replace(cfg.vision, pretrained=None)
-        policy = cls(cfg, normalizer)
+        policy = cls(cfg, normalizer, load_pretrained=False)  # the saved weights hold what a pretrained file gave
         policy.metadata = dict(meta.get("metadata") or {})
         load_weights(policy, state, path / "model.safetensors")
         return policy.to(torch.device(device)).eval()
