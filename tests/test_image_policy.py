@@ -195,3 +195,20 @@ def test_video_frames_show_what_the_policy_saw():
     out = beside(scene, [cam, cam])
     assert out.shape == (64, 80 + 2 * (2 + 64), 3)
     assert (out[:, 82:146] == 200).all() and (out[:, 80:82] == 32).all()
+
+
+def test_an_image_policy_composes_with_a_state_policy():
+    from dpolicy.compose import ComposedPolicy
+
+    pol, _ = image_policy()
+    torch.manual_seed(1)
+    data = WindowDataset(image_demos(), ["pos"], To=2, Tp=4)
+    state = build_policy(dataclasses.replace(pol.cfg, image_shapes={}, obs_keys=[], obs_dims={}), data)
+    comp = ComposedPolicy([pol.eval(), state.eval()], weights=[1.0, 0.0])
+    assert comp.obs_keys == ["pos", "cam"] and comp.image_shapes == {"cam": (H, W, 3)}
+    obs, noise = obs_batch(), torch.randn(3, 4, 2, generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(comp.act(obs, noise), pol.act(obs, noise))
+    mixed = ComposedPolicy([pol, state], weights=[0.5, 0.5]).act(obs, noise)
+    assert mixed.shape == (3, 4, 2) and not torch.allclose(mixed, pol.act(obs, noise))
+    with pytest.raises(ShapeError, match="'cam'"):
+        comp.act({"pos": obs["pos"]})

@@ -75,6 +75,10 @@ def check_compatible(parents: Sequence, action_norm_tol: float = 0.1) -> dict:
             if k in obs_dims and obs_dims[k] != d:
                 raise ConfigError(f"observation {k!r} has dimension {d} for parent {i} but {obs_dims[k]} for "
                                   f"parent {owner[k]}; the parents must read the same observation.")
+            image = p.image_shapes.get(k)
+            if k in owner and image != parents[owner[k]].image_shapes.get(k):
+                raise ConfigError(f"observation {k!r} is {'a ' + str(image) + ' image' if image else 'a vector'} for parent "
+                                  f"{i} but not for parent {owner[k]}; the parents must read the same observation.")
             obs_dims.setdefault(k, d)
             owner.setdefault(k, i)
     # the base grid: the first parent with discrete levels (a continuous-time parent fits any grid)
@@ -93,7 +97,8 @@ def check_compatible(parents: Sequence, action_norm_tol: float = 0.1) -> dict:
     if len(set(known.values())) > 1:
         raise ConfigError(f"the parents were trained on different environments {sorted(set(known.values()))}; "
                           f"composition needs one task.")
-    return {"base": base, "obs_dims": obs_dims, "maps": maps}
+    images = {k: tuple(parents[i].image_shapes[k]) for k, i in owner.items() if k in parents[i].image_shapes}
+    return {"base": base, "obs_dims": obs_dims, "image_shapes": images, "maps": maps}
 
 
 def _action_map(base, p, i: int, b: int, tol: float):
@@ -139,7 +144,7 @@ class ComposedPolicy(Policy):
         if isinstance(Ta_, bool) or not isinstance(Ta_, numbers.Integral) or not 1 <= Ta_ <= base.Tp:
             raise ConfigError(f"Ta={Ta!r} must be between 1 and Tp={base.Tp}.")
         self._spec = PolicySpec(list(self._obs_dims), self._obs_dims, max(p.To for p in parents), base.Tp, int(Ta_),
-                                base.action_dim, default_steps)
+                                base.action_dim, default_steps, image_shapes=info["image_shapes"])
         self.action_norm_tol = float(action_norm_tol)
         self.parent_paths = None if parent_paths is None else [str(p) for p in parent_paths]
         if self.parent_paths is not None and len(self.parent_paths) != len(parents):
