@@ -1,14 +1,19 @@
 """The benchmark command's plumbing: sections replaced in place, the env section's table, the
-reference training loop trains the same model as ours, and bad options exit with one line."""
+reference training loops (state and image) train the same model on the same inputs as ours, and
+bad options exit with one line."""
 
 import subprocess
 import sys
 
+import numpy as np
 import torch
 
 from dpolicy.bench import report, suite
-from dpolicy.bench.throughput import HostWindows, compare
-from dpolicy.data import WindowDataset
+from dpolicy.bench.throughput import (HostWindows, ImageHostWindows, compare, compare_images, precropped,
+                                      synthetic_image_demos, to_device)
+from dpolicy.config import NetConfig, PolicyConfig, VisionConfig
+from dpolicy.data import Demo, WindowDataset
+from dpolicy.train.bc import build_policy
 
 from conftest import make_demos, tiny_policy
 
@@ -50,6 +55,96 @@ def test_compare_times_both_loops():
     r = compare(lambda: tiny_policy(), data, batch_size=8, steps=3, repeats=1)
     assert r["ours_samples_per_s"] > 0 and r["reference_samples_per_s"] > 0
     assert abs(r["ratio"] - r["ours_samples_per_s"] / r["reference_samples_per_s"]) < 1e-9
+
+
+def coded_image_demos(n=3, length=12, size=20):
+    """Frames whose pixel (y, x) holds (y, x, step): a crop names where it was taken and from which frame."""
+    yy, xx = np.mgrid[0:size, 0:size]
+    demos = []
+    for d in range(n):
+        steps = np.arange(length)[:, None, None] + 16 * d
+        cam = np.stack(np.broadcast_arrays(yy[None], xx[None], steps), -1).astype(np.uint8)
+        demos.append(Demo(obs={"pos": np.full((length, 2), d, np.float32), "cam": cam},
+                          actions=np.arange(length * 2, dtype=np.float32).reshape(length, 2)))
+    return demos
+
+
+def small_image_policy(data, crop):
+    torch.manual_seed(0)
+    cfg = PolicyConfig(To=2, Tp=4, Ta=2, net=NetConfig(type="mlp", hidden=32, depth=1),
+                       vision=VisionConfig(crop=crop, keypoints=4, channels=[8]))
+    return build_policy(cfg, data)
+
+
+def test_reference_image_sample_is_a_float_crop_of_the_window_inside_the_frame():
+    data = WindowDataset(coded_image_demos(), ["pos", "cam"], 2, 4)
+    host = ImageHostWindows(data, crop=12)
+    idx = torch.tensor([0, 1, 11, 12, 20, len(host) - 1])
+    obs, act = data.gather(idx)
+    offsets = set()
+    for _ in range(4):
+        for j, i in enumerate(idx.tolist()):
+            item = host[i]
+            img = item["obs"]["cam"]
+            assert img.shape == (2, 12, 12, 3) and img.dtype == torch.float32 and 0 <= img.min() and img.max() <= 1
+            assert item["action"].dtype == torch.float32 and torch.equal(item["action"], act[j])
+            assert torch.equal(item["obs"]["pos"], obs["pos"][j])
+            pixels = (img * 255).round().to(torch.uint8)
+            for t in range(2):
+                top, left = int(pixels[t, 0, 0, 0]), int(pixels[t, 0, 0, 1])
+                assert 0 <= top <= 20 - 12 and 0 <= left <= 20 - 12
+                assert torch.equal(pixels[t], obs["cam"][j, t, top:top + 12, left:left + 12])
+                offsets.add((top, left))
+    assert len(offsets) > 10  # a new place per frame and sample
+    assert host.compressed_bytes_per_frame < data.image_bytes_per_frame
+
+
+def test_reference_and_ours_feed_the_same_inputs_to_the_same_network():
+    data = WindowDataset(synthetic_image_demos(2, 12, size=16), ["robot0_eef_pos", "agentview_image", "robot0_eye_in_hand_image"], 2, 4)
+    ours = small_image_policy(data, crop=0)
+    ref = precropped(ours, 0)
+    assert ref.cfg.vision.crop == 0 and ref.image_shapes == ours.image_shapes
+    assert all(torch.equal(v, ref.state_dict()[k]) for k, v in ours.state_dict().items())
+    host = ImageHostWindows(data, crop=0)
+    idx = torch.tensor([0, 3, 11, 12, 17, 23])
+    obs, act = data.gather(idx)
+    batch = torch.utils.data.default_collate([host[i] for i in idx.tolist()])
+    ref_obs, ref_act = to_device(batch, data.device, list(host.shapes))
+    assert torch.equal(ref_act, act)
+    for k in ref_obs:
+        # the reference's pixels pass u / 255 on the host and * 255 on the device; in float32 that rounds back to
+        # u for every uint8 value, so the encoder divides the same numbers as ours and the losses are equal
+        assert torch.equal(ref_obs[k], obs[k].float())
+    want = ours.loss(obs, act, torch.Generator().manual_seed(3))
+    got = ref.loss(ref_obs, ref_act, torch.Generator().manual_seed(3))
+    assert torch.equal(got, want)
+
+
+def test_precropped_policy_reads_the_crop_ours_takes_in_the_encoder():
+    data = WindowDataset(synthetic_image_demos(2, 12, size=16), ["robot0_eef_pos", "agentview_image"], 2, 4)
+    ours = small_image_policy(data, crop=12)
+    ref = precropped(ours, 12)
+    assert ref.image_shapes == {"agentview_image": (12, 12, 3)} and ref.cfg.obs_dims["agentview_image"] == 12 * 12 * 3
+    ours.eval(), ref.eval()
+    obs, _ = data.gather(torch.arange(5))
+    centre = dict(obs, agentview_image=obs["agentview_image"][:, :, 2:14, 2:14].float())
+    torch.testing.assert_close(ref.encode(centre), ours.encode(obs))
+
+
+def test_compare_images_times_both_loops_and_the_loader_wait():
+    data = WindowDataset(synthetic_image_demos(2, 12, size=16), ["robot0_eef_pos", "agentview_image"], 2, 4)
+    r = compare_images(lambda: small_image_policy(data, crop=12), data, batch_size=4, steps=2, repeats=1)
+    assert r["ours_samples_per_s"] > 0 and r["reference_samples_per_s"] > 0
+    assert abs(r["ratio"] - r["ours_samples_per_s"] / r["reference_samples_per_s"]) < 1e-9
+    assert 0 <= r["reference_wait_share"] < 1
+
+
+def test_image_throughput_section_reports_both_loops_and_the_memory():
+    body = suite.image_throughput_section(batch_sizes=(4,), steps=1, repeats=1, n_demos=2, length=10, log=lambda *_: None)
+    row = next(line for line in body.splitlines() if line.startswith("| 4 |"))
+    assert row.count("|") == 9 and "x |" in row and "agentview_image" in body
+    assert ("sets the pace" in body) != ("is input-bound" in body)
+    assert "uint8" in body and "float32 they would take" in body
 
 
 def test_bench_rejects_unknown_section(tmp_path):

@@ -5,20 +5,33 @@ collates with a PyTorch ``DataLoader`` (shuffle, ``num_workers=1`` as in their l
 copies every batch to the device, and trains in fp32 without compile. Ours gathers batches on
 the device from resident tensors (and uses bf16 autocast / compile on CUDA). Both use the same
 network, batch size, optimizer and EMA; the timings alternate in one process and report medians.
+
+For policies that read cameras the reference is the image pipeline of Diffusion Policy and robomimic:
+every frame is stored compressed and decoded, converted to float32 and randomly cropped per sample
+on the host (``ImageHostWindows``), and the policy reads the pre-cropped frames (``vision.crop=0``).
+Ours keeps the uint8 frames on the device and crops them inside the encoder's forward.
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import statistics
 import time
+import zlib
 
 import numpy as np
 import torch
 
 from dpolicy.config import TrainConfig
+from dpolicy.data.robomimic import GZIP_LEVEL, Demo
 from dpolicy.data.windows import WindowDataset
 from dpolicy.train.ema import EMA
 from dpolicy.train.trainer import Trainer
+
+# the observations of robomimic's lift_image: two RGB cameras and the robot's proprioception (key -> dimension)
+CAMERAS = ("agentview_image", "robot0_eye_in_hand_image")
+PROPRIO = {"robot0_eef_pos": 3, "robot0_eef_quat": 4, "robot0_gripper_qpos": 2}
 
 
 class HostWindows(torch.utils.data.Dataset):
@@ -33,36 +46,129 @@ class HostWindows(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.actions)
 
-    def __getitem__(self, i):
+    def window(self, i):
+        """Step indices of the observation history and of the action chunk at step ``i``."""
         oi = np.maximum(np.arange(i - self.To + 1, i + 1), self.start[i])
         ai = np.minimum(np.arange(i, i + self.Tp), self.end[i])
+        return oi, ai
+
+    def __getitem__(self, i):
+        oi, ai = self.window(i)
         return {"obs": {k: torch.from_numpy(v[oi]) for k, v in self.obs.items()}, "action": torch.from_numpy(self.actions[ai])}
+
+
+class ImageHostWindows(HostWindows):
+    """Image windows built per sample on the host, as Diffusion Policy's and robomimic's datasets build them.
+
+    Every camera frame is held as its own zlib stream (deflate at level 4: the codec and level of the
+    one-frame gzip chunks ``write_dataset`` writes, read from memory, so no file-system or HDF5 cost is
+    added to the reference). ``__getitem__`` decodes the window's frames, converts them to float32 in
+    [0, 1] and crops each to ``crop`` x ``crop`` at a random place (``crop=0``: whole frames), giving
+    ``(To, crop, crop, C)`` per camera: the layout the image encoder reads, so no transpose is needed.
+    """
+
+    def __init__(self, data: WindowDataset, crop: int, level: int = GZIP_LEVEL):
+        super().__init__(data)
+        self.shapes = dict(data.image_shapes)
+        for k in self.shapes:
+            del self.obs[k]
+        self.frames = {k: [zlib.compress(f.tobytes(), level) for f in data.obs[k].cpu().numpy()] for k in self.shapes}
+        self.crop = int(crop)
+        self._seed, self._rng = None, None
+
+    @property
+    def compressed_bytes_per_frame(self) -> float:
+        """Mean bytes one step's frames take compressed, all cameras."""
+        return sum(sum(map(len, f)) for f in self.frames.values()) / len(self)
+
+    def generator(self) -> np.random.Generator:
+        """The crop generator of this process: seeded from ``torch.initial_seed()``, which a DataLoader sets apart
+        in each worker (numpy's global state would be the same copy in every forked worker)."""
+        seed = torch.initial_seed()
+        if seed != self._seed:
+            self._seed, self._rng = seed, np.random.default_rng(seed)
+        return self._rng
+
+    def __getitem__(self, i):
+        oi, ai = self.window(i)
+        obs = {k: torch.from_numpy(v[oi]) for k, v in self.obs.items()}
+        rng = self.generator()
+        for k, (h, w, c) in self.shapes.items():
+            frames = [np.frombuffer(zlib.decompress(self.frames[k][j]), np.uint8).reshape(h, w, c).astype(np.float32) / 255.0
+                      for j in oi]
+            if self.crop:
+                s = self.crop
+                tops, lefts = rng.integers(0, h - s + 1, len(frames)), rng.integers(0, w - s + 1, len(frames))
+                frames = [f[t:t + s, left:left + s] for f, t, left in zip(frames, tops, lefts)]
+            obs[k] = torch.from_numpy(np.stack(frames))
+        return {"obs": obs, "action": torch.from_numpy(self.actions[ai])}
+
+
+def precropped(policy, crop: int):
+    """A copy of ``policy`` (same weights) that reads frames already cropped to ``crop`` x ``crop``: its encoder
+    has ``vision.crop=0``, so the same network sees the same 76x76 inputs without cropping again."""
+    from dpolicy.policy.chunk_policy import ChunkPolicy
+
+    cfg = policy.cfg
+    shapes = {k: [crop, crop, c] if crop else [h, w, c] for k, (h, w, c) in cfg.image_shapes.items()}
+    cfg = dataclasses.replace(cfg, image_shapes=shapes, obs_dims={**cfg.obs_dims, **{k: h * w * c for k, (h, w, c) in shapes.items()}},
+                              vision=dataclasses.replace(cfg.vision, crop=0))
+    out = ChunkPolicy(cfg, copy.deepcopy(policy.normalizer), load_pretrained=False)
+    out.load_state_dict(policy.state_dict())
+    return out.to(policy.device)
+
+
+def to_device(batch: dict, device, images=()) -> tuple[dict, torch.Tensor]:
+    """A collated batch on ``device``; the ``images`` keys (float32 in [0, 1]) are scaled back to the encoder's 0..255."""
+    obs = {k: v.to(device, non_blocking=True) for k, v in batch["obs"].items()}
+    for k in images:
+        obs[k] = obs[k] * 255.0
+    return obs, batch["action"].to(device, non_blocking=True)
+
+
+def _forever(loader):
+    while True:
+        yield from loader
+
+
+def _loader_loop(policy, dataset, batch_size: int, steps: int, device, images=(), persistent: bool = False) -> tuple[float, float]:
+    """``(samples/s, share of the time spent waiting for the loader)`` over ``steps`` batches after one warm-up batch."""
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=1,
+                                         pin_memory=device.type == "cuda", persistent_workers=persistent, drop_last=True)
+    opt = torch.optim.AdamW(policy.parameters(), lr=1e-4, betas=(0.95, 0.999), weight_decay=1e-6)
+    ema = EMA(policy)
+    policy.train()
+    batches = _forever(loader)
+    wait, t0 = 0.0, None
+    for n in range(steps + 1):
+        t = time.perf_counter()
+        batch = next(batches)
+        if n:
+            wait += time.perf_counter() - t
+        obs, act = to_device(batch, device, images)
+        loss = policy.loss(obs, act)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        ema.update(policy)
+        if n == 0:
+            _sync(device)
+            t0 = time.perf_counter()
+    _sync(device)
+    total = time.perf_counter() - t0
+    batches.close()
+    return steps * batch_size / total, wait / total
 
 
 def reference_loop(policy, data: WindowDataset, batch_size: int, steps: int, device) -> float:
     """Samples/s of the reference loop (after one warm-up batch)."""
-    loader = torch.utils.data.DataLoader(HostWindows(data), batch_size=batch_size, shuffle=True, num_workers=1,
-                                         pin_memory=device.type == "cuda", persistent_workers=False, drop_last=True)
-    opt = torch.optim.AdamW(policy.parameters(), lr=1e-4, betas=(0.95, 0.999), weight_decay=1e-6)
-    ema = EMA(policy)
-    n, t0 = 0, None
-    while n < steps + 1:
-        for batch in loader:
-            obs = {k: v.to(device, non_blocking=True) for k, v in batch["obs"].items()}
-            act = batch["action"].to(device, non_blocking=True)
-            loss = policy.loss(obs, act)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            ema.update(policy)
-            n += 1
-            if n == 1:
-                _sync(device)
-                t0 = time.perf_counter()
-            if n >= steps + 1:
-                break
-    _sync(device)
-    return steps * batch_size / (time.perf_counter() - t0)
+    return _loader_loop(policy, HostWindows(data), batch_size, steps, device)[0]
+
+
+def image_reference_loop(policy, windows: ImageHostWindows, batch_size: int, steps: int, device) -> tuple[float, float]:
+    """``(samples/s, loader-wait share)`` of the image reference loop; ``policy`` reads pre-cropped frames
+    (``precropped``). Its worker persists across epochs, so no worker restart is timed."""
+    return _loader_loop(policy, windows, batch_size, steps, device, images=list(windows.shapes), persistent=True)
 
 
 def our_loop(policy, data: WindowDataset, batch_size: int, steps: int, device, compile: bool = False) -> float:
@@ -96,3 +202,67 @@ def compare(make_policy, data: WindowDataset, batch_size: int, steps: int, repea
         ours.append(our_loop(make_policy().to(data.device), data, batch_size, steps, data.device, compile))
     mo, mr = statistics.median(ours), statistics.median(ref)
     return {"ours_samples_per_s": mo, "reference_samples_per_s": mr, "ratio": mo / mr, "ours_all": ours, "reference_all": ref}
+
+
+def host_batch_rate(windows: HostWindows, batch_size: int, samples: int = 1024, seed: int = 0) -> float:
+    """Samples/s at which this process builds and collates random batches of ``windows``: the most a reference loop
+    with one loader worker can train at (the worker also pays for handing each batch over)."""
+    rng = np.random.default_rng(seed)
+    batches = max(samples // batch_size, 2)
+    t0 = time.perf_counter()
+    for _ in range(batches):
+        torch.utils.data.default_collate([windows[int(i)] for i in rng.integers(0, len(windows), batch_size)])
+    return batches * batch_size / (time.perf_counter() - t0)
+
+
+def synthetic_image_demos(n_demos: int = 50, length: int = 100, size: int = 84, cameras=CAMERAS, action_dim: int = 7,
+                          seed: int = 0) -> list[Demo]:
+    """Demos shaped like lift_image's (``size`` x ``size`` RGB ``cameras``, ``PROPRIO`` vectors, 7-D actions) for throughput.
+
+    A frame is a smooth colour ramp, a block moving across it and a sparse one-level dither, so it compresses
+    (about 2.4x at level 4) where uniform noise would be stored raw and decode at copy speed, flattering a
+    reference that decodes per sample."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size]
+    demos = []
+    for _ in range(n_demos):
+        obs = {k: rng.normal(size=(length, d)).astype(np.float32) for k, d in PROPRIO.items()}
+        for cam in cameras:
+            ramp = np.stack([xx // 2, yy // 2, (xx + yy) // 4], -1) + rng.integers(20, 120, 3)
+            frames = (ramp + (rng.random((length, size, size, 3)) < 0.1)).astype(np.uint8)
+            side = size // 4
+            path = np.linspace(rng.integers(0, size - side, 2), rng.integers(0, size - side, 2), length).astype(int)
+            colour = rng.integers(0, 256, 3, dtype=np.uint8)
+            for t, (r, c) in enumerate(path):
+                frames[t, r:r + side, c:c + side] = colour
+            obs[cam] = frames
+        demos.append(Demo(obs=obs, actions=rng.uniform(-1, 1, (length, action_dim)).astype(np.float32)))
+    return demos
+
+
+def image_memory(data: WindowDataset) -> dict:
+    """Bytes the camera frames of ``data`` take on its device (uint8) and would take as float32."""
+    resident = sum(data.obs[k].numel() * data.obs[k].element_size() for k in data.image_shapes)
+    return {"bytes_per_frame": data.image_bytes_per_frame, "resident_uint8": resident,
+            "as_float32": sum(data.obs[k].numel() * 4 for k in data.image_shapes)}
+
+
+def compare_images(make_policy, data: WindowDataset, batch_size: int, steps: int, repeats: int = 3, compile: bool = False,
+                   windows: ImageHostWindows | None = None) -> dict:
+    """``compare`` for a policy that reads cameras: the reference reads ``windows`` (compressed frames cropped per
+    sample on the host; built here when None) with a ``precropped`` copy of the policy, ours trains the policy as
+    built (uint8 frames resident on the device, cropped by the encoder). Medians, ratio and the reference's
+    median share of time spent waiting for its loader."""
+    crop = make_policy().cfg.vision.crop
+    windows = ImageHostWindows(data, crop) if windows is None else windows
+    if windows.crop != crop:
+        raise ValueError(f"the reference windows crop to {windows.crop}, the policy's encoder to {crop}.")
+    ours, ref, wait = [], [], []
+    for _ in range(repeats):
+        sps, share = image_reference_loop(precropped(make_policy().to(data.device), crop), windows, batch_size, steps, data.device)
+        ref.append(sps)
+        wait.append(share)
+        ours.append(our_loop(make_policy().to(data.device), data, batch_size, steps, data.device, compile))
+    mo, mr = statistics.median(ours), statistics.median(ref)
+    return {"ours_samples_per_s": mo, "reference_samples_per_s": mr, "ratio": mo / mr, "reference_wait_share": statistics.median(wait),
+            "ours_all": ours, "reference_all": ref, "reference_wait_all": wait}

@@ -4,6 +4,8 @@ Sections (each rewrites its own part of BENCHMARKS.md):
 
   envs        task-suite speed, experts, adversarial actions
   throughput  our training loop vs a Chi et al.-style DataLoader loop
+  image-throughput
+              the same for a policy that reads two 84x84 cameras (synthetic lift_image-shaped demos)
   bc          behaviour-cloning success per task and process, the multimodal comparison
               (``--ship`` refreshes checkpoints/ and its manifest)
   steer       DSRL (NA, SAC, stochastic-sampler ablation) from weak bases, several seeds
@@ -28,8 +30,8 @@ import time
 from pathlib import Path
 
 
-SECTIONS = ("envs", "throughput", "bc", "steer", "headroom", "rti", "latency", "gpu-latency", "compose", "drive", "robosuite",
-            "pusht", "peers", "reliability")
+SECTIONS = ("envs", "throughput", "image-throughput", "bc", "steer", "headroom", "rti", "latency", "gpu-latency", "compose",
+            "drive", "robosuite", "pusht", "peers", "reliability")
 
 
 def _count(text: str) -> int:
@@ -113,6 +115,8 @@ def main(argv=None) -> int:
         write_section(args.out, "envs", suite.envs_section(args.expert_episodes, log=log), command)
     if "throughput" in sections:
         write_section(args.out, "throughput", suite.throughput_section(log=log), command)
+    if "image-throughput" in sections:
+        write_section(args.out, "image-throughput", suite.image_throughput_section(log=log), command)
     if "bc" in sections:
         body, results = suite.bc_section(work, tasks=args.tasks.split(","), processes=args.processes.split(","),
                                          episodes=args.episodes, ship=Path("checkpoints") if args.ship else None,
