@@ -34,15 +34,20 @@ WEAK_BASES = {
     "push": ["task=push", "task.n_demos=50", "task.demo_noise=0.7", "train.steps=2000", "policy.process.steps=4"],
     "lift": ["task=lift", "task.n_demos=150", "task.expert_kwargs={early_close:0.65}", "task.keep_failures=true",
              "train.steps=3000", "policy.process.steps=4"],
+    # the same operators seen through the cameras (proprioception and 84 x 84 images, no object state); the
+    # noise-action MDP's state is the frozen base's encoding, so the steering agent reads the base's image features
+    "lift_image": ["task=lift_image", "task.n_demos=150", "task.expert_kwargs={early_close:0.65}", "task.keep_failures=true",
+                   "policy.process.steps=4"],
 }
 BASE_NOTES = {
     "avoid": "demos from a noisy expert, successful episodes only",
     "lift": "65% of the demos from a careless operator who closes the gripper above the cube and lifts empty-handed, "
             "failures kept",
     "push": "demos from a noisy expert, successful episodes only",
+    "lift_image": "lift's careless-operator demos, seen through the agent-view and wrist cameras",
 }
 # env steps per run (the goal is 90% within 50,000; runs stop at these budgets)
-BUDGETS = {"avoid": 10000, "push": 20000, "lift": 20000}
+BUDGETS = {"avoid": 10000, "push": 20000, "lift": 20000, "lift_image": 20000}
 # STEER_DEFAULTS and DSRL_DEFAULTS repeat SteerConfig's and DSRLConfig's defaults except the bench's own recipe values,
 # eval_every=2500 and q_bounds=(0, 1) (tests/test_configs.py holds them to that)
 STEER_DEFAULTS = dict(n_envs=4, init_steps=1500, eval_every=2500, eval_episodes=50)

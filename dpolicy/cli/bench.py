@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 
-SECTIONS = ("envs", "throughput", "image-throughput", "bc", "steer", "headroom", "rti", "latency", "gpu-latency", "compose",
+SECTIONS = ("envs", "throughput", "image-throughput", "bc", "image", "image-rti", "steer", "headroom", "rti", "latency", "gpu-latency", "compose",
             "drive", "robosuite", "pusht", "peers", "reliability")
 
 
@@ -124,6 +124,23 @@ def main(argv=None) -> int:
         work.mkdir(parents=True, exist_ok=True)
         (work / "bc_results.json").write_text(json.dumps(results, indent=2, default=str))
         write_section(args.out, "bc:" + ",".join(args.tasks.split(",")), body, command)
+    if "image" in sections:
+        from dpolicy.bench.image import image_bc_section
+
+        tasks = [t for t in args.tasks.split(",") if t.endswith("_image")] or ["push_image", "lift_image"]
+        body, results = image_bc_section(work / "image", tasks=tasks, processes=[p for p in args.processes.split(",") if p != "edm"]
+                                         or ["diffusion"], episodes=args.episodes,
+                                         ship=Path("checkpoints") if args.ship else None, extra=args.overrides, log=log)
+        (work / "image_results.json").write_text(json.dumps(results, indent=2, default=str))
+        write_section(args.out, "image:" + ",".join(tasks), body, command)
+    if "image-rti" in sections:
+        from dpolicy.bench.image import image_rti_section
+
+        ckpts = [Path("checkpoints") / f"{t}_{p}" for t in ("push_image", "lift_image") for p in ("diffusion", "flow")]
+        body, res = image_rti_section([c for c in ckpts if c.exists()], episodes=args.episodes, log=log)
+        work.mkdir(parents=True, exist_ok=True)
+        (work / "image_rti_results.json").write_text(json.dumps(res, indent=2, default=str))
+        write_section(args.out, "image-rti", body, command)
     shipped = [Path("checkpoints") / n for n in ("avoid_diffusion", "avoid_flow", "push_diffusion", "push_flow",
                                                   "lift_diffusion", "lift_flow")]
     if "steer" in sections:
