@@ -2,7 +2,7 @@
 
 Sections (each rewrites its own part of BENCHMARKS.md):
 
-  envs        task-suite speed, experts, adversarial actions
+  envs        task-suite speed (with camera rendering for the image tasks), experts, adversarial actions
   throughput  our training loop vs a Chi et al.-style DataLoader loop
   bc          behaviour-cloning success per task and process, the multimodal comparison
               (``--ship`` refreshes checkpoints/ and its manifest)
