@@ -2,7 +2,8 @@
 
 ``TASKS`` maps the short names (avoid, push, lift and their camera variants avoid_image, push_image,
 lift_image) to their gymnasium id, default constructor kwargs, observation keys and expert factory.
-``make_env`` builds one of our tasks by short name or id, the optional gym-pusht task ("pusht"), or any other registered gymnasium id wrapped in DictObsAdapter.
+``make_env`` builds one of our tasks by short name or id, the optional gym-pusht task ("pusht"), or
+any other registered gymnasium id wrapped in DictObsAdapter.
 ``env_args``/``make_env_from_args`` write and read the ``{"env_name", "env_type", "env_kwargs"}``
 dict that robomimic stores as ``data.attrs["env_args"]``, so a dataset can rebuild its env.
 """
@@ -54,9 +55,9 @@ TASKS = {
     "avoid": _task("dpolicy/Avoid-v0", avoid.AvoidEnv, experts.AvoidExpert),
     "push": _task("dpolicy/Push-v0", push.PushEnv, experts.PushExpert),
     "lift": _task("dpolicy/Lift-v0", lift.LiftEnv, experts.LiftExpert),
-    "avoid_image": _task("dpolicy/AvoidImage-v0", avoid.AvoidImageEnv, experts.AvoidExpert),
-    "push_image": _task("dpolicy/PushImage-v0", push.PushImageEnv, experts.PushExpert),
-    "lift_image": _task("dpolicy/LiftImage-v0", lift.LiftImageEnv, experts.LiftExpert),
+    "avoid_image": _task("dpolicy/AvoidImage-v0", avoid.AvoidImageEnv, experts.make_expert),
+    "push_image": _task("dpolicy/PushImage-v0", push.PushImageEnv, experts.make_expert),
+    "lift_image": _task("dpolicy/LiftImage-v0", lift.LiftImageEnv, experts.make_expert),
 }
 _BY_ID = {t.env_id: name for name, t in TASKS.items()}
 PUSHT_NAMES = ("pusht", adapters.PUSHT_ID)
