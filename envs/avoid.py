@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import MujocoTaskEnv, check_no_unknown, check_positive
+from .base import CameraObs, MujocoTaskEnv, check_no_unknown, check_positive
 
 NUM_MODES = 4
 OBS_KEYS = ("agent_pos", "agent_vel")
@@ -51,6 +51,7 @@ _XML = f"""
       <geom name="agent" type="sphere" size="{AGENT_RADIUS}" mass="1" rgba="0.2 0.3 0.9 1" contype="0" conaffinity="0"/>
     </body>
     <camera name="top" pos="0 0 1.9" fovy="45"/>
+    <camera name="agentview" pos="0 0 1.6" fovy="45"/>
   </worldbody>
   <actuator>
     <velocity name="vx" joint="x" kv="40" ctrlrange="-{MAX_SPEED} {MAX_SPEED}" forcerange="-40 40"/>
@@ -121,3 +122,14 @@ class AvoidEnv(MujocoTaskEnv):
 
     def _set_extra_state(self, extra):
         self._side1, self._mode = int(round(extra[0])), int(round(extra[1]))
+
+
+class AvoidImageEnv(CameraObs, AvoidEnv):
+    """``dpolicy/AvoidImage-v0``: Avoid seen from above (the whole arena) plus the agent's position and velocity.
+
+    Extra kwarg: ``image_size`` (square images, default 84). The cylinders are fixed, so the picture
+    adds nothing the proprioception lacks here; the task checks that a camera policy keeps the modes.
+    """
+
+    OBS_KEYS = ("agent_pos", "agent_vel", "agentview_image")
+    CAMERAS = ("agentview",)

@@ -1,7 +1,8 @@
 """Measurement helpers for the benchmark command: env speed, expert quality, adversarial robustness.
 
 All are pure functions (no printing) returning plain numbers/dicts. ``steps_per_second`` times env
-stepping alone (random actions drawn up front, resets included, one process). ``expert_stats`` runs
+stepping alone (random actions drawn up front, resets included, one process; on an image task every
+step renders its cameras). ``renders_per_second`` times an image task's camera rendering alone. ``expert_stats`` runs
 seeded expert episodes and reports success, episode lengths and, for avoid, the route (mode) mix.
 ``adversarial_check`` throws extreme action sequences (+-1e6, NaN, +-inf, bang-bang, mixtures) and a
 corrupted simulator state at an env and counts exceptions, non-finite observations and whether
@@ -30,6 +31,22 @@ def steps_per_second(name: str, n_steps: int = 20000, seed: int = 0, **env_kwarg
     elapsed = time.perf_counter() - start
     env.close()
     return n_steps / elapsed
+
+
+def renders_per_second(name: str, n_renders: int = 200, seed: int = 0, **env_kwargs) -> float:
+    """Camera images per second of an image task (every camera of one state per call, no physics)."""
+    env = make_env(name, **env_kwargs)
+    base = env.unwrapped
+    if not base.cameras:
+        env.close()
+        raise ValueError(f"{name!r} has no cameras; renders_per_second times the image tasks")
+    env.reset(seed=seed)  # makes the renderer, so its start-up is not timed
+    start = time.perf_counter()
+    for _ in range(n_renders):
+        base._render_cameras()
+    elapsed = time.perf_counter() - start
+    env.close()
+    return n_renders * len(base.cameras) / elapsed
 
 
 def expert_stats(name: str, n_episodes: int = 1000, seed: int = 0, noise_std: float = 0.0, env_kwargs=None,

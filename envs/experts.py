@@ -13,6 +13,9 @@ box; the lift gripper stays exactly +-1) for deliberately weak demonstration set
   quadratic pose error under the block's known quasi-static motion model (translation along the push,
   turning rate offset / ROT_RADIUS^2 per metre), walks around the block to reach it, then pushes.
 * lift: hover above the cube, descend, close, wait for the fingers, lift.
+
+On the image tasks the observation has no object state, so ``make_expert`` wraps the state task's
+expert in ``StateObsExpert``, which feeds it ``env.unwrapped.state_obs()`` instead.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import avoid, lift, push
+from .base import CameraObs
 
 
 class _Expert:
@@ -207,9 +211,39 @@ def _segment_hits_square(p, g, half):
     return True
 
 
+class StateObsExpert:
+    """A state task's expert driving its image task: it reads the simulator's low-dimensional observation.
+
+    ``reset(obs, info)`` and ``__call__(obs)`` ignore the image observation passed in and use
+    ``env.unwrapped.state_obs()``, the same moment's full state observation (after an unstable step the
+    env is rolled back to the state of the observation it returned, so the two still agree).
+    """
+
+    def __init__(self, env, expert):
+        self.env, self.expert = env, expert
+
+    def reset(self, obs, info=None):
+        self.expert.reset(self.env.unwrapped.state_obs(), info)
+
+    def __call__(self, obs):
+        return self.expert(self.env.unwrapped.state_obs())
+
+    def __getattr__(self, name):  # the wrapped expert's settings and episode state (route, phase, ...)
+        if name == "expert":
+            raise AttributeError(name)
+        return getattr(self.expert, name)
+
+
 def make_expert(env, noise_std: float = 0.0, seed=None, **task_kwargs):
-    """Scripted expert for the task behind ``env`` (any wrapper of AvoidEnv, PushEnv or LiftEnv)."""
+    """Scripted expert for the task behind ``env`` (any wrapper of AvoidEnv, PushEnv or LiftEnv or their image
+    variants)."""
     base = env.unwrapped
+    if isinstance(base, CameraObs):
+        return StateObsExpert(env, _state_expert(env, base, noise_std, seed, **task_kwargs))
+    return _state_expert(env, base, noise_std, seed, **task_kwargs)
+
+
+def _state_expert(env, base, noise_std, seed, **task_kwargs):
     if isinstance(base, avoid.AvoidEnv):
         return AvoidExpert(env, noise_std, seed, **task_kwargs)
     if isinstance(base, push.PushEnv):

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import MujocoTaskEnv, check_no_unknown, check_positive
+from .base import CameraObs, MujocoTaskEnv, check_no_unknown, check_positive
 
 OBS_KEYS = ("eef_pos", "eef_vel", "gripper_state", "object_pos", "object_quat", "object_to_eef")
 CUBE_HALF = 0.02
@@ -29,7 +29,7 @@ _XML = f"""
   <visual><global offwidth="640" offheight="640"/><headlight ambient="0.35 0.35 0.35" diffuse="0.3 0.3 0.3"/></visual>
   <worldbody>
     <light pos="0.3 -0.3 1.2" dir="-0.3 0.3 -1" directional="true" diffuse="0.5 0.5 0.5" castshadow="false"/>
-    <geom name="table" type="plane" size="0.4 0.4 0.05" rgba="0.8 0.75 0.65 1" contype="1" conaffinity="1"
+    <geom name="table" type="plane" size="1.2 1.2 0.15" rgba="0.8 0.75 0.65 1" contype="1" conaffinity="1"
           friction="1 0.005 0.0001"/>
     <body name="cube" pos="0 0 {CUBE_HALF}">
       <freejoint name="cube"/>
@@ -41,6 +41,7 @@ _XML = f"""
       <joint name="hand_y" type="slide" axis="0 1 0" limited="true" range="-0.3 0.3"/>
       <joint name="hand_z" type="slide" axis="0 0 1" limited="true" range="0.012 0.35"/>
       <site name="eef" pos="0 0 0" size="0.005" rgba="0 1 0 1"/>
+      <camera name="robot0_eye_in_hand" pos="0 0 0.045" fovy="75"/>
       <geom name="palm" type="box" pos="0 0 0.055" size="0.02 0.065 0.008" mass="0.3" rgba="0.3 0.3 0.35 1"
             contype="2" conaffinity="2"/>
       <body name="finger_l" pos="0 0.0505 0" gravcomp="1">
@@ -55,6 +56,7 @@ _XML = f"""
       </body>
     </body>
     <camera name="top" pos="0.32 -0.32 0.3" xyaxes="1 1 0 -0.45 0.45 0.75" fovy="45"/>
+    <camera name="agentview" pos="0.344 0 0.331" xyaxes="0 1 0 -0.574 0 0.819" fovy="45"/>
   </worldbody>
   <contact><exclude body1="finger_l" body2="finger_r"/></contact>
   <actuator>
@@ -125,3 +127,12 @@ class LiftEnv(MujocoTaskEnv):
 
     def _info(self):
         return {"lift": float(self._qpos[self._c + 2] - CUBE_HALF)}
+
+
+class LiftImageEnv(CameraObs, LiftEnv):
+    """``dpolicy/LiftImage-v0``: Lift from an angled third-person camera and a wrist camera looking down between
+    the fingers, plus the hand's position, velocity and finger openings (no cube state).
+    Extra kwarg: ``image_size`` (square images, default 84)."""
+
+    OBS_KEYS = ("eef_pos", "eef_vel", "gripper_state", "agentview_image", "robot0_eye_in_hand_image")
+    CAMERAS = ("agentview", "robot0_eye_in_hand")

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import MujocoTaskEnv, check_no_unknown, check_positive
+from .base import CameraObs, MujocoTaskEnv, check_no_unknown, check_positive
 
 OBS_KEYS = ("pusher_pos", "pusher_vel", "object_pose", "goal_pose")
 HALF = 0.05           # block half side (m)
@@ -51,6 +51,7 @@ _XML = f"""
             contype="1" conaffinity="1" friction="0.5 0.005 0.0001" condim="3"/>
     </body>
     <camera name="top" pos="0 0 0.9" fovy="45"/>
+    <camera name="agentview" pos="0 0 1.05" fovy="45"/>
   </worldbody>
   <actuator>
     <velocity name="vx" joint="pusher_x" kv="20" ctrlrange="-{MAX_SPEED} {MAX_SPEED}" forcerange="-10 10"/>
@@ -152,3 +153,12 @@ class PushEnv(MujocoTaskEnv):
 
     def _set_extra_state(self, extra):
         self._set_goal(extra[:3])
+
+
+class PushImageEnv(CameraObs, PushEnv):
+    """``dpolicy/PushImage-v0``: Push seen from above (the pusher's whole workspace) plus the pusher's position
+    and velocity; the block and the goal marker (a mocap body, so a randomised goal is drawn where it is)
+    are only in the picture. Extra kwarg: ``image_size`` (square images, default 84)."""
+
+    OBS_KEYS = ("pusher_pos", "pusher_vel", "agentview_image")
+    CAMERAS = ("agentview",)

@@ -1,8 +1,9 @@
 """Task table and env construction helpers (robomimic ``env_args`` layout).
 
-``TASKS`` maps the short names (avoid, push, lift) to their gymnasium id, default constructor kwargs,
-observation keys and expert factory. ``make_env`` builds one of our tasks by short name or id, the
-optional gym-pusht task ("pusht"), or any other registered gymnasium id wrapped in DictObsAdapter.
+``TASKS`` maps the short names (avoid, push, lift and their camera variants avoid_image, push_image,
+lift_image) to their gymnasium id, default constructor kwargs, observation keys and expert factory.
+``make_env`` builds one of our tasks by short name or id, the optional gym-pusht task ("pusht"), or
+any other registered gymnasium id wrapped in DictObsAdapter.
 ``env_args``/``make_env_from_args`` write and read the ``{"env_name", "env_type", "env_kwargs"}``
 dict that robomimic stores as ``data.attrs["env_args"]``, so a dataset can rebuild its env.
 """
@@ -17,7 +18,7 @@ from typing import Callable
 import gymnasium as gym
 
 from . import adapters, avoid, experts, lift, push, robosuite_tasks
-from .base import RENDER_MODES, check_choice
+from .base import RENDER_MODES, CameraObs, check_choice
 
 
 @dataclass(frozen=True)
@@ -31,11 +32,19 @@ class Task:
     default_kwargs: dict = field(default_factory=dict)
 
 
+def _params(cls) -> dict:
+    """Named constructor parameters; an image task takes its own plus those of the state task it forwards to."""
+    params = {k: p for k, p in inspect.signature(cls.__init__).parameters.items()
+              if k != "self" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    if issubclass(cls, CameraObs):
+        params = {**_params(cls.state_task()), **params}
+    return params
+
+
 def _defaults(cls) -> dict:
     """Constructor defaults, minus render-only settings (they do not change the task)."""
-    sig = inspect.signature(cls.__init__)
-    skip = {"self", "render_mode", "width", "height"}
-    return {k: p.default for k, p in sig.parameters.items() if k not in skip and p.default is not inspect.Parameter.empty}
+    skip = {"render_mode", "width", "height"}
+    return {k: p.default for k, p in _params(cls).items() if k not in skip and p.default is not inspect.Parameter.empty}
 
 
 def _task(env_id, cls, expert) -> Task:
@@ -46,6 +55,9 @@ TASKS = {
     "avoid": _task("dpolicy/Avoid-v0", avoid.AvoidEnv, experts.AvoidExpert),
     "push": _task("dpolicy/Push-v0", push.PushEnv, experts.PushExpert),
     "lift": _task("dpolicy/Lift-v0", lift.LiftEnv, experts.LiftExpert),
+    "avoid_image": _task("dpolicy/AvoidImage-v0", avoid.AvoidImageEnv, experts.make_expert),
+    "push_image": _task("dpolicy/PushImage-v0", push.PushImageEnv, experts.make_expert),
+    "lift_image": _task("dpolicy/LiftImage-v0", lift.LiftImageEnv, experts.make_expert),
 }
 _BY_ID = {t.env_id: name for name, t in TASKS.items()}
 PUSHT_NAMES = ("pusht", adapters.PUSHT_ID)
@@ -93,9 +105,7 @@ def env_args(name: str, **kwargs) -> dict:
     task = task_name(name)
     if task is not None:
         t = TASKS[task]
-        params = inspect.signature(t.env_class.__init__).parameters
-        known = {k for k, p in params.items() if p.kind == p.POSITIONAL_OR_KEYWORD or p.kind == p.KEYWORD_ONLY}
-        unknown = set(kwargs) - known - {"self"}
+        unknown = set(kwargs) - set(_params(t.env_class))
         if unknown:
             raise ValueError(f"unknown {task!r} env kwarg(s) {sorted(unknown)}")
         env_kwargs, env_name = {**t.default_kwargs, **kwargs}, t.env_id

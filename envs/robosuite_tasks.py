@@ -8,6 +8,13 @@ and ``object`` = robosuite's ``object-state``), the 7-D OSC_POSE action in [-1, 
 ``env._check_success()`` (``info["is_success"]``; the episode terminates on success, as robomimic's
 rollouts do) and truncation at ``horizon`` steps (robomimic's datasets set ``ignore_done``).
 
+Image observations: ``cameras=["agentview", "robot0_eye_in_hand"]`` (and ``image_size``, default 84)
+turn on robosuite's camera observations, stored in ``env_kwargs`` as robomimic's image datasets store
+them (``use_camera_obs``, ``camera_names``, ``camera_heights``, ``camera_widths``), so their
+``env_args`` rebuild the same env. Each camera adds a ``<camera>_image`` key (RGB uint8, H x W x 3)
+after the low-dimensional ones, flipped upright as robomimic does (robosuite renders them upside
+down under its default OpenGL image convention).
+
 Only ``import robosuite`` needs the extra, and it happens when an environment is built, so importing
 this module (and ``envs``) never requires robosuite. Old-style (robosuite <= 1.4) controller
 configs in public datasets are converted with robosuite's own ``refactor_composite_controller_config``.
@@ -34,6 +41,7 @@ TASKS = {"robosuite_lift": ("Lift", 400), "robosuite_can": ("PickPlaceCan", 400)
 ENV_NAMES = {v[0]: k for k, v in TASKS.items()}
 _RENDER_MODES = (None, "rgb_array")
 INSTALL_HINT = "pip install robosuite==1.5.2 (it needs mujoco 3.3.x)"
+DEFAULT_IMAGE_SIZE = 84  # robomimic's image datasets
 
 
 def available() -> bool:
@@ -63,13 +71,36 @@ def default_env_kwargs(env_name: str) -> dict:
             "horizon": TASKS[ENV_NAMES[env_name]][1] if env_name in ENV_NAMES else 400}
 
 
+def camera_kwargs(cameras, image_size=None) -> dict:
+    """The ``robosuite.make`` kwargs of RGB camera observations, as robomimic's image datasets store them."""
+    if isinstance(cameras, str) or not cameras or not all(isinstance(c, str) and c for c in cameras):
+        raise ValueError(f"cameras={cameras!r} must be a non-empty list of robosuite camera names")
+    size = DEFAULT_IMAGE_SIZE if image_size is None else image_size
+    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
+        raise ValueError(f"image_size={image_size!r} must be a positive integer")
+    return {"use_camera_obs": True, "has_offscreen_renderer": True, "camera_names": list(cameras),
+            "camera_heights": int(size), "camera_widths": int(size), "camera_depths": False}
+
+
+def _with_cameras(env_kwargs: dict) -> dict:
+    """``env_kwargs`` with our ``cameras``/``image_size`` replaced by robosuite's camera kwargs."""
+    kw = dict(env_kwargs)
+    cameras, size = kw.pop("cameras", None), kw.pop("image_size", None)
+    if cameras is not None:
+        kw.update(camera_kwargs(cameras, size))
+    elif size is not None:
+        raise ValueError(f"image_size={size!r} needs cameras=[...] (the robosuite cameras to render)")
+    return kw
+
+
 def env_args(task: str, **env_kwargs) -> dict:
-    """robomimic-layout env_args for a short task name (``robosuite_lift``...); kwargs override the defaults."""
+    """robomimic-layout env_args for a short task name (``robosuite_lift``...); kwargs override the defaults
+    (``cameras``/``image_size`` become robosuite's camera kwargs)."""
     if task not in TASKS:
         raise ValueError(f"unknown robosuite task {task!r}; known: {sorted(TASKS)}")
     name = TASKS[task][0]
     return {"env_name": name, "env_type": "robosuite", "type": ROBOSUITE_TYPE,
-            "env_kwargs": {**default_env_kwargs(name), **env_kwargs}}
+            "env_kwargs": {**default_env_kwargs(name), **_with_cameras(env_kwargs)}}
 
 
 def is_robosuite_args(args: dict) -> bool:
@@ -77,7 +108,11 @@ def is_robosuite_args(args: dict) -> bool:
 
 
 class RobosuiteEnv(gym.Env):
-    """A robosuite environment as a gymnasium env (see the module docstring)."""
+    """A robosuite environment as a gymnasium env (see the module docstring).
+
+    ``cameras`` (robosuite camera names) and ``image_size`` add image observations; ``env_kwargs`` that
+    already ask for them (``use_camera_obs`` with ``camera_names``, from a robomimic image dataset) do too.
+    """
 
     metadata = {"render_modes": ["rgb_array"], "render_fps": 20}
 
@@ -85,10 +120,10 @@ class RobosuiteEnv(gym.Env):
                  camera: str = "agentview", terminate_on_success: bool = True, **env_kwargs):
         if render_mode not in _RENDER_MODES:
             raise ValueError(f"render_mode={render_mode!r} must be one of {list(_RENDER_MODES)}")
+        kw = _with_cameras(copy.deepcopy(env_kwargs))  # checked before robosuite is imported
         robosuite = _import_robosuite()
         if env_name not in robosuite.ALL_ENVIRONMENTS:
             raise ValueError(f"robosuite has no environment {env_name!r}")
-        kw = copy.deepcopy(env_kwargs)
         kw.pop("env_name", None)
         kw.setdefault("hard_reset", False)  # reloading the model every reset is slow and changes nothing here
         kw["has_renderer"] = False
@@ -108,13 +143,21 @@ class RobosuiteEnv(gym.Env):
         self.env_name, self.render_mode, self.width, self.height, self.camera = env_name, render_mode, width, height, camera
         self.terminate_on_success, self.horizon = bool(terminate_on_success), int(self.env.horizon)
         self.dt = 1.0 / float(self.env.control_freq)  # the control period a fixed-rate controller runs at
+        names = kw.get("camera_names", []) if kw.get("use_camera_obs") else []
+        self.cameras = [names] if isinstance(names, str) else list(names)
+        self.image_keys = tuple(f"{c}_image" for c in self.cameras)
+        # robosuite's default OpenGL convention renders images bottom row first; robomimic flips them upright
+        from robosuite import macros
+
+        self._flip = macros.IMAGE_CONVENTION == "opengl"
         obs = self.env.reset()
-        self.obs_keys = tuple(obs_keys)
+        self.obs_keys = tuple(k for k in obs_keys if k not in self.image_keys) + self.image_keys
         for k in self.obs_keys:
             if _KEY_ALIASES.get(k, k) not in obs:
                 raise ValueError(f"observation key {k!r} not in robosuite {env_name!r} (has {sorted(obs)})")
         self.observation_space = gym.spaces.Dict(
-            [(k, gym.spaces.Box(-np.inf, np.inf, (int(np.size(obs[_KEY_ALIASES.get(k, k)])),), np.float32))
+            [(k, gym.spaces.Box(0, 255, np.shape(obs[k]), np.uint8) if k in self.image_keys else
+              gym.spaces.Box(-np.inf, np.inf, (int(np.size(obs[_KEY_ALIASES.get(k, k)])),), np.float32))
              for k in self.obs_keys])
         low, high = self.env.action_spec
         self.action_space = gym.spaces.Box(np.asarray(low, np.float32), np.asarray(high, np.float32), dtype=np.float32)
@@ -134,7 +177,14 @@ class RobosuiteEnv(gym.Env):
         return None
 
     def _obs(self, raw) -> dict:
-        return {k: np.asarray(raw[_KEY_ALIASES.get(k, k)], np.float32).reshape(-1) for k in self.obs_keys}
+        obs = {}
+        for k in self.obs_keys:
+            if k in self.image_keys:
+                img = np.asarray(raw[k], np.uint8)
+                obs[k] = np.ascontiguousarray(img[::-1] if self._flip else img)
+            else:
+                obs[k] = np.asarray(raw[_KEY_ALIASES.get(k, k)], np.float32).reshape(-1)
+        return obs
 
     def reset(self, *, seed=None, options=None):
         super().reset(seed=seed)
@@ -185,7 +235,7 @@ def make_env(env_name: str, **kwargs) -> RobosuiteEnv:
     """Build a robosuite env by robosuite name (``Lift``) or short task name (``robosuite_lift``)."""
     if env_name in TASKS:
         name = TASKS[env_name][0]
-        kwargs = {**default_env_kwargs(name), **kwargs}
+        kwargs = {**default_env_kwargs(name), **_with_cameras(kwargs)}
         env_name = name
     return RobosuiteEnv(env_name, **kwargs)
 

@@ -32,6 +32,8 @@ def test_envs_section_reports_every_task():
     body = suite.envs_section(episodes=3, steps=200, log=lambda *_: None)
     for task in suite.TASKS:
         assert f"| {task} |" in body
+    image_rows = [line for line in body.splitlines() if line.startswith(tuple(f"| {t} |" for t in suite.IMAGE_TASKS.values()))]
+    assert len(image_rows) == len(suite.TASKS) and all(float(r.split("|")[-2].replace(",", "")) > 0 for r in image_rows)
     assert "Expert mode frequencies on `avoid`" in body and "uncaught exceptions" in body
     adv_rows = [line for line in body.splitlines() if line.startswith("| ") and line.count("|") == 8]
     assert len(adv_rows) == 1 + len(suite.TASKS)  # header + one per task; each reports 0 exceptions

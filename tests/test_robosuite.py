@@ -1,5 +1,6 @@
 """robosuite tasks (optional extra): env_args round trip as robomimic stores it, robomimic's low-dim
-observation keys, scripted experts, collect -> HDF5 -> train -> evaluate. Skipped without robosuite."""
+observation keys, camera observations, scripted experts, collect -> HDF5 -> train -> evaluate. Skipped
+without robosuite."""
 
 import json
 
@@ -80,6 +81,39 @@ def test_bad_actions_and_unknown_env_fail_clearly(lift):
 def test_lift_expert_succeeds_and_episode_terminates_on_success(lift, seed):
     success, n, terminated = _episode(lift, seed)
     assert success and terminated and n < 100
+
+
+def test_camera_observations_are_robomimic_keys_upright_and_round_trip():
+    cams = ["agentview", "robot0_eye_in_hand"]
+    args = envs.env_args("robosuite_lift", horizon=30, cameras=cams, image_size=48)
+    kw = args["env_kwargs"]
+    assert kw["use_camera_obs"] is True and kw["camera_names"] == cams and kw["camera_heights"] == kw["camera_widths"] == 48
+    assert "cameras" not in kw and "image_size" not in kw  # stored as robomimic's image datasets store them
+    env = envs.make_env_from_args(json.loads(json.dumps(args)))
+    try:
+        obs, info = env.reset(seed=0)
+        assert list(obs) == KEYS + ["agentview_image", "robot0_eye_in_hand_image"]
+        assert env.observation_space.contains(obs)
+        for k in ("agentview_image", "robot0_eye_in_hand_image"):
+            assert obs[k].shape == (48, 48, 3) and obs[k].dtype == np.uint8 and obs[k].std() > 5
+        # robosuite renders bottom row first (OpenGL convention); the observation is flipped upright
+        raw = env.unwrapped.env._get_observations(force_update=True)
+        np.testing.assert_array_equal(obs["agentview_image"], raw["agentview_image"][::-1])
+        expert = envs.make_expert(env, seed=0)  # the low-dim keys stay, so the scripted expert still works
+        expert.reset(obs, info)
+        obs, *_ = env.step(expert(obs))
+        assert obs["robot0_eye_in_hand_image"].shape == (48, 48, 3)
+    finally:
+        env.close()
+    direct = envs.make_env("robosuite_lift", horizon=30, cameras=["agentview"])
+    try:
+        assert direct.observation_space["agentview_image"].shape == (84, 84, 3)
+    finally:
+        direct.close()
+    with pytest.raises(ValueError, match="image_size"):
+        envs.env_args("robosuite_lift", image_size=64)
+    with pytest.raises(ValueError, match="cameras"):
+        envs.env_args("robosuite_lift", cameras="agentview")
 
 
 def test_can_expert_succeeds():

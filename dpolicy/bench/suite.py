@@ -4,6 +4,7 @@ the multimodal comparison, and training throughput. Each function returns a mark
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -11,6 +12,7 @@ from pathlib import Path
 from dpolicy.bench.report import table
 
 TASKS = ("avoid", "push", "lift")
+IMAGE_TASKS = {"avoid": "avoid_image", "push": "push_image", "lift": "lift_image"}  # state task -> its camera variant
 
 
 def compose_run(overrides: list[str]):
@@ -29,11 +31,19 @@ def compose_run(overrides: list[str]):
 
 
 def envs_section(episodes: int = 1000, steps: int = 20000, log=print) -> str:
+    from dpolicy_envs import TASKS as ENV_TASKS
     from dpolicy_envs import benchmark as eb
 
-    rows, adv_rows, modes = [], [], {}
+    rows, adv_rows, modes, image_rows = [], [], {}, []
     for name in TASKS:
         sps = eb.steps_per_second(name, n_steps=steps)
+        # camera rendering is ~100x slower than physics: a few hundred steps keep this to seconds per task
+        image = IMAGE_TASKS[name]
+        isps = eb.steps_per_second(image, n_steps=max(steps // 40, 50))
+        rps = eb.renders_per_second(image, n_renders=max(steps // 80, 25))
+        cams = [k for k in ENV_TASKS[image].obs_keys if k.endswith("_image")]
+        log(f"[envs] {image}: {isps:.0f} steps/s, {rps:.0f} renders/s")
+        image_rows.append([image, ", ".join(f"`{c}`" for c in cams), f"{sps:,.0f}", f"{isps:,.0f}", f"{rps:,.0f}"])
         st = eb.expert_stats(name, n_episodes=episodes)
         adv = eb.adversarial_check(name, n_sequences=24)
         log(f"[envs] {name}: {sps:.0f} steps/s, expert success {st['success_rate']:.3f}")
@@ -47,6 +57,9 @@ def envs_section(episodes: int = 1000, steps: int = 20000, log=print) -> str:
     for name, freq in modes.items():
         body += f"\n\nExpert mode frequencies on `{name}` (uniform mix requested): " + ", ".join(
             f"mode {k}: {v:.3f}" for k, v in sorted(freq.items(), key=lambda kv: int(kv[0])))
+    body += ("\n\nImage observations (84 x 84 RGB per camera plus proprioception; MuJoCo offscreen rendering, "
+             f"MUJOCO_GL={os.environ.get('MUJOCO_GL', '')}; renders/s counts camera images, without physics):\n\n")
+    body += table(["image task", "cameras", "state task steps/s", "image task steps/s", "renders/s"], image_rows)
     body += "\n\nAdversarial actions (±1e6, NaN, ±inf, bang-bang, mixed):\n\n"
     body += table(["task", "sequences", "steps", "uncaught exceptions", "non-finite observations",
                    "unstable steps flagged and ended", "unstable but not ended"], adv_rows)

@@ -2,7 +2,7 @@
 
 Sections (each rewrites its own part of BENCHMARKS.md):
 
-  envs        task-suite speed, experts, adversarial actions
+  envs        task-suite speed (with camera rendering for the image tasks), experts, adversarial actions
   throughput  our training loop vs a Chi et al.-style DataLoader loop
   image-throughput
               the same for a policy that reads two 84x84 cameras (synthetic lift_image-shaped demos)

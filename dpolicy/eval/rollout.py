@@ -10,6 +10,7 @@ first episodes in one render-enabled env, which keeps the batched path free of r
 from __future__ import annotations
 
 import math
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -55,6 +56,20 @@ class EvalResult:
                 f"return {self.mean_return:.3f} +- {self.std_return:.3f}, length {self.mean_length:.1f}")
 
 
+def _subprocess_start() -> str | None:
+    """The start method of async sub-envs: fork (the fastest, None) unless this process has already rendered
+    offscreen (image observations, a video), whose GL driver state a forked child cannot use (its first render
+    would hang). Then the sub-envs come from a fork server, a fresh process that imports the tasks once and
+    never renders."""
+    base = sys.modules.get("dpolicy_envs.base")
+    if base is None or not base.rendering_started():
+        return None
+    import multiprocessing
+
+    multiprocessing.get_context("forkserver").set_forkserver_preload(["dpolicy_envs", "dpolicy.tasks"])
+    return "forkserver"
+
+
 def make_vector_env(env_fn: Callable[[], object], n_envs: int, vector: str = "sync"):
     """A vector env with autoreset disabled: the evaluation loop resets slots itself, with seeds."""
     import gymnasium as gym
@@ -64,7 +79,7 @@ def make_vector_env(env_fn: Callable[[], object], n_envs: int, vector: str = "sy
     if vector == "sync":
         return gym.vector.SyncVectorEnv(fns, autoreset_mode=AutoresetMode.DISABLED)
     if vector == "async":
-        return gym.vector.AsyncVectorEnv(fns, autoreset_mode=AutoresetMode.DISABLED)
+        return gym.vector.AsyncVectorEnv(fns, autoreset_mode=AutoresetMode.DISABLED, context=_subprocess_start())
     raise ConfigError(f"vector={vector!r} is not a vector env kind; use 'sync' or 'async'.")
 
 
