@@ -52,7 +52,7 @@ def image_bc_section(work, tasks=IMAGE_TASKS, processes=("diffusion", "flow"), e
             shutil.rmtree(task_dir)
         task_dir.mkdir(parents=True)
         demos = task_dir / "demos.hdf5"
-        summary = _collect(task, compose_run([f"task={task}"]), demos, log)
+        summary = _collect(task, compose_run([f"task={task}", *(extra or [])]), demos, log)
         for proc in processes:
             overrides = [f"task={task}", f"process={proc}", f"eval.episodes={episodes}", *(extra or [])]
             cfg = compose_run(overrides + ["train.progress=false", f"data.path={demos}", "eval.video_episodes=1"])
