@@ -212,3 +212,70 @@ def test_an_image_policy_composes_with_a_state_policy():
     assert mixed.shape == (3, 4, 2) and not torch.allclose(mixed, pol.act(obs, noise))
     with pytest.raises(ShapeError, match="'cam'"):
         comp.act({"pos": obs["pos"]})
+
+
+# -- on a camera task ---------------------------------------------------------------------------------------------
+def avoid_image_base(seed=0):
+    """An untrained image policy with the avoid_image task's keys, shapes and env_args."""
+    from dpolicy.data.normalizer import DictNormalizer
+    from dpolicy.tasks import env_args
+
+    torch.manual_seed(seed)
+    cfg = PolicyConfig(obs_keys=["agent_pos", "agent_vel", "agentview_image"],
+                       obs_dims={"agent_pos": 2, "agent_vel": 2, "agentview_image": 84 * 84 * 3},
+                       image_shapes={"agentview_image": [84, 84, 3]}, action_dim=2, To=2, Tp=8, Ta=4,
+                       net=NetConfig(hidden=32, depth=1, time_dim=16),
+                       process=ProcessConfig(type="diffusion", train_steps=20, steps=3),
+                       vision=VisionConfig(keypoints=4, channels=[8]))
+    g = torch.Generator().manual_seed(0)
+    norm = DictNormalizer.fit({"agent_pos": torch.rand(50, 2, generator=g), "agent_vel": torch.rand(50, 2, generator=g)},
+                              torch.rand(50, 2, generator=g) * 2 - 1)
+    pol = ChunkPolicy(cfg, norm).eval()
+    pol.metadata = {"env_args": env_args("avoid_image", horizon=12), "task": "avoid_image"}
+    return pol
+
+
+def test_dsrl_steers_an_image_policy_from_its_own_image_features(tmp_path):
+    from dpolicy.rl.agent import Actor
+    from dpolicy.rl.noise_env import NoiseActionEnv
+    from dpolicy.rl.steered import SteeredPolicy
+    from dpolicy.tasks import env_factory_for
+
+    base = avoid_image_base()
+    env = NoiseActionEnv(base, env_factory_for(base), n_envs=2, seed=0)
+    calls = []
+    handle = base.encoder.register_forward_hook(lambda *a: calls.append(1))
+    state = env.reset()
+    assert state.shape == (2, base.cond_dim) and len(calls) == 1  # the state is the frozen base's encoding
+    step = env.step(state, torch.zeros(2, env.noise_dim))
+    assert step.env_steps == 2 * base.Ta and step.next_state.shape == state.shape
+    handle.remove()
+    env.close()
+    actor = Actor(base.cond_dim, env.noise_dim, hidden=16, layers=1, b=1.5)
+    base.save(tmp_path / "base")
+    steered = SteeredPolicy(base, actor, base_path=str(tmp_path / "base"))
+    steered.save(tmp_path / "steered")
+    back = load_policy_dir(tmp_path / "steered")
+    obs = {"agent_pos": torch.zeros(1, 2, 2), "agent_vel": torch.zeros(1, 2, 2),
+           "agentview_image": torch.full((1, 2, 84, 84, 3), 100.0)}
+    assert torch.equal(steered.act(obs), back.act(obs))
+
+
+def load_policy_dir(path):
+    from dpolicy.policy import load_policy
+
+    return load_policy(path)
+
+
+def test_evaluation_on_a_camera_task_records_what_the_policy_saw(tmp_path):
+    from dpolicy.eval import evaluate
+    from dpolicy.tasks import env_factory_for
+
+    base = avoid_image_base()
+    res = evaluate(base, env_factory_for(base), n_episodes=2, n_envs=2, seed=0, progress=False,
+                   video_path=tmp_path / "v.gif", video_episodes=1)
+    assert res.n_episodes == 2
+    import imageio.v2 as iio
+
+    frame = iio.mimread(tmp_path / "v.gif")[0]
+    assert frame.shape[1] > frame.shape[0]  # the scene with the camera panel beside it

@@ -68,6 +68,7 @@ def check_args(args, sections: list[str]) -> None:
         from dpolicy.bench.steer import WEAK_BASES
 
         _names("--steer-tasks", args.steer_tasks, list(WEAK_BASES))
+        _names("--steer-algos", args.steer_algos, ["na", "sac"])
     if "bc" in sections or args.overrides:
         runs = [[f"task={t}", f"process={p}"] for t in tasks for p in procs] if "bc" in sections else [[]]
         for over in runs:
@@ -88,6 +89,8 @@ def main(argv=None) -> int:
     ap.add_argument("--work", default="runs/bench", help="where bench runs are written")
     ap.add_argument("--steer-tasks", default="avoid,lift", help="tasks for the steer section")
     ap.add_argument("--seeds", type=_count, default=3, help="seeds per method (steer)")
+    ap.add_argument("--steer-algos", default="na,sac", help="DSRL variants for the steer section: na, sac")
+    ap.add_argument("--ablation-seeds", type=int, default=1, help="seeds of the stochastic-sampler ablation (steer; 0: none)")
     ap.add_argument("--ship", action="store_true", help="copy the bc policies into checkpoints/ with a manifest")
     ap.add_argument("overrides", nargs="*", help="extra hydra overrides for the bc runs, e.g. train.steps=500")
     try:
@@ -147,7 +150,8 @@ def main(argv=None) -> int:
         from dpolicy.bench.steer import steer_section
 
         tasks = args.steer_tasks.split(",")
-        body, _ = steer_section(work / "steer", tasks=tasks, seeds=range(args.seeds),
+        body, _ = steer_section(work / "steer", tasks=tasks, seeds=range(args.seeds), algos=args.steer_algos.split(","),
+                                ablation_seeds=range(max(args.ablation_seeds, 0)),
                                 figure=Path(f"docs/img/dsrl_{'_'.join(tasks)}.png"), log=log)
         write_section(args.out, "steer:" + ",".join(tasks), body, command)
     if "rti" in sections:
