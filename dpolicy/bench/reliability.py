@@ -35,11 +35,14 @@ BAD_INPUT = {
         "task.demo_noise=-1", "task.env_kwargs=5", "task.obs_keys=agent_pos", "data.max_demos=0", "data.path=[1]",
         "policy.To=abc", "policy.To=0", "policy.Tp=1.5", "policy.obs_noise=-0.1", "policy.net.hidden=x",
         "policy.net.depth=-1", "policy.net.time_dim=7", "policy.process.eta=abc", "policy.process.clip_sample=often",
-        "seed=abc", "train.seed=1.5", "train.no_such_key=1"]]
+        "seed=abc", "train.seed=1.5", "train.no_such_key=1", "policy.vision.encoder=vit", "policy.vision.crop=-1",
+        "policy.vision.keypoints=0", "policy.vision.channels=[8,x]", "policy.vision.share=often"]]
     + [(["net=unet", "policy.net.down_dims=[32,x]"], "policy.net.down_dims[1]"),
        (["net=unet", "policy.net.kernel_size=0"], "policy.net.kernel_size"), ("policy.process.steps=0", "process.steps"),
        ("process=nonexistent", "process/nonexistent"), ("task=nope", "task/nope"), ("train.steps=[", "["),
-       ("seed=${nope}", "nope"), ("device=gpu", "device"), ("device=cuda:x", "device"), ("device=7", "device")]
+       ("seed=${nope}", "nope"), (["task=lift_image", "policy.vision.pretrained=/nonexistent/resnet18.pt"], "pretrained"),
+       (["task=lift_image", "policy.vision.encoder=resnet18", "policy.vision.pretrained=/nonexistent/resnet18.pt"],
+        "/nonexistent/resnet18.pt"), ("device=gpu", "device"), ("device=cuda:x", "device"), ("device=7", "device")]
     + ([("device=cuda:3", "device")] if NO_CUDA else []),
     "evaluate": [(a, a.split("=")[0]) for a in [
         "episodes=abc", "episodes=0", "episodes=-2", "episodes=2.5", "n_envs=0", "steps=0", "steps=abc", "video=maybe",
@@ -76,6 +79,7 @@ BAD_INPUT = {
     "bench": [(["--episodes", "abc"], "--episodes"), (["--episodes", "0"], "--episodes"), (["--seeds", "0"], "--seeds"),
               (["--expert-episodes", "-3"], "--expert-episodes"), (["--tasks", "avoid,nope"], "--tasks"),
               (["--processes", "flo"], "--processes"), (["--sections", "steer", "--steer-tasks", "x"], "--steer-tasks"),
+              (["--sections", "steer", "--steer-algos", "ppo"], "--steer-algos"),
               (["--sections", "envs,nope"], "nope"), (["train.steps=abc"], "train.steps"), (["train.steps=0"], "train.steps"),
               (["eval.every=-1"], "eval.every"), (["--bogus"], "--bogus")],
 }

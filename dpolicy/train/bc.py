@@ -145,6 +145,10 @@ def train_bc(cfg: RunConfig, run_dir, progress: bool = True) -> dict:
     if (cfg.train.keep_best or cfg.train.early_stop) and not cfg.eval.every:
         raise ConfigError("train.keep_best and train.early_stop choose steps by the evaluations during training, "
                           "and eval.every=0 asks for none; set eval.every to a number of steps.")
+    pretrained = cfg.policy.vision.pretrained
+    if pretrained is not None and not Path(pretrained).is_file():  # before any demos are collected
+        raise ConfigError(f"policy.vision.pretrained={pretrained!r} is not a file; give a local ResNet-18 weights file "
+                          f"(nothing is downloaded) or leave it null to train the encoder from scratch.")
     say = print if dist_utils.is_main() else (lambda *a, **k: None)
     path = prepare_dataset(cfg, run_dir, progress)
     probe, why_no_eval = None, None
