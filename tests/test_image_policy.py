@@ -279,3 +279,23 @@ def test_evaluation_on_a_camera_task_records_what_the_policy_saw(tmp_path):
 
     frame = iio.mimread(tmp_path / "v.gif")[0]
     assert frame.shape[1] > frame.shape[0]  # the scene with the camera panel beside it
+
+
+def test_a_camera_policy_and_a_state_policy_of_one_task_compose_on_the_camera_variant():
+    from dpolicy.compose import ComposedPolicy
+    from dpolicy.data.normalizer import DictNormalizer
+    from dpolicy.eval import evaluate
+    from dpolicy.tasks import env_args, env_factory_for
+
+    image = avoid_image_base()
+    cfg = dataclasses.replace(image.cfg, obs_keys=["agent_pos", "agent_vel"], image_shapes={},
+                              obs_dims={"agent_pos": 2, "agent_vel": 2})
+    state = ChunkPolicy(cfg, DictNormalizer(dict(image.normalizer.obs), image.normalizer.action)).eval()
+    state.metadata = {"env_args": env_args("avoid", horizon=12), "task": "avoid"}
+    comp = ComposedPolicy([state, image])
+    assert comp.metadata["env_args"]["env_name"] == "dpolicy/AvoidImage-v0"
+    assert evaluate(comp, env_factory_for(comp), n_episodes=2, n_envs=2, progress=False).n_episodes == 2
+    twin = ChunkPolicy(cfg, state.normalizer).eval()  # the same keys, trained on another task
+    twin.metadata = {"env_args": env_args("lift"), "task": "lift"}
+    with pytest.raises(ConfigError, match="none of them reads more"):
+        ComposedPolicy([state, twin])

@@ -94,11 +94,19 @@ def check_compatible(parents: Sequence, action_norm_tol: float = 0.1) -> dict:
     maps = [_action_map(parents[base], p, i, base, action_norm_tol) for i, p in enumerate(parents)]
     names = {i: (p.metadata.get("env_args") or {}).get("env_name") for i, p in enumerate(parents)}
     known = {i: n for i, n in names.items() if n}
+    env_parent = next(iter(known), None)
     if len(set(known.values())) > 1:
-        raise ConfigError(f"the parents were trained on different environments {sorted(set(known.values()))}; "
-                          f"composition needs one task.")
+        # a camera policy and a state policy of one task were trained on its two variants: they compose on the
+        # environment of the parent whose keys strictly contain those of each parent trained elsewhere (the
+        # camera variant provides the state policy's proprioception and its own cameras)
+        covering = [j for j in known if all(known[i] == known[j] or set(parents[i].obs_keys) < set(parents[j].obs_keys)
+                                            for i in known)]
+        if not covering:
+            raise ConfigError(f"the parents were trained on different environments {sorted(set(known.values()))} and "
+                              f"none of them reads more than every other parent trained elsewhere; composition needs one task.")
+        env_parent = covering[0]
     images = {k: tuple(parents[i].image_shapes[k]) for k, i in owner.items() if k in parents[i].image_shapes}
-    return {"base": base, "obs_dims": obs_dims, "image_shapes": images, "maps": maps}
+    return {"base": base, "obs_dims": obs_dims, "image_shapes": images, "maps": maps, "env_parent": env_parent}
 
 
 def _action_map(base, p, i: int, b: int, tol: float):
@@ -149,8 +157,9 @@ class ComposedPolicy(Policy):
         self.parent_paths = None if parent_paths is None else [str(p) for p in parent_paths]
         if self.parent_paths is not None and len(self.parent_paths) != len(parents):
             raise ConfigError(f"got {len(self.parent_paths)} parent path(s) for {len(parents)} parents.")
-        # metadata: the task the parents share (the first parent that names it)
-        for p in [base, *parents]:
+        # metadata: the task the parents share (the parent whose environment provides every key, then the others)
+        first = [parents[info["env_parent"]]] if info["env_parent"] is not None else []
+        for p in [*first, base, *parents]:
             for k in ("env_args", "task"):
                 if k in p.metadata:
                     self.metadata.setdefault(k, p.metadata[k])
