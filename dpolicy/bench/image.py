@@ -26,6 +26,10 @@ from dpolicy.bench.report import table
 IMAGE_TASKS = ("push_image", "lift_image")
 
 
+def _same(stamp: Path, overrides: list) -> bool:
+    return stamp.exists() and json.loads(stamp.read_text()) == overrides
+
+
 def _collect(task: str, cfg, path: Path, log) -> dict:
     from dpolicy.data.collect import collect_demos
 
@@ -48,15 +52,26 @@ def image_bc_section(work, tasks=IMAGE_TASKS, processes=("diffusion", "flow"), e
     rows, mode_rows, results = [], [], {}
     for task in tasks:
         task_dir = work / task
-        if task_dir.exists():
-            shutil.rmtree(task_dir)
-        task_dir.mkdir(parents=True)
+        # a rerun with the same settings reuses the demos and resumes each training run from its checkpoints
+        # (exactly, as dpolicy-train does), so an interrupted section only redoes what it had not finished
         demos = task_dir / "demos.hdf5"
-        summary = _collect(task, compose_run([f"task={task}", *(extra or [])]), demos, log)
+        collect_over = [f"task={task}", *(extra or [])]
+        if not _same(task_dir / "collect.json", collect_over) or not demos.exists():
+            if task_dir.exists():
+                shutil.rmtree(task_dir)
+            task_dir.mkdir(parents=True)
+            summary = _collect(task, compose_run(collect_over), demos, log)
+            (task_dir / "collect_summary.json").write_text(json.dumps(summary, indent=2))
+            (task_dir / "collect.json").write_text(json.dumps(collect_over))
+        summary = json.loads((task_dir / "collect_summary.json").read_text())
         for proc in processes:
             overrides = [f"task={task}", f"process={proc}", f"eval.episodes={episodes}", *(extra or [])]
             cfg = compose_run(overrides + ["train.progress=false", f"data.path={demos}", "eval.video_episodes=1"])
             run_dir = task_dir / proc
+            if not _same(run_dir / "overrides.json", overrides) and run_dir.exists():
+                shutil.rmtree(run_dir)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "overrides.json").write_text(json.dumps(overrides))
             t0 = time.perf_counter()
             m = train_bc(cfg, run_dir, progress=False)
             m["wall_s"] = time.perf_counter() - t0

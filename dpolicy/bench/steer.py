@@ -67,12 +67,14 @@ def weak_base(work: Path, task: str, log=print) -> tuple[Path, dict]:
     overrides = WEAK_BASES[task] + ["eval.episodes=100", "eval.video=false", "eval.every=0", "train.progress=false"]
     run_dir = work / f"base_{task}"
     stamp = run_dir / "overrides.json"
-    if (run_dir / "metrics.json").exists() and stamp.exists() and json.loads(stamp.read_text()) == overrides:
+    same = stamp.exists() and json.loads(stamp.read_text()) == overrides
+    if (run_dir / "metrics.json").exists() and same:
         return run_dir / "checkpoints", json.loads((run_dir / "metrics.json").read_text())
-    if run_dir.exists():
+    if run_dir.exists() and not same:
         shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    stamp.write_text(json.dumps(overrides))  # an interrupted run with these settings resumes from its checkpoints
     m = train_bc(compose_run(overrides), run_dir, progress=False)
-    stamp.write_text(json.dumps(overrides))
     log(f"[steer] weak base {task}: BC success {m['success_rate']:.3f} ({' '.join(WEAK_BASES[task])})")
     return run_dir / "checkpoints", m
 
