@@ -86,9 +86,9 @@ def image_bc_section(work, tasks=IMAGE_TASKS, processes=("diffusion", "flow"), e
             m["collect"] = summary
             results[f"{task}_{proc}"] = m
             lo, hi = m["success_ci95"]
-            log(f"[image] {task}/{proc}: success {m['success_rate']:.3f} [{lo:.3f}, {hi:.3f}], train {m['train_time_s']:.0f} s")
+            log(f"[image] {task}/{proc}: success {m['success_rate']:.3f} [{lo:.3f}, {hi:.3f}], train {m.get('train_time_total_s', m['train_time_s']):.0f} s")
             rows.append([task, proc, m["demos"], ", ".join(pol.image_shapes), f"{m['success_rate']:.3f}", f"[{lo:.3f}, {hi:.3f}]",
-                         f"{m['train_time_s'] / 60:.1f}", m["train_steps"], f"{m['params']:,} ({m['encoder_params']:,})",
+                         f"{m.get('train_time_total_s', m['train_time_s']) / 60:.1f}", m["train_steps"], f"{m['params']:,} ({m['encoder_params']:,})",
                          f"{frame:,} B / {m['image_windows_mb']:.0f} MB"])
             if task.startswith("avoid"):
                 mode_rows.append((proc, m["eval"].get("mode_counts") or {}, summary.get("mode_frequencies", {}), m["success_rate"]))

@@ -206,6 +206,9 @@ def train_bc(cfg: RunConfig, run_dir, progress: bool = True) -> dict:
                "world_size": world_size}
     sel = trainer.selection()
     metrics.update({k: sel[k] for k in ("best_step", "best_success", "stopped_early_at", "time_to_success")})
+    # training seconds over every session of the run (a resumed run's own ``train_time_s`` counts only this one),
+    # evaluations during training left out
+    metrics["train_time_total_s"] = sel["seconds"] - sel["eval_seconds"]
     ckpt = trainer.ckpt_dir
     if (ckpt / "best").is_dir() and cfg.train.keep_best:
         metrics["best_checkpoint"] = str(ckpt / "best")
