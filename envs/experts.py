@@ -13,6 +13,8 @@ box; the lift gripper stays exactly +-1) for deliberately weak demonstration set
   quadratic pose error under the block's known quasi-static motion model (translation along the push,
   turning rate offset / ROT_RADIUS^2 per metre), walks around the block to reach it, then pushes.
 * lift: hover above the cube, descend, close, wait for the fingers, lift.
+* gym-pusht's PushT (state or pixels): ``pusht.PushTExpert``, a push planner that reads the simulator's
+  state and tries its pushes on a copy of gym-pusht's physics.
 
 On the image tasks the observation has no object state, so ``make_expert`` wraps the state task's
 expert in ``StateObsExpert``, which feeds it ``env.unwrapped.state_obs()`` instead.
@@ -22,7 +24,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import avoid, lift, push
+import sys
+
+from . import avoid, lift, push, pusht
 from .base import CameraObs
 
 
@@ -238,6 +242,8 @@ def make_expert(env, noise_std: float = 0.0, seed=None, **task_kwargs):
     """Scripted expert for the task behind ``env`` (any wrapper of AvoidEnv, PushEnv or LiftEnv or their image
     variants)."""
     base = env.unwrapped
+    if _is_pusht(base):
+        return pusht.PushTExpert(env, noise_std, seed, **task_kwargs)
     if isinstance(base, CameraObs):
         return StateObsExpert(env, _state_expert(env, base, noise_std, seed, **task_kwargs))
     return _state_expert(env, base, noise_std, seed, **task_kwargs)
@@ -250,4 +256,10 @@ def _state_expert(env, base, noise_std, seed, **task_kwargs):
         return PushExpert(env, noise_std, seed, **task_kwargs)
     if isinstance(base, lift.LiftEnv):
         return LiftExpert(env, noise_std, seed, **task_kwargs)
-    raise ValueError(f"no scripted expert for {type(base).__name__}; experts exist for avoid, push and lift")
+    raise ValueError(f"no scripted expert for {type(base).__name__}; experts exist for avoid, push, lift and pusht")
+
+
+def _is_pusht(base) -> bool:
+    """gym-pusht's PushT (never imports the optional package: an env of it exists only once it is imported)."""
+    mod = sys.modules.get("gym_pusht.envs.pusht")
+    return mod is not None and isinstance(base, mod.PushTEnv)

@@ -143,9 +143,9 @@ def pusht_section(work=None, log=print, episodes: int = 50, checkpoints=(), seed
              f"{episodes} seeded episodes. As LeRobot reports them: `pc_success` = share of episodes whose coverage of "
              "the goal T reached 95% (the env's `is_success`, which also ends the episode), `avg_max_reward` = mean over "
              "episodes of the highest per-step reward (reward = min(coverage / 0.95, 1)), `avg_sum_reward`; plus the "
-             "mean of each episode's highest coverage. There is no scripted PushT expert and the public demos cannot be "
-             "downloaded here, so no trained policy is reported; the rows are reference floors for any checkpoint "
-             "evaluated with `pusht_section(checkpoints=[...])` or `dpolicy-eval`.\n\n")
+             "mean of each episode's highest coverage. The rows are reference floors for any checkpoint evaluated with "
+             "`pusht_section(checkpoints=[...])` or `dpolicy-eval`, e.g. one trained on demos of the scripted push "
+             "planner (`dpolicy_envs.pusht.PushTExpert`, task `pusht` or `pusht_image`).\n\n")
     body += table(["policy", "episodes", "pc_success", "95% CI (Wilson)", "avg_max_reward", "avg_sum_reward",
                    "mean max coverage", "env steps/s", "wall (s)"], rows)
     return body, results
