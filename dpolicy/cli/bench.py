@@ -181,8 +181,12 @@ def main(argv=None) -> int:
     # sections that take (work dir, log) and return (markdown body, results)
     plain = {"headroom": ("dpolicy.bench.steer", "headroom_section"),
              "compose": ("dpolicy.bench.compose", "compose_section"), "drive": ("dpolicy.bench.drive", "drive_section"),
-             "robosuite": ("dpolicy.bench.standard", "robosuite_section"),
-             "pusht": ("dpolicy.bench.standard", "pusht_section")}
+             "robosuite": ("dpolicy.bench.standard", "robosuite_section")}
+    if "pusht" in sections:  # with the shipped PushT checkpoints, if any
+        from dpolicy.bench.standard import pusht_section
+
+        body, _ = pusht_section(work / "pusht", log=log, checkpoints=sorted(Path("checkpoints").glob("pusht*")))
+        write_section(args.out, "pusht", body, command)
     for name, (module, func) in plain.items():
         if name in sections:
             body, _ = getattr(importlib.import_module(module), func)(work / name, log=log)
