@@ -194,6 +194,6 @@ def image_rti_section(checkpoints, episodes: int = 200, n_envs: int = 10, log=pr
     body += ("\n\n### Where a decision's time goes (batch 1, one CPU thread, 200 decisions on recorded-size inputs)\n\n"
              "The encoder runs once per decision (both cameras), before the denoising steps; its share is the median "
              "over decisions of encoder time / decision time.\n\n")
-    body += table(["checkpoint", "controller", "NFE / decision", "decision p50 ms", "decision p99 ms", "encoder p50 ms",
+    body += table(["checkpoint", "controller", "NFE / control step", "decision p50 ms", "decision p99 ms", "encoder p50 ms",
                    "encoder share"], rows)
     return body, res
