@@ -18,17 +18,11 @@ IMAGE_TASKS = {"avoid_image": "avoid", "push_image": "push", "lift_image": "lift
 KEYS = {"avoid_image": ("agent_pos", "agent_vel", "agentview_image"),
         "push_image": ("pusher_pos", "pusher_vel", "agentview_image"),
         "lift_image": ("eef_pos", "eef_vel", "gripper_state", "agentview_image", "robot0_eye_in_hand_image")}
+from test_envs import _gl_available  # noqa: E402  (the same offscreen-GL probe)
+
 OBJECT_KEYS = {"object_pose", "goal_pose", "object_pos", "object_quat", "object_to_eef"}
 
 
-def _gl_available() -> bool:
-    try:
-        import mujoco
-        r = mujoco.Renderer(mujoco.MjModel.from_xml_string("<mujoco/>"), 8, 8)
-        r.close()
-        return True
-    except Exception:  # noqa: BLE001 -- any GL failure means "no offscreen rendering here"
-        return False
 
 
 pytestmark = pytest.mark.skipif(not _gl_available(), reason="offscreen GL (MUJOCO_GL=egl or osmesa) unavailable")

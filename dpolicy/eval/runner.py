@@ -288,7 +288,7 @@ def run_episodes(policy, venv, seeds: Sequence[int], *, max_steps: int | None = 
     To, Tp, Ta, Da = int(policy.To), int(policy.Tp), int(policy.Ta), int(policy.action_dim)
     if not 1 <= Ta <= Tp:
         raise ShapeError(f"the policy has Ta={Ta}, Tp={Tp}; need 1 <= Ta <= Tp.")
-    history = ObsHistory(policy.obs_keys, To, n_envs, device, shapes=policy.image_shapes)
+    history = ObsHistory(policy.obs_keys, To, n_envs, device, shapes=getattr(policy, "image_shapes", None))
     queue = np.zeros((n_envs, Ta, Da), dtype=np.float32)
     queue_pos = np.full(n_envs, Ta)  # Ta = queue empty, re-plan before the next step
     gens: list[torch.Generator | None] = [None] * n_envs
