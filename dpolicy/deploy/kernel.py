@@ -303,7 +303,7 @@ class FastStep:
 
     def __call__(self, prev: torch.Tensor, obs_n: torch.Tensor, noise: torch.Tensor,
                  step_noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        cond = obs_n.reshape(self.B, -1) if self.step.encoder is None else self.step.cond(obs_n)
+        cond = self.step.cond(obs_n)
         if self.warm:
             x = self.discrete.binarize(prev.index_select(1, self.shift_index))
             if self.renoise:
