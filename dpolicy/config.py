@@ -441,9 +441,17 @@ class EvaluateConfig:
     video: bool = True
     video_episodes: int = 2
     device: str = "auto"
+    backend: str = "local"  # where the envs run: local | subprocess | ray
+    workers: int = 1  # worker processes or Ray actors
+    address: str | None = None  # ray: an existing cluster's address (None: start a local one)
+    placement: str = "learner"  # learner (policy here, envs in workers) | workers (a policy copy per worker)
+    shard: int | None = None  # placement=workers: episodes per shard (None: n_envs)
 
     def __post_init__(self):
         _check(bool(self.checkpoint), "checkpoint=<path> is required.")
+        from dpolicy.eval.backends import RolloutBackend
+
+        RolloutBackend.from_settings(self)
         check_min(self, "", 1, "episodes", "n_envs")
         check_min(self, "", 1, "steps", null="the policy's default")
         check_min(self, "", 0, "video_episodes")

@@ -17,6 +17,10 @@ Sections (each rewrites its own part of BENCHMARKS.md):
   robosuite   robosuite Lift/Can from scripted demos (optional extra)
   pusht       gym-pusht PushT evaluation (optional extra)
   peers       our diffusion policy vs a diffusers-scheduler loop: inference latency and training throughput
+  rollouts    evaluation on worker processes and Ray actors: throughput per worker count, the same results
+              under every backend, a worker killed mid-evaluation, the costs to size a cluster with
+
+--backend/--workers place every rollout of the other sections (evaluations, DSRL's envs) on that backend.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from pathlib import Path
 
 
 SECTIONS = ("envs", "throughput", "image-throughput", "bc", "image", "image-rti", "steer", "headroom", "rti", "latency", "gpu-latency", "compose",
-            "drive", "robosuite", "pusht", "peers", "reliability")
+            "drive", "robosuite", "pusht", "peers", "reliability", "rollouts")
 
 
 def _count(text: str) -> int:
@@ -92,6 +96,10 @@ def main(argv=None) -> int:
     ap.add_argument("--steer-algos", default="na,sac", help="DSRL variants for the steer section: na, sac")
     ap.add_argument("--ablation-seeds", type=int, default=1, help="seeds of the stochastic-sampler ablation (steer; 0: none)")
     ap.add_argument("--ship", action="store_true", help="copy the bc policies into checkpoints/ with a manifest")
+    ap.add_argument("--backend", default="local", help="where the sections' rollouts run: local, subprocess, ray")
+    ap.add_argument("--workers", type=_count, default=1, help="worker processes or Ray actors (--backend)")
+    ap.add_argument("--address", default=None, help="ray: an existing cluster's address (default: a local one)")
+    ap.add_argument("--placement", default="learner", help="evaluations: learner (policy here) or workers (a copy each)")
     ap.add_argument("overrides", nargs="*", help="extra hydra overrides for the bc runs, e.g. train.steps=500")
     try:
         args = ap.parse_args(argv)
@@ -107,6 +115,9 @@ def main(argv=None) -> int:
         return 2
     try:
         check_args(args, sections)
+        from dpolicy.eval.backends import RolloutBackend, set_default_backend
+
+        set_default_backend(RolloutBackend(args.backend, args.workers, args.address, placement=args.placement))
     except DPolicyError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -181,7 +192,8 @@ def main(argv=None) -> int:
     # sections that take (work dir, log) and return (markdown body, results)
     plain = {"headroom": ("dpolicy.bench.steer", "headroom_section"),
              "compose": ("dpolicy.bench.compose", "compose_section"), "drive": ("dpolicy.bench.drive", "drive_section"),
-             "robosuite": ("dpolicy.bench.standard", "robosuite_section")}
+             "robosuite": ("dpolicy.bench.standard", "robosuite_section"),
+             "rollouts": ("dpolicy.bench.rollouts", "rollouts_section")}
     if "pusht" in sections:  # with the shipped PushT checkpoints, if any
         from dpolicy.bench.standard import pusht_section
 

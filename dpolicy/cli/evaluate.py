@@ -26,13 +26,19 @@ def _run(cfg) -> dict:
     check_env_compat(probe, policy)
     probe.close()
     out = run_dir()
+    from dpolicy.eval.backends import RolloutBackend
+
     res = evaluate(policy, make_env, n_episodes=c.episodes, n_envs=c.n_envs, seed=c.seed,
-                   video_path=out / "rollout.mp4" if c.video else None, video_episodes=c.video_episodes, steps=c.steps)
+                   video_path=out / "rollout.mp4" if c.video else None, video_episodes=c.video_episodes, steps=c.steps,
+                   backend=RolloutBackend.from_settings(c))
     metrics = {"checkpoint": str(c.checkpoint), "env_args": env_args, **res.to_dict()}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
     lo, hi = res.success_ci95
     print(f"success rate {res.success_rate:.3f} (95% CI {lo:.3f}-{hi:.3f}) over {res.n_episodes} episodes; "
           f"mean return {res.mean_return:.2f}, mean length {res.mean_length:.1f}")
+    if res.backend != "local":
+        print(f"rollouts   : {res.backend}, {res.workers} worker(s), policy on the {res.placement}; "
+              f"{res.worker_restarts} worker(s) replaced; {res.wall_time_s:.1f} s")
     print(f"metrics    : {out / 'metrics.json'}")
     return metrics
 

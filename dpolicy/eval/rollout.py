@@ -1,9 +1,9 @@
 """``evaluate``: success rate, returns and mode statistics of a chunk policy over seeded episodes.
 
 Episode ``i`` is reset with seed ``seed + i`` and its latent noise comes from a generator derived
-from that seed, so a result is reproducible and the same for any ``n_envs``. The episodes run in a
-gymnasium vector env (sync by default, ``vector="async"`` for subprocess envs) through the batched
-loop in :mod:`dpolicy.eval.runner`. Videos, if asked for, are recorded afterwards by replaying the
+from that seed, so a result is reproducible and the same for any ``n_envs``. The episodes run through the
+batched loop in :mod:`dpolicy.eval.runner` on env slots that live in this process (a gymnasium sync vector
+env), in worker processes or in Ray actors (:mod:`dpolicy.eval.backends`; the same results under each). Videos, if asked for, are recorded afterwards by replaying the
 first episodes in one render-enabled env, which keeps the batched path free of rendering cost.
 """
 
@@ -42,6 +42,10 @@ class EvalResult:
     wall_time_s: float = 0.0
     policy_calls: int = 0
     video_path: str | None = None
+    backend: str = "local"
+    placement: str = "learner"
+    workers: int = 1
+    worker_restarts: int = 0  # rollout workers that died and were replaced (their episodes replayed)
 
     def to_dict(self) -> dict:
         """Plain JSON types; mode keys become strings so a JSON round trip returns the same dict."""
@@ -117,17 +121,20 @@ def summarize(records, wall_time_s: float = 0.0, policy_calls: int = 0) -> EvalR
 
 def evaluate(policy, env_fn: Callable[[], object], n_episodes: int = 50, n_envs: int = 10, seed: int = 0,
              max_steps: int | None = None, video_path: str | Path | None = None, video_episodes: int = 1,
-             progress: bool = True, steps: int | None = None, *, vector: str = "sync",
+             progress: bool = True, steps: int | None = None, *, backend=None,
              per_episode_noise: bool = True, video_env_fn: Callable[[], object] | None = None,
-             video_strict: bool = True) -> EvalResult:
+             video_strict: bool = True, episode_hook: Callable | None = None) -> EvalResult:
     """Roll ``policy`` out for ``n_episodes`` seeded episodes in ``n_envs`` parallel envs.
 
     ``max_steps`` caps episode length on top of the env's own truncation; ``steps`` is passed to
     ``policy.act`` (sampling steps). ``per_episode_noise=False`` lets the policy draw its own noise
     (from one generator seeded by ``seed``), which ties results to ``n_envs``. The video env is
     ``video_env_fn()`` or, by default, ``env_fn(render_mode="rgb_array")``; ``video_strict=False``
-    turns a rendering failure into a warning.
+    turns a rendering failure into a warning. ``backend`` (a ``RolloutBackend`` or its kind: local,
+    subprocess, ray) places the envs; ``episode_hook(record, envs)`` is called as each episode ends.
     """
+    from dpolicy.eval.backends import RolloutBackend, make_rollout_envs, run_sharded
+
     if n_episodes < 1:
         raise ConfigError(f"n_episodes={n_episodes} must be at least 1.")
     if n_envs < 1:
@@ -135,28 +142,42 @@ def evaluate(policy, env_fn: Callable[[], object], n_episodes: int = 50, n_envs:
     if max_steps is not None and max_steps < 1:
         raise ConfigError(f"max_steps={max_steps} must be at least 1 (or None for the env's own limit).")
     seeds = [seed + i for i in range(n_episodes)]
-    venv = make_vector_env(env_fn, min(n_envs, n_episodes), vector)
+    backend = RolloutBackend.of(backend)
+    sharded = backend.placement == "workers"
+    venv = None if sharded else make_rollout_envs(env_fn, min(n_envs, n_episodes), backend)
 
     from tqdm.auto import tqdm
 
     bar = tqdm(total=n_episodes, desc="eval", disable=not progress, leave=False)
     n_done = n_succ = 0
 
-    def on_episode(rec):
+    def on_episode(rec, workers=None):
         nonlocal n_done, n_succ
         n_done, n_succ = n_done + 1, n_succ + int(rec.success)
         bar.set_postfix(success=f"{n_succ / n_done:.2f}")
         bar.update(1)
+        if episode_hook is not None:
+            episode_hook(rec, venv if workers is None else workers)
 
     t0 = time.perf_counter()
+    restarts = 0
+    kwargs = dict(max_steps=max_steps, steps=steps, per_episode_noise=per_episode_noise)
     try:
-        with policy_inference(policy):
-            records, calls = run_episodes(policy, venv, seeds, max_steps=max_steps, steps=steps,
-                                          per_episode_noise=per_episode_noise, on_episode=on_episode)
+        if sharded:
+            records, calls, restarts = run_sharded(policy, env_fn, seeds, backend, backend.shard or n_envs, kwargs,
+                                                   on_episode=on_episode)
+        else:
+            with policy_inference(policy):
+                records, calls = run_episodes(policy, venv, seeds, on_episode=on_episode, **kwargs)
+            restarts = int(sum(getattr(venv, "restarts", [0])))
     finally:
         bar.close()
-        venv.close()
+        if venv is not None:
+            venv.close()
     result = summarize(records, time.perf_counter() - t0, calls)
+    result.backend, result.placement = backend.kind, backend.placement
+    result.workers = 1 if backend.kind == "local" else backend.workers
+    result.worker_restarts = restarts
 
     if video_path is not None and video_episodes > 0:
         from dpolicy.eval.video import record_video

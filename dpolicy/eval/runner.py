@@ -101,7 +101,10 @@ class EpisodeRunner:
         if (seeds is None) == (next_seed is None):
             raise ConfigError("an episode runner takes either a list of seeds or a next_seed function.")
         self.envs = envs
-        self.vector = not isinstance(envs, (list, tuple))
+        # three kinds of env slots: a gymnasium vector env, a list of envs, or a pool stepping a batch of slots per
+        # call (``reset_slots`` / ``step_slots``, dpolicy.eval.backends), which is driven like the list
+        self.pooled = hasattr(envs, "step_slots")
+        self.vector = not self.pooled and not isinstance(envs, (list, tuple))
         self.n = int(envs.num_envs) if self.vector else len(envs)
         self.seeds = None if seeds is None else [int(s) for s in seeds]
         self.next_seed, self.max_steps = next_seed, max_steps
@@ -155,8 +158,13 @@ class EpisodeRunner:
             else:
                 obs, _ = self.envs.reset(seed=seeds, options={"reset_mask": mask})
         else:
-            for i in range(self.n) if mask is None else np.nonzero(mask)[0]:
-                self._obs[i], _ = self.envs[i].reset(seed=seeds[i])
+            rows = list(range(self.n)) if mask is None else [int(i) for i in np.nonzero(mask)[0]]
+            if self.pooled:
+                outs = self.envs.reset_slots(rows, [seeds[i] for i in rows])
+            else:
+                outs = [self.envs[i].reset(seed=seeds[i]) for i in rows]
+            for i, (o, _) in zip(rows, outs):
+                self._obs[i] = o
             obs = self._stacked()
         self._env_done[slice(None) if mask is None else mask] = False
         return obs
@@ -193,8 +201,9 @@ class EpisodeRunner:
             rew, term, trunc = np.zeros(n), np.zeros(n, dtype=bool), np.zeros(n, dtype=bool)
             succ, unst = np.zeros(n, dtype=bool), np.zeros(n, dtype=bool)
             modes, has_mode = np.full(n, -1, dtype=np.int64), np.zeros(n, dtype=bool)
-            for i in rows:
-                self._obs[i], r, te, tr, inf = self.envs[i].step(actions[i])
+            outs = (self.envs.step_slots(rows, [actions[i] for i in rows]) if self.pooled
+                    else [self.envs[i].step(actions[i]) for i in rows])
+            for i, (self._obs[i], r, te, tr, inf) in zip(rows, outs):
                 rew[i], term[i], trunc[i] = float(r), bool(te), bool(tr)
                 succ[i], unst[i] = bool(inf.get("is_success", False)), bool(inf.get("sim_unstable", False))
                 if "mode" in inf:

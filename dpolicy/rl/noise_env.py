@@ -37,14 +37,18 @@ class NoiseStep:
 
 class NoiseActionEnv:
     def __init__(self, base, env_fn, n_envs: int = 4, seed: int = 0, action_magnitude: float = 1.5,
-                 steps: int | None = None, reward_offset: float = 0.0):
+                 steps: int | None = None, reward_offset: float = 0.0, backend=None):
         if n_envs < 1:
             raise ConfigError(f"n_envs={n_envs} must be at least 1.")
         if not (action_magnitude > 0 and np.isfinite(action_magnitude)):
             raise ConfigError(f"action_magnitude={action_magnitude} must be a positive finite number.")
         self.base = base.eval().requires_grad_(False)
         self.deterministic = not getattr(base.process, "stochastic", False)
-        self.envs = [env_fn() for _ in range(n_envs)]
+        from dpolicy.eval.backends import PooledEnvs, RolloutBackend
+
+        backend = RolloutBackend.of(backend)
+        # the envs live here (a list) or in worker processes / Ray actors; the base policy stays on its device
+        self.envs = [env_fn() for _ in range(n_envs)] if backend.kind == "local" else PooledEnvs(env_fn, n_envs, backend)
         self.n, self.b, self.reward_offset = n_envs, float(action_magnitude), float(reward_offset)
         self.steps = None if steps is None else base.resolve_steps(steps)
         self.To, self.Tp, self.Ta, self.Da = base.To, base.Tp, base.Ta, base.action_dim
@@ -113,5 +117,8 @@ class NoiseActionEnv:
         return NoiseStep(next_state, new_state, self.executed_part(chunk), t(reward), t(term), done, success, env_steps)
 
     def close(self) -> None:
-        for env in self.envs:
-            env.close()
+        if isinstance(self.envs, list):
+            for env in self.envs:
+                env.close()
+        else:
+            self.envs.close()

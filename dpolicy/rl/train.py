@@ -42,8 +42,16 @@ class SteerConfig:
     seed: int = 0
     device: str = "auto"
     progress: bool = True
+    backend: str = "local"         # where the envs run: local | subprocess | ray (the base and the agent stay here)
+    workers: int = 1               # worker processes or Ray actors
+    address: str | None = None     # ray: an existing cluster's address (None: start a local one)
+    placement: str = "learner"     # the evaluations: learner | workers (a policy copy per worker)
+    shard: int | None = None       # placement=workers: episodes per shard
 
     def __post_init__(self):
+        from dpolicy.eval.backends import RolloutBackend
+
+        RolloutBackend.from_settings(self)
         if not self.base:
             raise ConfigError("base=<checkpoint> is required: the frozen policy to steer.")
         if self.env_steps < 1 or self.n_envs < 1 or self.eval_episodes < 1:
@@ -57,8 +65,10 @@ register(DSRLConfig, SteerConfig)
 def _evaluate(policy, env_fn, cfg: SteerConfig) -> dict:
     from dpolicy.eval import evaluate
 
+    from dpolicy.eval.backends import RolloutBackend
+
     r = evaluate(policy, env_fn, n_episodes=cfg.eval_episodes, n_envs=min(10, cfg.eval_episodes), seed=cfg.eval_seed,
-                 progress=False, steps=cfg.sampling_steps)
+                 progress=False, steps=cfg.sampling_steps, backend=RolloutBackend.from_settings(cfg))
     return {"success_rate": r.success_rate, "success_ci95": list(r.success_ci95), "mean_return": r.mean_return}
 
 
@@ -93,7 +103,10 @@ def steer(cfg: SteerConfig, run_dir, log=None) -> dict:
     env_args = policy_env_args(base, f"base checkpoint {str(base_dir)!r} stores no env_args, so its environment cannot be "
                                      "rebuilt.", env_kwargs=cfg.env_kwargs)
     env_fn = env_factory(env_args)
-    env = NoiseActionEnv(base, env_fn, cfg.n_envs, cfg.seed, cfg.dsrl.action_magnitude, cfg.sampling_steps, cfg.reward_offset)
+    from dpolicy.eval.backends import RolloutBackend
+
+    env = NoiseActionEnv(base, env_fn, cfg.n_envs, cfg.seed, cfg.dsrl.action_magnitude, cfg.sampling_steps, cfg.reward_offset,
+                         backend=RolloutBackend.from_settings(cfg))
     agent = DSRLAgent(cfg.dsrl, env.state_dim, env.noise_dim, env.exec_dim,
                       decode=lambda s, w: env.executed_part(env.decode(s, w)), device=device)
     buf = ReplayBuffer(min(cfg.buffer_size, cfg.env_steps + cfg.n_envs * base.Ta), {
