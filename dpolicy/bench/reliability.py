@@ -46,7 +46,8 @@ BAD_INPUT = {
     + ([("device=cuda:3", "device")] if NO_CUDA else []),
     "evaluate": [(a, a.split("=")[0]) for a in [
         "episodes=abc", "episodes=0", "episodes=-2", "episodes=2.5", "n_envs=0", "steps=0", "steps=abc", "video=maybe",
-        "video_episodes=-1", "device=tpu", "seed=1.5", "env_kwargs=3", "no_such_key=1"]]
+        "video_episodes=-1", "device=tpu", "seed=1.5", "env_kwargs=3", "no_such_key=1", "backend=mpi", "workers=0",
+        "workers=abc", "placement=gpu", "shard=0"]]
     + [("checkpoint=null", "checkpoint"), ("task=nope", "task/nope")],
     "collect": [(a, a.split("=")[0]) for a in [
         "n_demos=abc", "valid_fraction=2", "valid_fraction=-0.1", "valid_fraction=1", "valid_fraction=x", "noise_std=-1",
@@ -67,7 +68,7 @@ BAD_INPUT = {
         "env_steps=0", "env_steps=abc", "n_envs=0", "eval_episodes=0", "eval_every=0", "init_steps=-1", "buffer_size=0",
         "sampling_steps=0", "base_eta=-1", "reward_offset=x", "dsrl.lr=0", "dsrl.algo=ppo", "dsrl.hidden=abc",
         "dsrl.gamma=2", "dsrl.q_bounds=[1,0]", "dsrl.tau=0", "dsrl.init_alpha=0", "dsrl.utd=0", "sample_noise=maybe",
-        "device=tpu"]] + [("base=null", "base")],
+        "device=tpu", "backend=mpi", "workers=0"]] + [("base=null", "base")],
     "drive": [(["collect", a], a.split("=")[0]) for a in [
         "data.n_train=-1", "data.n_train=0", "data.n_train=abc", "data.n_val=-1", "data.n_test=0", "model.d=abc",
         "tokenizer.mode=bins", "tokenizer.resolution=0", "tokenizer.x_range=[1,0]", "train.steps=0", "train.lr=-1",
@@ -80,6 +81,7 @@ BAD_INPUT = {
               (["--expert-episodes", "-3"], "--expert-episodes"), (["--tasks", "avoid,nope"], "--tasks"),
               (["--processes", "flo"], "--processes"), (["--sections", "steer", "--steer-tasks", "x"], "--steer-tasks"),
               (["--sections", "steer", "--steer-algos", "ppo"], "--steer-algos"),
+              (["--sections", "rollouts", "--backend", "mpi"], "backend"), (["--sections", "rollouts", "--workers", "0"], "0"),
               (["--sections", "envs,nope"], "nope"), (["train.steps=abc"], "train.steps"), (["train.steps=0"], "train.steps"),
               (["eval.every=-1"], "eval.every"), (["--bogus"], "--bogus")],
 }

@@ -76,7 +76,10 @@ class RolloutBackend:
 
     @classmethod
     def from_settings(cls, c) -> "RolloutBackend":
-        """From a command's settings (``backend``, ``workers``, ``address``, ``placement``, ``shard`` fields)."""
+        """From a command's settings (``backend``, ``workers``, ``address``, ``placement``, ``shard`` fields);
+        ``backend=None`` is the process default."""
+        if c.backend is None:
+            return _DEFAULT[0]
         return cls(kind=c.backend, workers=c.workers, address=c.address, placement=c.placement, shard=c.shard)
 
 

@@ -42,7 +42,8 @@ class SteerConfig:
     seed: int = 0
     device: str = "auto"
     progress: bool = True
-    backend: str = "local"         # where the envs run: local | subprocess | ray (the base and the agent stay here)
+    backend: str | None = None     # where the envs run: local | subprocess | ray (None: the process default, local
+                                   # unless dpolicy-bench --backend says otherwise); the base and the agent stay here
     workers: int = 1               # worker processes or Ray actors
     address: str | None = None     # ray: an existing cluster's address (None: start a local one)
     placement: str = "learner"     # the evaluations: learner | workers (a policy copy per worker)

@@ -1,0 +1,173 @@
+"""Asynchronous chunk execution: delay bookkeeping, RTC's guided inpainting, the live loop's thread."""
+
+from __future__ import annotations
+
+import threading
+from types import SimpleNamespace
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+from gymnasium import spaces
+
+from conftest import tiny_policy
+from dpolicy.deploy.asynchronous import (AsyncChunker, AsyncConfig, ChunkPlanner, LiveAsyncRunner, SwitchStats,
+                                         evaluate_async, rtc_weight, soft_weights)
+from dpolicy.errors import ConfigError
+
+
+class ClockPolicy:
+    """Plans from the observed time ``c``: entry j of its chunk is ``c + j``, the time it is planned for. An executor
+    that plays every action at the time it was planned for therefore executes action t at step t."""
+
+    obs_keys, obs_dims, image_shapes = ["clock"], {"clock": 1}, {}
+    To, Tp, action_dim = 1, 8, 1
+    device = torch.device("cpu")
+    process = SimpleNamespace(denoising=False, name="regression")
+    normalizer = SimpleNamespace(action=SimpleNamespace(unnormalize=lambda x: x))
+
+    def __init__(self, Ta=3):
+        self.Ta = Ta
+
+    def resolve_steps(self, steps):
+        return 1
+
+    def encode(self, obs):
+        return obs["clock"][:, -1, 0]
+
+    def sample_normalized(self, cond, noise, steps, generator=None):
+        return cond[:, None, None] + torch.arange(self.Tp, dtype=torch.float32)[None, :, None]
+
+
+@pytest.mark.parametrize("strategy", ["naive", "ensemble", "bid"])
+@pytest.mark.parametrize("delay", [0, 1, 2, 3])
+def test_every_action_is_the_one_planned_for_its_step_and_chunks_switch_after_the_delay(strategy, delay):
+    ex = AsyncChunker(ClockPolicy(Ta=3), AsyncConfig(strategy=strategy, delay=delay, candidates=3), batch_size=2)
+    ex.reset()
+    played, switches = [], []
+    for t in range(20):
+        a = ex.step({"clock": np.full((2, 1), t, np.float32)})
+        played.append(a[:, 0].copy())
+        switches.append(ex.switched[0])
+    played = np.array(played)
+    np.testing.assert_allclose(played, np.arange(20)[:, None].repeat(2, 1), rtol=0, atol=1e-4)  # none skipped, none twice
+    s = max(3, delay)
+    want = [t == 0 or (t >= s + delay and (t - delay) % s == 0) for t in range(20)]
+    assert switches == want
+    assert ex.inferences == 2 * len(range(0, 20, s))
+
+
+def test_a_restarted_slot_starts_over_without_touching_the_other():
+    ex = AsyncChunker(ClockPolicy(Ta=3), AsyncConfig(strategy="naive", delay=2), batch_size=2)
+    ex.reset()
+    for t in range(5):
+        ex.step({"clock": np.full((2, 1), t, np.float32)})
+    ex.reset(mask=[True, False])
+    a = ex.step({"clock": np.array([[100.0], [5.0]], np.float32)})
+    assert a.tolist() == [[100.0], [5.0]]  # slot 0: a fresh episode's first chunk, at once; slot 1 carries on
+
+
+def test_settings_are_checked():
+    for kw, culprit in [(dict(strategy="act"), "strategy"), (dict(delay=-1), "delay"), (dict(mask="fuzzy"), "mask"),
+                        (dict(beta=float("nan")), "beta"), (dict(candidates=0), "candidates"), (dict(rho=0), "rho"),
+                        (dict(guidance="dps"), "guidance")]:
+        with pytest.raises(ConfigError, match=culprit):
+            AsyncConfig(**kw)
+    with pytest.raises(ConfigError, match="exceed the chunk length"):
+        ChunkPlanner(ClockPolicy(Ta=6), AsyncConfig(strategy="naive", delay=3))
+    with pytest.raises(ConfigError, match="denoising"):
+        ChunkPlanner(ClockPolicy(Ta=3), AsyncConfig(strategy="rtc", delay=1))
+
+
+def test_soft_mask_and_guidance_weight():
+    w = soft_weights(16, 4, 8)
+    assert w[:4].tolist() == [1.0] * 4 and w[8:].tolist() == [0.0] * 8
+    assert all(1 > a > b > 0 for a, b in zip(w[4:7], w[5:8]))
+    assert rtc_weight(1.0, 5.0) == 5.0 and rtc_weight(0.5, 5.0) == pytest.approx(2.0) and rtc_weight(0.5, 1.0) == 1.0
+
+
+@pytest.fixture(scope="module")
+def flow_policy():
+    return tiny_policy(process="flow", sampler="euler", Ta=4, steps=5, seed=3)
+
+
+def _window(pol, B=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {k: torch.randn(B, pol.To, pol.obs_dims[k], generator=g) for k in pol.obs_keys}
+
+
+@pytest.mark.parametrize("guidance", ["vjp", "direct"])
+def test_rtc_pulls_the_new_chunk_towards_the_one_being_executed(flow_policy, guidance):
+    pol, d, s = flow_policy, 2, 4
+    g = torch.Generator().manual_seed(1)
+    prev = ChunkPlanner(pol, AsyncConfig(strategy="naive", delay=d)).plan(_window(pol), torch.randn(6, 1, 8, 3, generator=g), None, 0)
+    noise = torch.randn(6, 1, 8, 3, generator=g)
+    target = torch.cat([prev[:, s:], prev[:, -1:].expand(-1, s, -1)], 1)
+    err = lambda c: ((c - target)[:, : 8 - s] ** 2).sum(-1).mean().item()  # noqa: E731  the guided part
+    free = ChunkPlanner(pol, AsyncConfig(strategy="naive", delay=d)).plan(_window(pol, seed=1), noise, prev, s)
+    guided = ChunkPlanner(pol, AsyncConfig(strategy="rtc", delay=d, guidance=guidance)).plan(_window(pol, seed=1), noise, prev, s)
+    weak = ChunkPlanner(pol, AsyncConfig(strategy="rtc", delay=d, beta=0.0, guidance=guidance)).plan(_window(pol, seed=1), noise, prev, s)
+    assert err(guided) < 0.5 * err(free)
+    torch.testing.assert_close(weak, free)  # beta = 0: no guidance at all
+
+
+def test_rtc_with_a_hard_mask_reproduces_the_committed_prefix_exactly(flow_policy):
+    pol, d, s = flow_policy, 3, 4
+    g = torch.Generator().manual_seed(2)
+    prev = ChunkPlanner(pol, AsyncConfig(strategy="naive", delay=d)).plan(_window(pol), torch.randn(6, 1, 8, 3, generator=g), None, 0)
+    planner = ChunkPlanner(pol, AsyncConfig(strategy="rtc", delay=d, mask="hard"))
+    new = planner.plan(_window(pol, seed=5), torch.randn(6, 1, 8, 3, generator=g), prev, s)
+    assert torch.equal(new[:, :d], prev[:, s:s + d])
+    target = torch.cat([prev[:, s:], prev[:, -1:].expand(-1, s, -1)], 1)
+    assert not torch.allclose(new[:, d:], target[:, d:], atol=1e-3)  # only the prefix is pinned
+    assert planner.backwards > 0 and planner.evals == 6 * 5
+
+
+def test_switch_stats_separate_switch_steps():
+    st = SwitchStats()
+    st.add_episode([np.zeros(2), np.zeros(2), np.ones(2) * 3, np.ones(2) * 3, np.ones(2) * 3],
+                   [True, False, True, False, False])
+    out = st.summary()
+    assert out["switch_jump_mean"] == pytest.approx(np.sqrt(18)) and out["within_jump_max"] == 0.0 and out["switches"] == 1
+
+
+class DriftEnv(gym.Env):
+    def __init__(self, horizon=15):
+        self.observation_space = spaces.Dict({"pos": spaces.Box(-10, 10, (2,), np.float32),
+                                              "vel": spaces.Box(-10, 10, (3,), np.float32)})
+        self.action_space = spaces.Box(-1, 1, (3,), np.float32)
+        self.horizon = horizon
+
+    def reset(self, seed=None, options=None):
+        super().reset(seed=seed)
+        self.x, self.t = self.np_random.normal(size=5), 0
+        return {"pos": self.x[:2].astype(np.float32), "vel": self.x[2:].astype(np.float32)}, {}
+
+    def step(self, a):
+        self.x = 0.9 * self.x + 0.1 * np.concatenate([np.asarray(a)[:2], np.asarray(a)])
+        self.t += 1
+        ok = bool(self.x[0] > 0.3)  # success is reported, the episode runs to its horizon
+        return ({"pos": self.x[:2].astype(np.float32), "vel": self.x[2:].astype(np.float32)}, float(ok), False,
+                self.t >= self.horizon, {"is_success": ok})
+
+
+def test_evaluation_under_delay_is_reproducible_and_reports_discontinuity(flow_policy):
+    cfg = AsyncConfig(strategy="rtc", delay=2)
+    r1, x1 = evaluate_async(flow_policy, DriftEnv, cfg, n_episodes=6, n_envs=3, seed=4)
+    r2, x2 = evaluate_async(flow_policy, DriftEnv, cfg, n_episodes=6, n_envs=2, seed=4)
+    assert r1.returns == r2.returns and r1.lengths == r2.lengths  # per-episode noise: any number of slots
+    assert x1["switches"] > 0 and x1["evals_per_step"] > 0 and x1["backwards_per_step"] > 0
+
+
+def test_the_live_loop_runs_a_real_inference_thread_and_leaves_none_behind(flow_policy):
+    before = {t.ident for t in threading.enumerate()}
+    runner = LiveAsyncRunner(flow_policy, AsyncConfig(strategy="rtc", delay=1), seed=0)
+    try:
+        out = runner.run_episode(DriftEnv(horizon=20), seed=3, rate_hz=200.0)
+    finally:
+        runner.close()
+    assert out["length"] == 20 and len(out["actions"]) == 20 and len(runner.latencies) >= 1
+    assert all(d >= 0 for d in out["delays"])
+    assert not runner.thread.is_alive()
+    assert {t.ident for t in threading.enumerate()} <= before
