@@ -480,7 +480,7 @@ class CollectConfig:
         _check(self.rerender != "", "rerender='' names no dataset; give rerender=<file.hdf5>.")
 
 
-DEPLOY_MODES = ("rti", "chunked")
+DEPLOY_MODES = ("rti", "chunked", "async")
 SAMPLERS = ("ddim", "ddpm", "euler", "heun", "direct")
 
 
@@ -511,10 +511,19 @@ class DeployConfig:
     export: str | None = None  # path of a .pt2 file for the exported decision step
     eval_episodes: int = 0  # also a batched success evaluation over this many episodes (0: none)
     n_envs: int = 10
+    # mode=async (dpolicy/deploy/asynchronous.py): the policy thinks while the chunk executes
+    strategy: str = "rtc"  # naive | ensemble | bid | rtc
+    delay: int = 0  # the batched evaluation's injected delay, in control steps (and the live loop's first guess)
+    horizon: int | None = None  # actions executed per chunk (None: max(Ta, delay))
+    mask: str = "soft"  # rtc: soft | hard
+    beta: float = 5.0  # rtc: the largest guidance weight
+    guidance: str = "vjp"  # rtc: vjp (through the network) | direct (on the predicted clean chunk)
+    candidates: int = 8  # bid: chunks sampled per inference
 
     def __post_init__(self):
         _check(bool(self.checkpoint), "checkpoint=<path> is required.")
         check_choice(self, "", "mode", DEPLOY_MODES)
+        self.async_config()  # the async settings' checks (they are read only with mode=async)
         _check(self.k == "full" if isinstance(self.k, str) else self.k >= 1, f"k={self.k!r} must be a positive integer or 'full'.")
         if self.sampler is not None:
             check_choice(self, "", "sampler", SAMPLERS)
@@ -526,6 +535,12 @@ class DeployConfig:
         check_min(self, "", 0, "eval_episodes")
         _check(self.rate_hz is None or self.rate_hz > 0, f"rate_hz={self.rate_hz!r} must be positive (null: the env's own rate).")
         check_device(self.device)
+
+    def async_config(self):
+        from dpolicy.deploy.asynchronous import AsyncConfig
+
+        return AsyncConfig(strategy=self.strategy, delay=self.delay, horizon=self.horizon, steps=self.steps, mask=self.mask,
+                           beta=self.beta, guidance=self.guidance, candidates=self.candidates, warm=self.timesteps)
 
 
 @dataclass

@@ -3,6 +3,7 @@ reference training loops (state and image) train the same model on the same inpu
 bad options exit with one line."""
 
 import subprocess
+from pathlib import Path
 import sys
 
 import numpy as np
@@ -171,3 +172,19 @@ def test_steer_report_lists_seeds_and_first_step_reaching_90(tmp_path):
     assert "5,000 / 7,500" in rows["DSRL-NA"] and "0.95 / 0.91" in rows["DSRL-NA"]
     assert "not reached" in rows["DSRL-SAC"] and "stochastic" in " ".join(rows)
     assert (tmp_path / "curves.png").stat().st_size > 0
+
+
+def test_async_section_reports_every_strategy_delay_and_reference(tmp_path):
+    from dpolicy.bench.asynchronous import async_section
+
+    ck = Path(__file__).resolve().parents[1] / "checkpoints" / "avoid_flow"
+    body, cells = async_section(tmp_path, log=lambda m: None, checkpoints=[ck], episodes=2, select_episodes=2,
+                                delays=(0, 4), plot_path=str(tmp_path / "delay.png"))
+    assert "| d = 0 | d = 4 |" in body and "synchronous chunked" in body and "synchronous RTI" in body
+    for strat in ("naive", "ensemble", "bid", "rtc ("):
+        assert f"| {strat}" in body
+    assert (tmp_path / "delay.png").stat().st_size > 0
+    assert len([k for k in cells if "|select|" in k]) == 3
+    again, _ = async_section(tmp_path, log=lambda m: (_ for _ in ()).throw(AssertionError(m)), checkpoints=[ck],
+                             episodes=2, select_episodes=2, delays=(0, 4), plot_path=None)
+    assert again.rstrip() == body.split("![")[0].rstrip()  # every cell came from the saved results

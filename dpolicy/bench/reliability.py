@@ -58,7 +58,11 @@ BAD_INPUT = {
         "execute=0", "execute=abc", "steps=0", "k=abc", "k=0", "k=2.5", "mode=fast", "episodes=0", "n_envs=0", "threads=0",
         "rate_hz=0", "rate_hz=abc", "max_steps=0", "eval_episodes=-1", "sampler=rk4", "realtime=perhaps", "renoise=2",
         "device=tpu", "cuda_graph=sometimes", "discrete=clip"]] + [("timesteps=[3,x]", "timesteps[1]"),
-                                                                   ("checkpoint=null", "checkpoint")],
+                                                                   ("checkpoint=null", "checkpoint"),
+                                                                   (["mode=async", "strategy=act"], "strategy"),
+                                                                   (["mode=async", "delay=-1"], "delay"),
+                                                                   (["mode=async", "mask=fuzzy"], "mask"),
+                                                                   (["mode=async", "delay=12"], "delay 12")],
     "compose": [(a, a.split("=")[0]) for a in [
         "parents=[]", "parents=a", "episodes=0", "select_episodes=0", "n_envs=abc", "resolution=0", "operator=sum",
         "search=random", "steps=0", "Ta=0", "action_norm_tol=-1", "cem.population=1", "cem.elite_frac=0",

@@ -9,6 +9,7 @@ count must give the local sharded run's results exactly.
 
 from __future__ import annotations
 
+import pickle
 import time
 from pathlib import Path
 
@@ -73,8 +74,15 @@ def rollouts_section(work: Path, log=print, checkpoint: Path = CKPT, episodes: i
         have_ray, ray_reason = False, str(e)
     kinds = ["subprocess"] + (["ray"] if have_ray else [])
     runs: dict[tuple, object] = {}
+    work = Path(work)
+    work.mkdir(parents=True, exist_ok=True)
+    cache_file = work / "rollouts_runs.pkl"  # finished runs, so a rerun of the section redoes only what is missing
+    cache = pickle.loads(cache_file.read_bytes()) if cache_file.exists() else {}
 
     def run(kind, w, placement, hook=None):
+        key = (str(checkpoint), episodes, n_envs, kind, w, placement, hook is not None and kill_after)
+        if key in cache:
+            return cache[key]
         b = RolloutBackend(kind, w, placement=placement)
         t0 = time.perf_counter()
         r = evaluate(policy, env_fn, n_episodes=episodes, n_envs=n_envs, seed=seed, progress=False, backend=b,
@@ -82,13 +90,15 @@ def rollouts_section(work: Path, log=print, checkpoint: Path = CKPT, episodes: i
         wall = time.perf_counter() - t0
         log(f"rollouts: {kind:10s} placement={placement:7s} workers={w}: {episodes / wall:6.2f} episodes/s, "
             f"success {r.success_rate:.3f}, restarts {r.worker_restarts}")
-        return r, wall
+        cache[key] = (r, wall, getattr(hook, "state", None))
+        cache_file.write_bytes(pickle.dumps(cache))
+        return cache[key]
 
     for placement in ("learner", "workers"):
-        runs[("local", 1, placement)] = run("local", 1, placement)
+        runs[("local", 1, placement)] = run("local", 1, placement)[:2]
         for kind in kinds:
             for w in workers:
-                runs[(kind, w, placement)] = run(kind, w, placement)
+                runs[(kind, w, placement)] = run(kind, w, placement)[:2]
 
     rows, checks = [], {}
     for placement in ("learner", "workers"):
@@ -107,7 +117,8 @@ def rollouts_section(work: Path, log=print, checkpoint: Path = CKPT, episodes: i
     for kind in kinds:
         for placement in ("learner", "workers"):
             hook, state = kill_worker_after(kill_after)
-            r, wall = run(kind, 2, placement, hook)
+            hook.state = state
+            r, wall, state = run(kind, 2, placement, hook)
             ref = runs[("local", 1, placement)][0]
             distinct = len(set(r.seeds))
             kills[(kind, placement)] = dict(restarts=r.worker_restarts, distinct=distinct, identical=_core(r) == _core(ref),
@@ -133,6 +144,24 @@ def rollouts_section(work: Path, log=print, checkpoint: Path = CKPT, episodes: i
     def workers_rate(kind, W):  # episodes/s with a policy copy per worker (start-up once per evaluation)
         return episodes / (start[kind] + episodes * t_episode / W)
 
+    body = [f"Checkpoint `{checkpoint.name}` on its task, {episodes} episodes (seeds {seed}..{seed + episodes - 1}), "
+            f"{n_envs} env slots, one torch thread per process. `placement=learner`: the policy runs in the calling "
+            f"process, batched over all slots; the envs live in the workers (one round trip per worker per env step). "
+            f"`placement=workers`: each worker holds a CPU copy of the policy and plays whole shards of {n_envs} "
+            f"episodes. This machine has 2 cores, so 2 workers share them with the driver.",
+            "", table(["backend", "placement", "workers", "episodes/s", "vs local", "success [95% CI]",
+                        "identical to local"], rows), "",
+            f"**Reproducibility check** (the same {episodes} seeds, per-episode success, return and length compared "
+            f"exactly): placement=learner {checks['learner'][0]}/{checks['learner'][1]} runs identical to the local run; "
+            f"placement=workers {checks['workers'][0]}/{checks['workers'][1]} identical to the local sharded run. The two "
+            f"placements differ from each other in the last float bits of some actions (a batched matrix product is not "
+            f"bit-identical across batch compositions), which is why each placement is compared with its own local run.",
+            "", f"**Kill test**: worker 0 of 2 is SIGKILLed after {kill_after} of {episodes} episodes have finished.", "",
+            table(["backend", "placement", "killed", "workers replaced", "distinct seeds", "success", "without kill",
+                   "identical per episode"], kill_rows), "",
+            "placement=learner replaces the worker and replays each of its slots' episodes from the logged seed and "
+            "actions to the step where it died; placement=workers plays the dead worker's shard again, whole, and takes "
+            "each shard's records once.", ""]
     body += [table(["cost", "measured"], [
         ["env step (one core)", f"{t_env * 1e3:.3f} ms"], ["mean episode length", f"{mean_len:.1f} steps"],
         ["an episode with its own policy copy, one core (placement=workers, local)", f"{t_episode * 1e3:.1f} ms"],

@@ -17,6 +17,8 @@ Sections (each rewrites its own part of BENCHMARKS.md):
   robosuite   robosuite Lift/Can from scripted demos (optional extra)
   pusht       gym-pusht PushT evaluation (optional extra)
   peers       our diffusion policy vs a diffusers-scheduler loop: inference latency and training throughput
+  async       asynchronous execution under inference delay: success vs delay per strategy (naive, ensemble,
+              bid, rtc) on the shipped flow checkpoints of --tasks, switch discontinuity, a plot
   rollouts    evaluation on worker processes and Ray actors: throughput per worker count, the same results
               under every backend, a worker killed mid-evaluation, the costs to size a cluster with
 
@@ -35,7 +37,7 @@ from pathlib import Path
 
 
 SECTIONS = ("envs", "throughput", "image-throughput", "bc", "image", "image-rti", "steer", "headroom", "rti", "latency", "gpu-latency", "compose",
-            "drive", "robosuite", "pusht", "peers", "reliability", "rollouts")
+            "drive", "robosuite", "pusht", "peers", "reliability", "rollouts", "async")
 
 
 def _count(text: str) -> int:
@@ -194,6 +196,13 @@ def main(argv=None) -> int:
              "compose": ("dpolicy.bench.compose", "compose_section"), "drive": ("dpolicy.bench.drive", "drive_section"),
              "robosuite": ("dpolicy.bench.standard", "robosuite_section"),
              "rollouts": ("dpolicy.bench.rollouts", "rollouts_section")}
+    if "async" in sections:
+        from dpolicy.bench.asynchronous import async_section
+
+        tasks = [t for t in args.tasks.split(",") if (Path("checkpoints") / f"{t}_flow").exists()]
+        body, _ = async_section(work / "async", log=log, checkpoints=[Path("checkpoints") / f"{t}_flow" for t in tasks],
+                                episodes=args.episodes, plot_path=f"docs/img/async_delay_{'_'.join(tasks)}.png")
+        write_section(args.out, "async:" + ",".join(tasks), body, command)
     if "pusht" in sections:  # with the shipped PushT checkpoints, if any
         from dpolicy.bench.standard import pusht_section
 

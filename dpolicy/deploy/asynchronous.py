@@ -216,6 +216,8 @@ class ChunkPlanner:
         entry ``offset + j`` is planned for the new chunk's time ``j``."""
         pol, cfg, proc = self.policy, self.cfg, self.process
         B, N = noise.shape[:2]
+        if prev is not None and offset >= self.Tp:  # the current chunk has run out: nothing left to agree with
+            prev = None
         with torch.no_grad():
             cond = pol.encode(window)
             target = None
@@ -410,6 +412,7 @@ class LiveAsyncRunner:
     largest delay seen so far (in steps, starting from ``cfg.delay``). ``close()`` stops and joins the thread."""
 
     def __init__(self, policy, cfg: AsyncConfig, seed: int = 0):
+        ChunkPlanner(policy, cfg)  # the settings' checks, before any thread starts
         self.policy, self.cfg = policy, cfg
         self.device = torch.device(policy.device)
         self.Tp, self.Da = policy.Tp, policy.action_dim
