@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from dpolicy.config import NetConfig, PolicyConfig, ProcessConfig
+from dpolicy.config import NetConfig, PolicyConfig, ProcessConfig, VisionConfig
 from dpolicy.data import Demo, WindowDataset
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -52,3 +52,32 @@ def random_obs(batch=4, To=2, seed=0, device="cpu"):
 @pytest.fixture
 def demos():
     return make_demos()
+
+
+# a toy camera task: the action is where a bright pixel sits in a 16 x 16 image, plus a position vector
+H, W = 16, 16
+
+
+def image_demos(n=4, length=20, seed=0):
+    """A toy task: the action is where a bright pixel sits in the image, plus a position vector."""
+    rng = np.random.default_rng(seed)
+    demos = []
+    for _ in range(n):
+        img = rng.integers(0, 40, (length, H, W, 3), dtype=np.uint8)
+        rows, cols = rng.integers(0, H, length), rng.integers(0, W, length)
+        img[np.arange(length), rows, cols] = 255
+        pos = rng.normal(size=(length, 2)).astype(np.float32)
+        actions = np.stack([rows / H, cols / W], 1).astype(np.float32)
+        demos.append(Demo(obs={"pos": pos, "cam": img}, actions=actions))
+    return demos
+
+
+def image_policy(process="diffusion", To=2, share=False, seed=0):
+    from dpolicy.train.bc import build_policy
+
+    torch.manual_seed(seed)
+    data = WindowDataset(image_demos(), ["pos", "cam"], To=To, Tp=4, seed=seed)
+    cfg = PolicyConfig(To=To, Tp=4, Ta=2, net=NetConfig(type="mlp", hidden=32, depth=1),
+                       process=ProcessConfig(type=process, steps=3, sampler="euler" if process == "flow" else "ddim"),
+                       vision=VisionConfig(crop=12, keypoints=4, channels=[8], share=share))
+    return build_policy(cfg, data), data

@@ -171,3 +171,28 @@ def test_the_live_loop_runs_a_real_inference_thread_and_leaves_none_behind(flow_
     assert all(d >= 0 for d in out["delays"])
     assert not runner.thread.is_alive()
     assert {t.ident for t in threading.enumerate()} <= before
+
+
+def test_every_policy_kind_runs_asynchronously(flow_policy):
+    from conftest import image_policy
+    from dpolicy.compose import ComposedPolicy
+    from dpolicy.rl.agent import Actor
+    from dpolicy.rl.steered import SteeredPolicy
+
+    torch.manual_seed(0)
+    steered = SteeredPolicy(flow_policy, Actor(flow_policy.cond_dim, flow_policy.Tp * flow_policy.action_dim, 16, 1, 1.0).eval())
+    kinds = {"composed": ComposedPolicy([flow_policy, tiny_policy(process="flow", sampler="euler", Ta=4, seed=4)], [0.5, 0.5]),
+             "steered": steered, "regression": tiny_policy("mlp", "regression", "direct", Ta=4)}
+    for name, pol in kinds.items():
+        for strategy in ("naive", "rtc") if name != "regression" else ("naive", "bid"):
+            r, extra = evaluate_async(pol, DriftEnv, AsyncConfig(strategy=strategy, delay=2), n_episodes=2, n_envs=2)
+            assert r.n_episodes == 2 and extra["switches"] > 0, (name, strategy)
+    cam, _ = image_policy(process="flow")
+    ex = AsyncChunker(cam, AsyncConfig(strategy="rtc", delay=1), batch_size=2)
+    ex.reset()
+    rng = np.random.default_rng(0)
+    for t in range(6):
+        a = ex.step({"pos": rng.normal(size=(2, 2)).astype(np.float32),
+                     "cam": rng.integers(0, 255, (2, 16, 16, 3), dtype=np.uint8)})
+        assert a.shape == (2, 2) and np.isfinite(a).all()
+    assert ex.planner.backwards > 0

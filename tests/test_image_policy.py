@@ -19,30 +19,7 @@ from dpolicy.policy.chunk_policy import ChunkPolicy
 from dpolicy.policy.history import ObsHistory
 from dpolicy.train.bc import build_policy
 
-H, W = 16, 16
-
-
-def image_demos(n=4, length=20, seed=0):
-    """A toy task: the action is where a bright pixel sits in the image, plus a position vector."""
-    rng = np.random.default_rng(seed)
-    demos = []
-    for _ in range(n):
-        img = rng.integers(0, 40, (length, H, W, 3), dtype=np.uint8)
-        rows, cols = rng.integers(0, H, length), rng.integers(0, W, length)
-        img[np.arange(length), rows, cols] = 255
-        pos = rng.normal(size=(length, 2)).astype(np.float32)
-        actions = np.stack([rows / H, cols / W], 1).astype(np.float32)
-        demos.append(Demo(obs={"pos": pos, "cam": img}, actions=actions))
-    return demos
-
-
-def image_policy(process="diffusion", To=2, share=False, seed=0):
-    torch.manual_seed(seed)
-    data = WindowDataset(image_demos(), ["pos", "cam"], To=To, Tp=4, seed=seed)
-    cfg = PolicyConfig(To=To, Tp=4, Ta=2, net=NetConfig(type="mlp", hidden=32, depth=1),
-                       process=ProcessConfig(type=process, steps=3, sampler="euler" if process == "flow" else "ddim"),
-                       vision=VisionConfig(crop=12, keypoints=4, channels=[8], share=share))
-    return build_policy(cfg, data), data
+from conftest import H, W, image_demos, image_policy  # noqa: E402  the toy camera task and its policy
 
 
 def obs_batch(B=3, To=2, seed=0):
