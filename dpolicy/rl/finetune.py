@@ -1,0 +1,477 @@
+"""Fine-tuning a chunk policy's own weights with reward, through its denoising chain.
+
+The last ``K'`` denoising steps become a Gaussian policy: each draws ``x' ~ N(mean_theta(x), std^2)`` around the
+deterministic step of the policy's own process (DDIM with eta = 0, a flow's Euler or Heun step, EDM's step), so
+every chain has a likelihood, a sum over its fine-tuned steps (DPPO's two-level MDP: the denoising steps are
+actions inside each environment decision; a flow policy becomes a stochastic sampler with fixed noise, as in
+ReinFlow and Flow-GRPO). The steps before them run deterministically. ``std`` is DPPO's minimum exploration
+noise, in normalized action units.
+
+Every iteration plays whole episodes with the policy being trained (``collect``), then updates it:
+
+* ``ppo`` (DPPO): GAE over the environment decisions with a value network on the policy's observation encoding,
+  PPO's clipped ratio per denoising step;
+* ``grpo`` / ``gspo``: ``group`` episodes start from the same reset state (the same seed gives the same
+  simulator state), each episode's return is normalized within its group and is the advantage of every
+  decision in it; no value network. GRPO clips each denoising step's ratio (token level); GSPO clips the
+  chain's length-normalized ratio ``exp(mean_k log r_k)`` (sequence level);
+* ``awm``: advantage-weighted matching: the policy's own training loss on its own sampled chunks, weighted by
+  ``exp(A / temperature)`` (capped), with the group advantages; no likelihood of the chain is needed.
+
+``kl_coef`` adds the KL divergence of each fine-tuned step to the frozen base's step (Gaussians with the same
+std: a squared distance of the means). The result is an ordinary checkpoint (the policy's own class and format),
+so evaluation, deployment (chunked or RTI), composition, export and steering load it like any other.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from dpolicy.config import register
+from dpolicy.errors import ConfigError
+from dpolicy.eval.runner import EpisodeRunner
+from dpolicy.policy.history import ObsHistory
+from dpolicy.process import sample_loop
+
+logger = logging.getLogger("dpolicy.finetune")
+ALGOS = ("ppo", "grpo", "gspo", "awm")
+
+
+@dataclass
+class FinetuneConfig:
+    base: str = ""                  # the policy to fine-tune (policy dir, step dir or run checkpoints/)
+    algo: str = "ppo"               # ppo | grpo | gspo | awm
+    env_kwargs: dict = field(default_factory=dict)
+    env_steps: int = 200000         # environment steps of fine-tuning
+    episodes_per_iter: int = 16     # episodes played per iteration (grpo/gspo/awm: a multiple of group)
+    group: int = 8                  # grpo/gspo/awm: episodes per state-reset group
+    ft_steps: int | None = None     # K': fine-tuned denoising steps, the last ones (None: all of them)
+    sampling_steps: int | None = None  # denoising steps of the chain (None: the policy's own)
+    std: float = 0.1                # exploration std of each fine-tuned step (normalized action units)
+    lr: float = 3e-5                # the policy's learning rate
+    critic_lr: float = 1e-3         # ppo: the value network's
+    epochs: int = 4                 # passes over each iteration's data
+    batch_size: int = 256
+    clip: float = 0.2               # ppo / grpo: ratio clip per denoising step
+    seq_clip: float = 0.05          # gspo: clip of the sequence-level ratio
+    gamma: float = 0.99             # per environment step
+    lam: float = 0.95               # ppo: GAE
+    kl_coef: float = 0.0            # KL of the fine-tuned steps to the frozen base's
+    temperature: float = 1.0        # awm: weights exp(A / temperature), capped at max_weight
+    max_weight: float = 20.0
+    reward_offset: float = 0.0      # added to every env reward
+    grad_clip: float = 1.0
+    eval_every: int = 20000         # env steps between evaluations
+    eval_episodes: int = 50
+    eval_seed: int = 100000
+    seed: int = 0
+    device: str = "auto"
+    progress: bool = True
+    backend: str | None = None      # where the envs run: local | subprocess | ray (None: the process default)
+    workers: int = 1
+    address: str | None = None      # ray: an existing cluster
+    placement: str = "learner"      # the evaluations: learner | workers
+    shard: int | None = None
+
+    def __post_init__(self):
+        from dpolicy.eval.backends import RolloutBackend
+
+        RolloutBackend.from_settings(self)
+        if not self.base:
+            raise ConfigError("base=<checkpoint> is required: the policy to fine-tune.")
+        if self.algo not in ALGOS:
+            raise ConfigError(f"algo={self.algo!r} is unknown; choose one of {', '.join(ALGOS)}.")
+        for k in ("env_steps", "episodes_per_iter", "group", "epochs", "batch_size", "eval_episodes"):
+            v = getattr(self, k)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ConfigError(f"{k}={v!r} must be an integer of at least 1.")
+        if self.algo != "ppo" and self.episodes_per_iter % self.group:
+            raise ConfigError(f"episodes_per_iter={self.episodes_per_iter} must be a multiple of group={self.group}.")
+        if self.algo != "ppo" and self.group < 2:
+            raise ConfigError(f"group={self.group} must be at least 2: a group normalizes returns against each other.")
+        for k in ("std", "lr", "critic_lr", "clip", "seq_clip", "temperature", "max_weight"):
+            v = getattr(self, k)
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+                raise ConfigError(f"{k}={v!r} must be a positive number.")
+        for k in ("gamma", "lam"):
+            if not 0 < getattr(self, k) <= 1:
+                raise ConfigError(f"{k}={getattr(self, k)!r} must be in (0, 1].")
+        if self.kl_coef < 0:
+            raise ConfigError(f"kl_coef={self.kl_coef!r} must be at least 0.")
+        if self.ft_steps is not None and self.ft_steps < 1:
+            raise ConfigError(f"ft_steps={self.ft_steps!r} must be at least 1 (or None for every step).")
+        self.env_kwargs = dict(self.env_kwargs or {})
+
+
+register(FinetuneConfig)
+
+
+class DenoisingChain:
+    """The policy's sampler with its last ``K'`` steps made Gaussian (``sample``) and their log-likelihood
+    (``log_prob``, differentiable in the policy's weights)."""
+
+    def __init__(self, policy, steps: int | None = None, ft_steps: int | None = None, std: float = 0.1):
+        proc = policy.process
+        if not getattr(proc, "denoising", False):
+            raise ConfigError(f"a {proc.name} policy has no denoising chain to fine-tune.")
+        if proc.stochastic:  # the mean of a DDPM step: its deterministic counterpart
+            proc = proc.with_sampler("ddim", eta=0.0)
+        self.policy, self.process, self.std = policy, proc, float(std)
+        schedule = proc.schedule(policy.resolve_steps(steps))
+        k = len(schedule) if ft_steps is None else int(ft_steps)
+        if k > len(schedule):
+            raise ConfigError(f"ft_steps={k} is more than the chain's {len(schedule)} denoising steps.")
+        self.pre, self.ft = schedule[:len(schedule) - k], schedule[len(schedule) - k:]
+
+    @property
+    def k(self) -> int:
+        return len(self.ft)
+
+    def means(self, policy, cond: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+        """``(B, K', Tp, Da)``: each fine-tuned step's mean from latent ``k`` under ``policy``'s field."""
+        fn = policy.field_fn(cond)
+        return torch.stack([self.process.step(fn, latents[:, j], t, tn, None) for j, (t, tn) in enumerate(self.ft)], 1)
+
+    @torch.no_grad()
+    def sample(self, cond: torch.Tensor, noise: torch.Tensor, generators) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Chunks ``(B, Tp, Da)`` (normalized), the latents ``(B, K'+1, Tp, Da)`` and log-likelihoods ``(B, K')``."""
+        fn = self.policy.field_fn(cond)
+        x = sample_loop(self.process, fn, self.process.from_noise(noise), self.pre)
+        lat, logp = [x], []
+        for t, tn in self.ft:
+            mean = self.process.step(fn, x, t, tn, None)
+            eps = torch.stack([torch.randn(mean.shape[1:], device=mean.device, generator=g) for g in generators])
+            x = mean + self.std * eps
+            lat.append(x)
+            logp.append(-0.5 * (eps ** 2).sum((1, 2)))
+        return x, torch.stack(lat, 1), torch.stack(logp, 1)
+
+    def log_prob(self, cond: torch.Tensor, latents: torch.Tensor, policy=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Log-likelihoods ``(B, K')`` of the recorded latents (constants dropped: they cancel in ratios), and the means."""
+        mu = self.means(policy or self.policy, cond, latents[:, :-1])
+        return -0.5 * ((latents[:, 1:] - mu) ** 2).sum((2, 3)) / self.std ** 2, mu
+
+
+@dataclass
+class Batch:
+    cond: torch.Tensor        # (D, S) the policy's observation encoding at each decision
+    latents: torch.Tensor     # (D, K'+1, Tp, Da)
+    logp: torch.Tensor        # (D, K') at collection
+    reward: np.ndarray        # (D,) discounted sum of the decision's env rewards
+    discount: np.ndarray      # (D,) gamma ** (env steps the decision took)
+    episode: np.ndarray       # (D,) episode index
+    last: np.ndarray          # (D,) the episode's last decision
+    terminated: np.ndarray    # (D,) ... and it ended by termination (no bootstrap)
+    final_cond: torch.Tensor  # (E, S) encoding after each episode's last step (bootstrap of truncated ones)
+    returns: np.ndarray       # (E,) undiscounted episode returns
+    successes: np.ndarray     # (E,)
+    env_steps: int
+
+
+def collect(policy, chain: DenoisingChain, envs: list, seeds: list[int], gamma: float, reward_offset: float,
+            rng: np.random.Generator) -> Batch:
+    """Play one episode per env slot (``seeds[i]`` in slot ``i``) with the chain's Gaussian steps; record every decision."""
+    n, dev = len(seeds), torch.device(policy.device)
+    To, Tp, Ta, Da = policy.To, policy.Tp, policy.Ta, policy.action_dim
+    runner = EpisodeRunner(envs, seeds)
+    hist = ObsHistory(policy.obs_keys, To, n, dev, policy.obs_dims, shapes=policy.image_shapes)
+    gens = [torch.Generator(device=dev).manual_seed(int(rng.integers(2**62))) for _ in range(n)]
+    obs, _ = runner.reset()
+    hist.start(hist.read(obs)[0])
+    queue = np.zeros((n, Ta, Da), np.float32)
+    pos = np.full(n, Ta)
+    cur = np.full(n, -1)  # each slot's current decision
+    rec: dict[str, list] = {k: [] for k in ("cond", "lat", "logp", "reward", "disc", "episode", "steps")}
+    ended_at, terminated, final_cond = {}, {}, [None] * n
+    unnorm = policy.normalizer.action.unnormalize
+    env_steps = 0
+    while runner.active.any():
+        active = runner.active
+        plan = active & (pos >= Ta)
+        if plan.any():
+            rows = np.nonzero(plan)[0]
+            with torch.no_grad():
+                cond = policy.encode(hist.window(rows))
+                noise = torch.stack([torch.randn(Tp, Da, device=dev, generator=gens[r]) for r in rows])
+                x, lat, logp = chain.sample(cond, noise, [gens[r] for r in rows])
+                queue[rows] = unnorm(x)[:, :Ta].cpu().numpy()
+            pos[rows] = 0
+            for j, r in enumerate(rows):
+                cur[r] = len(rec["cond"])
+                rec["cond"].append(cond[j])
+                rec["lat"].append(lat[j])
+                rec["logp"].append(logp[j])
+                rec["reward"].append(0.0)
+                rec["disc"].append(1.0)
+                rec["episode"].append(int(r))
+                rec["steps"].append(0)
+        rows = np.nonzero(active)[0]
+        acts = np.zeros((n, Da), np.float32)
+        acts[rows] = queue[rows, pos[rows]]
+        pos[rows] += 1
+        res = runner.step(acts, active)
+        env_steps += len(rows)
+        hist.push(hist.read(res.obs)[0], slots=active)
+        for r in rows:
+            i = cur[r]
+            rec["reward"][i] += rec["disc"][i] * (float(res.reward[r]) + reward_offset)
+            rec["disc"][i] *= gamma
+            rec["steps"][i] += 1
+        for r in np.nonzero(res.ended)[0]:
+            ended_at[int(r)], terminated[int(r)] = cur[r], bool(res.terminated[r])
+            with torch.no_grad():
+                final_cond[r] = policy.encode(hist.window([r]))[0]
+        runner.restart()
+    D = len(rec["cond"])
+    last = np.zeros(D, bool)
+    term = np.zeros(D, bool)
+    for r, i in ended_at.items():
+        last[i], term[i] = True, terminated[r]
+    recs = runner.records
+    return Batch(cond=torch.stack(rec["cond"]), latents=torch.stack(rec["lat"]), logp=torch.stack(rec["logp"]),
+                 reward=np.array(rec["reward"]), discount=np.array(rec["disc"]), episode=np.array(rec["episode"]),
+                 last=last, terminated=term, final_cond=torch.stack(final_cond),
+                 returns=np.array([r.ret + reward_offset * r.length for r in recs]),
+                 successes=np.array([r.success for r in recs], dtype=bool), env_steps=env_steps)
+
+
+def gae(batch: Batch, values: np.ndarray, final_values: np.ndarray, lam: float) -> tuple[np.ndarray, np.ndarray]:
+    """Advantages and value targets over each episode's decisions (in order); a truncated episode bootstraps
+    from the value of its final observation."""
+    adv = np.zeros(len(values))
+    for e in np.unique(batch.episode):
+        idx = np.nonzero(batch.episode == e)[0]
+        nxt, running = 0.0 if batch.terminated[idx[-1]] else final_values[e], 0.0
+        for i in idx[::-1]:
+            delta = batch.reward[i] + batch.discount[i] * nxt - values[i]
+            running = delta + batch.discount[i] * lam * running
+            adv[i], nxt = running, values[i]
+    return adv, adv + values
+
+
+def group_advantages(batch: Batch, group: int) -> np.ndarray:
+    """Each decision's advantage: its episode's return normalized within the episode's group."""
+    r = batch.returns.reshape(-1, group)
+    a = (r - r.mean(1, keepdims=True)) / (r.std(1, keepdims=True) + 1e-6)
+    return a.reshape(-1)[batch.episode]
+
+
+class Critic(nn.Module):
+    def __init__(self, dim: int, hidden: int = 256):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(dim, hidden), nn.Mish(), nn.Linear(hidden, hidden), nn.Mish(), nn.Linear(hidden, 1))
+
+    def forward(self, x):
+        return self.net(x).squeeze(-1)
+
+
+class Finetuner:
+    """One algorithm's updates on a policy (in place); ``iteration`` collects and updates once."""
+
+    def __init__(self, policy, env_fn, cfg: FinetuneConfig):
+        self.policy, self.cfg = policy, cfg
+        self.device = torch.device(policy.device)
+        self.chain = DenoisingChain(policy, cfg.sampling_steps, cfg.ft_steps, cfg.std)
+        self.base = copy.deepcopy(policy).eval().requires_grad_(False) if cfg.kl_coef > 0 else None
+        # the denoiser is trained; the observation encoder (cameras) and the normalizers stay as they are
+        self.params = [p for n, p in policy.named_parameters() if n.startswith("net.")]
+        for n, p in policy.named_parameters():
+            p.requires_grad_(n.startswith("net."))
+        if not self.params:
+            raise ConfigError(f"a {type(policy).__name__} has no denoiser weights (net.*) to fine-tune.")
+        self.opt = torch.optim.Adam(self.params, lr=cfg.lr)
+        self.critic = Critic(policy.cond_dim).to(self.device) if cfg.algo == "ppo" else None
+        self.copt = torch.optim.Adam(self.critic.parameters(), lr=cfg.critic_lr) if self.critic is not None else None
+        from dpolicy.eval.backends import PooledEnvs, RolloutBackend
+
+        backend = RolloutBackend.from_settings(cfg)
+        n = cfg.episodes_per_iter  # one slot per episode of an iteration, here or in workers / Ray actors
+        self.envs = [env_fn() for _ in range(n)] if backend.kind == "local" else PooledEnvs(env_fn, n, backend)
+        self.rng = np.random.default_rng(cfg.seed)
+        self.env_steps = 0
+
+    def seeds(self) -> list[int]:
+        c = self.cfg
+        if c.algo == "ppo":
+            return [int(s) for s in self.rng.integers(2**31, size=c.episodes_per_iter)]
+        return [int(s) for s in self.rng.integers(2**31, size=c.episodes_per_iter // c.group) for _ in range(c.group)]
+
+    def iteration(self) -> dict:
+        c, pol = self.cfg, self.policy
+        pol.eval()
+        batch = collect(pol, self.chain, self.envs, self.seeds(), c.gamma, c.reward_offset, self.rng)
+        self.env_steps += batch.env_steps
+        if c.algo == "ppo":
+            with torch.no_grad():
+                values = self.critic(batch.cond).cpu().numpy()
+                final_values = self.critic(batch.final_cond).cpu().numpy()
+            adv, targets = gae(batch, values, final_values, c.lam)
+            adv = (adv - adv.mean()) / (adv.std() + 1e-6)
+        else:
+            adv, targets = group_advantages(batch, c.group), None
+        stats = self.update(batch, torch.as_tensor(adv, dtype=torch.float32, device=self.device),
+                            None if targets is None else torch.as_tensor(targets, dtype=torch.float32, device=self.device))
+        return {"env_steps": self.env_steps, "return": float(batch.returns.mean()), "success": float(batch.successes.mean()),
+                "decisions": len(batch.reward), **stats}
+
+    def update(self, batch: Batch, adv: torch.Tensor, targets: torch.Tensor | None) -> dict:
+        c, pol = self.cfg, self.policy
+        pol.train()
+        D = len(adv)
+        g = torch.Generator().manual_seed(int(self.rng.integers(2**31)))
+        losses, clipped, kls = [], [], []
+        x0 = batch.latents[:, -1]
+        for _ in range(c.epochs):
+            for idx in torch.randperm(D, generator=g).split(c.batch_size):
+                idx = idx.to(self.device)
+                cond, lat, a = batch.cond[idx], batch.latents[idx], adv[idx]
+                if c.algo == "awm":
+                    w = torch.exp(a / c.temperature).clamp(max=c.max_weight)
+                    per = pol.process.loss(pol.field_fn(cond), x0[idx])
+                    loss = (w * per).mean()
+                    mu = self.chain.means(pol, cond, lat[:, :-1]) if self.base is not None else None
+                else:
+                    logp, mu = self.chain.log_prob(cond, lat)
+                    log_ratio = logp - batch.logp[idx]
+                    if c.algo == "gspo":
+                        ratio = log_ratio.mean(1).exp()
+                        lo, hi = 1 - c.seq_clip, 1 + c.seq_clip
+                        loss = -torch.min(ratio * a, ratio.clamp(lo, hi) * a).mean()
+                        clipped.append(((ratio < lo) | (ratio > hi)).float().mean().item())
+                    else:
+                        ratio = log_ratio.exp()
+                        aa = a[:, None]
+                        loss = -torch.min(ratio * aa, ratio.clamp(1 - c.clip, 1 + c.clip) * aa).mean()
+                        clipped.append(((ratio - 1).abs() > c.clip).float().mean().item())
+                if self.base is not None:
+                    with torch.no_grad():
+                        mu_base = self.chain.means(self.base, cond, lat[:, :-1])
+                    kl = ((mu - mu_base) ** 2).sum((2, 3)).mean() / (2 * c.std ** 2)
+                    loss = loss + c.kl_coef * kl
+                    kls.append(kl.item())
+                self.opt.zero_grad(set_to_none=True)
+                loss.backward()
+                nn.utils.clip_grad_norm_(self.params, c.grad_clip)
+                self.opt.step()
+                losses.append(loss.item())
+                if self.critic is not None:
+                    vloss = ((self.critic(cond) - targets[idx]) ** 2).mean()
+                    self.copt.zero_grad(set_to_none=True)
+                    vloss.backward()
+                    self.copt.step()
+        pol.eval()
+        out = {"loss": float(np.mean(losses))}
+        if clipped:
+            out["clip_frac"] = float(np.mean(clipped))
+        if kls:
+            out["kl"] = float(np.mean(kls))
+        return out
+
+    def close(self) -> None:
+        for env in self.envs if isinstance(self.envs, list) else [self.envs]:
+            env.close()
+
+
+def action_drift(policy, base, env_fn, episodes: int = 5, seed: int = 123) -> float:
+    """Mean squared difference (normalized action units) between the fine-tuned and the base policy's chunks on the
+    base's own states (observation windows of ``episodes`` base episodes), from the same noise."""
+    from dpolicy.eval.rollout import make_vector_env
+    from dpolicy.eval.runner import run_episodes
+
+    windows = []
+
+    class Spy:  # the base, recording the windows it decides on
+        def __getattr__(self, k):
+            return getattr(base, k)
+
+        def act(self, obs, noise=None, steps=None, generator=None):
+            windows.append(({k: v.clone() for k, v in obs.items()}, None if noise is None else noise.clone()))
+            return base.act(obs, noise=noise, steps=steps, generator=generator)
+
+    venv = make_vector_env(env_fn, min(episodes, 10))
+    try:
+        with torch.no_grad():
+            run_episodes(Spy(), venv, [seed + i for i in range(episodes)])
+    finally:
+        venv.close()
+    diffs = []
+    norm = base.normalizer.action.normalize
+    with torch.no_grad():
+        for obs, noise in windows:
+            a, b = policy.act(obs, noise=noise), base.act(obs, noise=noise)
+            diffs.append(((norm(a) - norm(b)) ** 2).mean().item())
+    return float(np.mean(diffs))
+
+
+def finetune(cfg: FinetuneConfig, run_dir, log=None) -> dict:
+    """Fine-tune ``cfg.base``; writes metrics.json, finetune_curve.png and finetuned/ into ``run_dir``."""
+    from tqdm import tqdm
+
+    from dpolicy.eval import evaluate, plot_success_vs
+    from dpolicy.kinds import load_policy
+    from dpolicy.policy.checkpoint import resolve_checkpoint
+    from dpolicy.tasks import env_factory, policy_env_args
+    from dpolicy.utils import resolve_device, seed_everything
+
+    log = log or logger.info
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    seed_everything(cfg.seed)
+    device = resolve_device(cfg.device)
+    base_dir = resolve_checkpoint(cfg.base)
+    policy = load_policy(base_dir, device)
+    base = load_policy(base_dir, device).eval()
+    env_fn = env_factory(policy_env_args(policy, f"checkpoint {cfg.base!r} stores no env_args.", None, cfg.env_kwargs))
+
+    from dpolicy.eval.backends import RolloutBackend
+
+    def ev():
+        r = evaluate(policy, env_fn, n_episodes=cfg.eval_episodes, n_envs=min(10, cfg.eval_episodes), seed=cfg.eval_seed,
+                     progress=False, backend=RolloutBackend.from_settings(cfg))
+        return {"success_rate": r.success_rate, "success_ci95": list(r.success_ci95), "mean_return": r.mean_return}
+
+    tuner = Finetuner(policy, env_fn, cfg)
+    t0 = time.perf_counter()
+    history = [{"env_steps": 0, "wall_s": 0.0, **ev()}]
+    log(f"finetune {cfg.algo}: base success {history[0]['success_rate']:.3f}")
+    iters, next_eval = [], cfg.eval_every
+    bar = tqdm(total=cfg.env_steps, desc=f"finetune {cfg.algo}", disable=not cfg.progress)
+    try:
+        while tuner.env_steps < cfg.env_steps:
+            before = tuner.env_steps
+            it = tuner.iteration()
+            it["wall_s"] = time.perf_counter() - t0
+            iters.append(it)
+            bar.update(tuner.env_steps - before)
+            bar.set_postfix(train_success=f"{it['success']:.2f}")
+            if tuner.env_steps >= next_eval or tuner.env_steps >= cfg.env_steps:
+                rec = {"env_steps": tuner.env_steps, "wall_s": time.perf_counter() - t0, **ev()}
+                history.append(rec)
+                log(f"finetune {cfg.algo}: {tuner.env_steps} env steps, success {rec['success_rate']:.3f}")
+                next_eval = tuner.env_steps + cfg.eval_every
+    finally:
+        bar.close()
+        tuner.close()
+    policy.metadata = {**policy.metadata, "finetuned": {"algo": cfg.algo, "base": str(base_dir), "env_steps": tuner.env_steps}}
+    out = run_dir / "finetuned"
+    policy.save(out)
+    drift = action_drift(policy, base, env_fn)
+    wall = time.perf_counter() - t0
+    metrics = {"config": {k: v for k, v in cfg.__dict__.items()}, "history": history, "iterations": iters,
+               "final": history[-1], "drift_mse": drift, "wall_s": wall,
+               "wall_s_per_1000_env_steps": 1000 * wall / max(tuner.env_steps, 1), "checkpoint": str(out)}
+    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
+    plot_success_vs([h["env_steps"] for h in history], [h["success_rate"] for h in history],
+                    [h["success_ci95"] for h in history], "environment steps", run_dir / "finetune_curve.png",
+                    title=f"fine-tuning ({cfg.algo})")
+    return metrics
