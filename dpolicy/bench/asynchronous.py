@@ -120,7 +120,8 @@ def async_section(work: Path, log=print, checkpoints=None, episodes: int = 200, 
             "first chunk of an episode is computed before the robot moves. Strategies: naive switching, ACT's temporal "
             "ensembling (m = 0.01), BID's backward coherence over 8 candidates, RTC guided inpainting. Synchronous rows "
             "have no delay (the world waits for the policy).")
-    return "\n".join([head, ""] + body), done
+    title = "## Deployment under inference delay: asynchronous execution, success against delay (2-core CPU)"
+    return "\n".join([title, "", head, ""] + body), done
 
 
 def _ctrl(fn, pol, env_fn, episodes, seed, **kw) -> dict:

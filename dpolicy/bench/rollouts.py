@@ -144,7 +144,8 @@ def rollouts_section(work: Path, log=print, checkpoint: Path = CKPT, episodes: i
     def workers_rate(kind, W):  # episodes/s with a policy copy per worker (start-up once per evaluation)
         return episodes / (start[kind] + episodes * t_episode / W)
 
-    body = [f"Checkpoint `{checkpoint.name}` on its task, {episodes} episodes (seeds {seed}..{seed + episodes - 1}), "
+    body = ["## Rollouts beyond one process: worker processes and Ray actors (2-core CPU)", "",
+            f"Checkpoint `{checkpoint.name}` on its task, {episodes} episodes (seeds {seed}..{seed + episodes - 1}), "
             f"{n_envs} env slots, one torch thread per process. `placement=learner`: the policy runs in the calling "
             f"process, batched over all slots; the envs live in the workers (one round trip per worker per env step). "
             f"`placement=workers`: each worker holds a CPU copy of the policy and plays whole shards of {n_envs} "

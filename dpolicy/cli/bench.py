@@ -17,6 +17,7 @@ Sections (each rewrites its own part of BENCHMARKS.md):
   robosuite   robosuite Lift/Can from scripted demos (optional extra)
   pusht       gym-pusht PushT evaluation (optional extra)
   peers       our diffusion policy vs a diffusers-scheduler loop: inference latency and training throughput
+  finetune    RL on the denoising chain (PPO, GRPO, GSPO, AWM) from DSRL's weak bases, several seeds
   async       asynchronous execution under inference delay: success vs delay per strategy (naive, ensemble,
               bid, rtc) on the shipped flow checkpoints of --tasks, switch discontinuity, a plot
   rollouts    evaluation on worker processes and Ray actors: throughput per worker count, the same results
@@ -37,7 +38,7 @@ from pathlib import Path
 
 
 SECTIONS = ("envs", "throughput", "image-throughput", "bc", "image", "image-rti", "steer", "headroom", "rti", "latency", "gpu-latency", "compose",
-            "drive", "robosuite", "pusht", "peers", "reliability", "rollouts", "async")
+            "drive", "robosuite", "pusht", "peers", "reliability", "rollouts", "async", "finetune")
 
 
 def _count(text: str) -> int:
@@ -75,6 +76,9 @@ def check_args(args, sections: list[str]) -> None:
 
         _names("--steer-tasks", args.steer_tasks, list(WEAK_BASES))
         _names("--steer-algos", args.steer_algos, ["na", "sac"])
+    if "finetune" in sections:
+        _names("--finetune-tasks", args.finetune_tasks, ["avoid", "push", "lift"])
+        _names("--finetune-algos", args.finetune_algos, ["ppo", "grpo", "gspo", "awm"])
     if "bc" in sections or args.overrides:
         runs = [[f"task={t}", f"process={p}"] for t in tasks for p in procs] if "bc" in sections else [[]]
         for over in runs:
@@ -96,6 +100,8 @@ def main(argv=None) -> int:
     ap.add_argument("--steer-tasks", default="avoid,lift", help="tasks for the steer section")
     ap.add_argument("--seeds", type=_count, default=3, help="seeds per method (steer)")
     ap.add_argument("--steer-algos", default="na,sac", help="DSRL variants for the steer section: na, sac")
+    ap.add_argument("--finetune-tasks", default="push", help="weak bases for the finetune section: avoid, push, lift")
+    ap.add_argument("--finetune-algos", default="ppo,grpo,gspo,awm", help="methods for the finetune section")
     ap.add_argument("--ablation-seeds", type=int, default=1, help="seeds of the stochastic-sampler ablation (steer; 0: none)")
     ap.add_argument("--ship", action="store_true", help="copy the bc policies into checkpoints/ with a manifest")
     ap.add_argument("--backend", default="local", help="where the sections' rollouts run: local, subprocess, ray")
@@ -196,6 +202,13 @@ def main(argv=None) -> int:
              "compose": ("dpolicy.bench.compose", "compose_section"), "drive": ("dpolicy.bench.drive", "drive_section"),
              "robosuite": ("dpolicy.bench.standard", "robosuite_section"),
              "rollouts": ("dpolicy.bench.rollouts", "rollouts_section")}
+    if "finetune" in sections:
+        from dpolicy.bench.finetune import finetune_section
+
+        tasks = args.finetune_tasks.split(",")
+        body, _ = finetune_section(work / "finetune", log=log, tasks=tasks, algos=args.finetune_algos.split(","),
+                                   seeds=range(args.seeds), figure=Path(f"docs/img/finetune_{'_'.join(tasks)}.png"))
+        write_section(args.out, "finetune:" + ",".join(tasks), body, command)
     if "async" in sections:
         from dpolicy.bench.asynchronous import async_section
 
