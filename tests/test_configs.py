@@ -18,6 +18,7 @@ from dpolicy.config import (CollectConfig, ComposeConfig, DataConfig, DeployConf
 from dpolicy.drive.config import DriveConfig
 from dpolicy.errors import ConfigError
 from dpolicy.rl.agent import DSRLConfig
+from dpolicy.rl.finetune import FinetuneConfig
 from dpolicy.rl.train import SteerConfig
 
 ROOT = Path(CONFIG_DIR)
@@ -76,7 +77,7 @@ def test_inconsistent_values_are_rejected():
 # configs/<name>.yaml -> the dataclass its command builds, and the settings a run needs that have no default
 COMMANDS = {"train": (RunConfig, []), "eval": (EvaluateConfig, ["checkpoint=x"]), "collect": (CollectConfig, []),
             "deploy": (DeployConfig, ["checkpoint=x"]), "compose": (ComposeConfig, ["parents=[x]"]),
-            "steer": (SteerConfig, ["base=x"]), "drive": (DriveConfig, [])}
+            "steer": (SteerConfig, ["base=x"]), "drive": (DriveConfig, []), "finetune": (FinetuneConfig, ["base=x"])}
 RECIPE = ("train", "policy", "eval")  # a task file's training recipe, dropped by the commands other than train
 
 

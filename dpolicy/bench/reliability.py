@@ -73,6 +73,10 @@ BAD_INPUT = {
         "sampling_steps=0", "base_eta=-1", "reward_offset=x", "dsrl.lr=0", "dsrl.algo=ppo", "dsrl.hidden=abc",
         "dsrl.gamma=2", "dsrl.q_bounds=[1,0]", "dsrl.tau=0", "dsrl.init_alpha=0", "dsrl.utd=0", "sample_noise=maybe",
         "device=tpu", "backend=mpi", "workers=0"]] + [("base=null", "base")],
+    "finetune": [(a, a.split("=")[0]) for a in [
+        "algo=trpo", "env_steps=0", "env_steps=abc", "std=0", "lr=-1", "gamma=2", "kl_coef=-1", "ft_steps=0",
+        "epochs=0", "backend=mpi", "device=tpu"]] + [("base=null", "base"), (["algo=grpo", "episodes_per_iter=10"], "multiple"),
+                                                     (["algo=grpo", "group=1"], "group"), ("base=/nonexistent/policy", "/nonexistent/policy")],
     "drive": [(["collect", a], a.split("=")[0]) for a in [
         "data.n_train=-1", "data.n_train=0", "data.n_train=abc", "data.n_val=-1", "data.n_test=0", "model.d=abc",
         "tokenizer.mode=bins", "tokenizer.resolution=0", "tokenizer.x_range=[1,0]", "train.steps=0", "train.lr=-1",
@@ -90,7 +94,7 @@ BAD_INPUT = {
               (["eval.every=-1"], "eval.every"), (["--bogus"], "--bogus")],
 }
 REQUIRED = {"evaluate": [f"checkpoint={CKPT}"], "deploy": [f"checkpoint={CKPT}"], "compose": ["parents=[a,b]"],
-            "steer": [f"base={CKPT}"]}
+            "steer": [f"base={CKPT}"], "finetune": [f"base={CKPT}"]}
 CASES = [(cmd, args if isinstance(args, list) else [args], key) for cmd, rows in BAD_INPUT.items() for args, key in rows]
 
 
