@@ -60,8 +60,10 @@ def finetune_section(work: Path, log=print, tasks=("push",), algos=("ppo", "grpo
                 rows.append([algo, seed, f"{h[0]['success_rate']:.2f}", f"{h[-1]['success_rate']:.3f}",
                              f"{max(x['success_rate'] for x in h):.3f}", "-" if r90 is None else f"{r90:,}",
                              f"{m['wall_s_per_1000_env_steps']:.1f}", f"{m['drift_mse']:.4f}"])
-        body += [f"**{task}** weak base (BC success {base_m['success_rate']:.2f}); budget {budget:,} env steps, "
-                 f"{eval_episodes} evaluation episodes every {every:,}.", "",
+        reached = sum(r[5] != "-" for r in rows)
+        body += [f"**{task}** weak base (BC success {base_m['success_rate']:.2f}; the same base as the steer section's "
+                 f"DSRL runs); budget {budget:,} env steps, {eval_episodes} evaluation episodes every {every:,}; recipe "
+                 f"{', '.join(f'{k}={v}' for k, v in RECIPE.items())}. {reached} of {len(rows)} runs reached 0.90.", "",
                  table(["method", "seed", "base", "final success", "best", "first env steps at >= 0.90",
                         "wall s / 1,000 env steps", "drift (action MSE)"], rows), ""]
         if figure is not None:
