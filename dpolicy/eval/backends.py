@@ -17,6 +17,7 @@ seed is played exactly once and its result is the one an uninterrupted run gives
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import time
@@ -275,9 +276,12 @@ def ray_init(address: str | None = None, num_cpus: int | None = None):
 
 class _RayPool:
     def __init__(self, env_fn, sizes: list[int], backend: RolloutBackend):
-        self.ray = ray_init(backend.address)
+        # a local cluster started here gets logical CPUs for every worker and a replacement (if this machine has fewer)
+        need = math.ceil(len(sizes) * backend.cpus_per_worker) + 1
+        self.ray = ray_init(backend.address, num_cpus=max(os.cpu_count() or 1, need))
         self.env_fn, self.sizes = env_fn, sizes
         self.cls = self.ray.remote(num_cpus=backend.cpus_per_worker, max_restarts=0)(EnvWorker)
+        self.start_timeout, self.cpus_per_worker = 300.0, backend.cpus_per_worker
         self.actors: list = [None] * len(sizes)
         self.pid_refs: list = [None] * len(sizes)
         for w in range(len(sizes)):
@@ -286,6 +290,10 @@ class _RayPool:
     def _start(self, w: int) -> None:
         self.actors[w] = self.cls.remote(self.env_fn, self.sizes[w])
         self.pid_refs[w] = self.actors[w].pid.remote()  # first in the actor's queue: never waits behind a shard
+        ready, _ = self.ray.wait([self.pid_refs[w]], timeout=self.start_timeout)
+        if not ready:  # an actor the cluster cannot place (no free CPU) would otherwise hang the rollout
+            raise RolloutError(f"Ray did not start env actor {w} within {self.start_timeout:.0f} s: the cluster has no "
+                               f"free resources for it (each actor reserves cpus_per_worker={self.cpus_per_worker}).")
 
     def submit(self, w: int, method: str, *args):
         return getattr(self.actors[w], method).remote(*args)
