@@ -79,7 +79,8 @@ class RolloutBackend:
     def from_settings(cls, c) -> "RolloutBackend":
         """From a command's settings (``backend``, ``workers``, ``address``, ``placement``, ``shard`` fields);
         ``backend=None`` is the process default."""
-        if c.backend is None:
+        if c.backend is None:  # the other settings are still checked
+            cls(kind="local", workers=c.workers, address=c.address, placement=c.placement, shard=c.shard)
             return _DEFAULT[0]
         return cls(kind=c.backend, workers=c.workers, address=c.address, placement=c.placement, shard=c.shard)
 
