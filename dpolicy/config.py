@@ -449,8 +449,6 @@ class EvaluateConfig:
 
     def __post_init__(self):
         _check(bool(self.checkpoint), "checkpoint=<path> is required.")
-        from dpolicy.eval.backends import RolloutBackend
-
         RolloutBackend.from_settings(self)
         check_min(self, "", 1, "episodes", "n_envs")
         check_min(self, "", 1, "steps", null="the policy's default")
@@ -478,6 +476,106 @@ class CollectConfig:
         _check(self.compression in ("gzip", "lzf", None),
                f"compression={self.compression!r} is unknown; choose one of gzip, lzf or null.")
         _check(self.rerender != "", "rerender='' names no dataset; give rerender=<file.hdf5>.")
+
+
+# where a rollout's envs run (dpolicy/eval/backends.py): the settings, here with the other configs
+BACKENDS = ("local", "subprocess", "ray")
+
+
+@dataclass
+class RolloutBackend:
+    kind: str = "local"        # local | subprocess | ray
+    workers: int = 1           # worker processes or Ray actors (capped at the number of env slots)
+    address: str | None = None  # ray: an existing cluster ("auto", "ray://host:10001"); None: a local one
+    cpus_per_worker: float = 1.0  # ray: CPUs each actor reserves (its env stepping is single-threaded)
+    max_restarts: int = 3      # replacements per worker before the rollout gives up
+    placement: str = "learner"  # evaluation only: learner (the caller's batched policy steps envs in the workers)
+                                # | workers (each worker holds a CPU copy of the policy and plays whole shards)
+    shard: int | None = None   # placement=workers: episodes per shard (None: n_envs), each on that many slots
+
+    def __post_init__(self):
+        if self.placement not in ("learner", "workers"):
+            raise ConfigError(f"placement={self.placement!r} is not a policy placement; use learner or workers.")
+        if self.shard is not None and not (isinstance(self.shard, int) and self.shard >= 1):
+            raise ConfigError(f"shard={self.shard!r} must be an integer of at least 1 (or None for n_envs).")
+        if self.kind not in BACKENDS:
+            raise ConfigError(f"backend={self.kind!r} is not a rollout backend; use one of {', '.join(BACKENDS)}.")
+        if not (isinstance(self.workers, int) and self.workers >= 1):
+            raise ConfigError(f"workers={self.workers!r} must be an integer of at least 1.")
+        if self.max_restarts < 0:
+            raise ConfigError(f"max_restarts={self.max_restarts} must be at least 0.")
+        if not self.cpus_per_worker >= 0:
+            raise ConfigError(f"cpus_per_worker={self.cpus_per_worker} must be at least 0.")
+
+    @classmethod
+    def of(cls, backend: "RolloutBackend | str | None", workers: int | None = None, address: str | None = None,
+           **kwargs) -> "RolloutBackend":
+        """``backend`` itself, or one made from a kind; None is the process default (``set_default_backend``)."""
+        if isinstance(backend, RolloutBackend):
+            return backend
+        if backend is None and workers is None and address is None and not kwargs:
+            return _DEFAULT[0]
+        return cls(kind=backend or "local", workers=1 if workers is None else workers, address=address, **kwargs)
+
+    @classmethod
+    def from_settings(cls, c) -> "RolloutBackend":
+        """From a command's settings (``backend``, ``workers``, ``address``, ``placement``, ``shard`` fields);
+        ``backend=None`` is the process default."""
+        if c.backend is None:  # the other settings are still checked
+            cls(kind="local", workers=c.workers, address=c.address, placement=c.placement, shard=c.shard)
+            return _DEFAULT[0]
+        return cls(kind=c.backend, workers=c.workers, address=c.address, placement=c.placement, shard=c.shard)
+
+
+_DEFAULT = [RolloutBackend()]
+
+
+def set_default_backend(backend: RolloutBackend) -> None:
+    """The backend of every rollout in this process that names none (``dpolicy-bench --backend``)."""
+    _DEFAULT[0] = backend
+
+
+
+# asynchronous execution (dpolicy/deploy/asynchronous.py): the settings, here with the other configs
+STRATEGIES = ("naive", "ensemble", "bid", "rtc")
+MASKS = ("soft", "hard")
+
+
+@dataclass
+class AsyncConfig:
+    strategy: str = "rtc"        # naive | ensemble | bid | rtc
+    delay: int = 0               # control steps an inference takes (the injected delay)
+    horizon: int | None = None   # s: actions executed per chunk (None: max(Ta, delay))
+    steps: int | None = None     # sampling steps of a full solve (None: the policy's default)
+    mask: str = "soft"           # rtc: soft (frozen prefix + decaying overlap) | hard (frozen prefix only)
+    beta: float = 5.0            # rtc: the largest guidance weight
+    decay: float = 0.01          # ensemble: ACT's m in exp(-m i)
+    candidates: int = 8          # bid: chunks sampled per inference
+    rho: float = 0.9             # bid: weight rho^j of overlap entry j in the coherence distance
+    warm: list[int] | None = None  # RTI warm start: descending timesteps ending at 0 (None: solve from noise)
+    guidance: str = "vjp"        # rtc: vjp (RTC's vector-Jacobian product through the network) | direct (no
+                                 # backward pass: the correction applied to the predicted clean chunk)
+
+    def __post_init__(self):
+        if self.strategy not in STRATEGIES:
+            raise ConfigError(f"strategy={self.strategy!r} is unknown; choose one of {', '.join(STRATEGIES)}.")
+        if self.guidance not in ("vjp", "direct"):
+            raise ConfigError(f"guidance={self.guidance!r} is unknown; choose vjp or direct.")
+        if self.mask not in MASKS:
+            raise ConfigError(f"mask={self.mask!r} is unknown; choose soft or hard.")
+        if isinstance(self.delay, bool) or not isinstance(self.delay, int) or self.delay < 0:
+            raise ConfigError(f"delay={self.delay!r} must be a whole number of control steps, at least 0.")
+        if self.horizon is not None and (not isinstance(self.horizon, int) or self.horizon < 1):
+            raise ConfigError(f"horizon={self.horizon!r} must be at least 1 (or None for max(Ta, delay)).")
+        if not (self.beta >= 0 and math.isfinite(self.beta)):
+            raise ConfigError(f"beta={self.beta!r} must be a finite number of at least 0.")
+        if not self.decay >= 0:
+            raise ConfigError(f"decay={self.decay!r} must be at least 0.")
+        if not (isinstance(self.candidates, int) and self.candidates >= 1):
+            raise ConfigError(f"candidates={self.candidates!r} must be an integer of at least 1.")
+        if not 0 < self.rho <= 1:
+            raise ConfigError(f"rho={self.rho!r} must be in (0, 1].")
+
 
 
 DEPLOY_MODES = ("rti", "chunked", "async")
@@ -537,8 +635,6 @@ class DeployConfig:
         check_device(self.device)
 
     def async_config(self):
-        from dpolicy.deploy.asynchronous import AsyncConfig
-
         return AsyncConfig(strategy=self.strategy, delay=self.delay, horizon=self.horizon, steps=self.steps, mask=self.mask,
                            beta=self.beta, guidance=self.guidance, candidates=self.candidates, warm=self.timesteps)
 

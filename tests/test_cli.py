@@ -165,7 +165,7 @@ def run_in_process(capsys, tmp_path, command, args):
 
 
 def test_the_bad_input_table_covers_every_command():
-    assert set(BAD_INPUT) == {"train", "evaluate", "collect", "deploy", "compose", "steer", "drive", "bench"}
+    assert set(BAD_INPUT) == {"train", "evaluate", "collect", "deploy", "compose", "steer", "finetune", "drive", "bench"}
     assert len(CASES) >= 150
 
 

@@ -46,48 +46,9 @@ import torch
 
 from dpolicy.deploy.kernel import shift_chunk
 from dpolicy.deploy.schedule import resolve_timesteps, warm_schedule
+from dpolicy.config import MASKS, STRATEGIES, AsyncConfig  # noqa: F401  (the settings live with the other configs)
 from dpolicy.errors import ConfigError
 from dpolicy.policy.history import ObsHistory
-
-STRATEGIES = ("naive", "ensemble", "bid", "rtc")
-MASKS = ("soft", "hard")
-
-
-@dataclass
-class AsyncConfig:
-    strategy: str = "rtc"        # naive | ensemble | bid | rtc
-    delay: int = 0               # control steps an inference takes (the injected delay)
-    horizon: int | None = None   # s: actions executed per chunk (None: max(Ta, delay))
-    steps: int | None = None     # sampling steps of a full solve (None: the policy's default)
-    mask: str = "soft"           # rtc: soft (frozen prefix + decaying overlap) | hard (frozen prefix only)
-    beta: float = 5.0            # rtc: the largest guidance weight
-    decay: float = 0.01          # ensemble: ACT's m in exp(-m i)
-    candidates: int = 8          # bid: chunks sampled per inference
-    rho: float = 0.9             # bid: weight rho^j of overlap entry j in the coherence distance
-    warm: list[int] | None = None  # RTI warm start: descending timesteps ending at 0 (None: solve from noise)
-    guidance: str = "vjp"        # rtc: vjp (RTC's vector-Jacobian product through the network) | direct (no
-                                 # backward pass: the correction applied to the predicted clean chunk)
-
-    def __post_init__(self):
-        if self.strategy not in STRATEGIES:
-            raise ConfigError(f"strategy={self.strategy!r} is unknown; choose one of {', '.join(STRATEGIES)}.")
-        if self.guidance not in ("vjp", "direct"):
-            raise ConfigError(f"guidance={self.guidance!r} is unknown; choose vjp or direct.")
-        if self.mask not in MASKS:
-            raise ConfigError(f"mask={self.mask!r} is unknown; choose soft or hard.")
-        if isinstance(self.delay, bool) or not isinstance(self.delay, int) or self.delay < 0:
-            raise ConfigError(f"delay={self.delay!r} must be a whole number of control steps, at least 0.")
-        if self.horizon is not None and (not isinstance(self.horizon, int) or self.horizon < 1):
-            raise ConfigError(f"horizon={self.horizon!r} must be at least 1 (or None for max(Ta, delay)).")
-        if not (self.beta >= 0 and math.isfinite(self.beta)):
-            raise ConfigError(f"beta={self.beta!r} must be a finite number of at least 0.")
-        if not self.decay >= 0:
-            raise ConfigError(f"decay={self.decay!r} must be at least 0.")
-        if not (isinstance(self.candidates, int) and self.candidates >= 1):
-            raise ConfigError(f"candidates={self.candidates!r} must be an integer of at least 1.")
-        if not 0 < self.rho <= 1:
-            raise ConfigError(f"rho={self.rho!r} must be in (0, 1].")
-
 
 def soft_weights(H: int, d: int, s: int) -> torch.Tensor:
     """RTC's soft mask over a chunk of ``H``: 1 on the frozen ``[0, d)``, exponentially decaying weights on the

@@ -26,9 +26,9 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from dpolicy.config import BACKENDS, RolloutBackend, set_default_backend  # noqa: F401  (the settings live with the configs)
 from dpolicy.errors import ConfigError, DPolicyError
 
-BACKENDS = ("local", "subprocess", "ray")
 RAY_INSTALL = 'pip install "ray>=2.40"  (or the extra: pip install -e ".[ray]")'
 
 
@@ -40,57 +40,32 @@ class RolloutError(DPolicyError, RuntimeError):
     """A rollout worker kept dying: the evaluation cannot go on."""
 
 
-@dataclass
-class RolloutBackend:
-    kind: str = "local"        # local | subprocess | ray
-    workers: int = 1           # worker processes or Ray actors (capped at the number of env slots)
-    address: str | None = None  # ray: an existing cluster ("auto", "ray://host:10001"); None: a local one
-    cpus_per_worker: float = 1.0  # ray: CPUs each actor reserves (its env stepping is single-threaded)
-    max_restarts: int = 3      # replacements per worker before the rollout gives up
-    placement: str = "learner"  # evaluation only: learner (the caller's batched policy steps envs in the workers)
-                                # | workers (each worker holds a CPU copy of the policy and plays whole shards)
-    shard: int | None = None   # placement=workers: episodes per shard (None: n_envs), each on that many slots
+def _subprocess_start() -> str | None:
+    """The start method of async sub-envs: fork (the fastest, None) unless this process has already rendered
+    offscreen (image observations, a video), whose GL driver state a forked child cannot use (its first render
+    would hang). Then the sub-envs come from a fork server, a fresh process that imports the tasks once and
+    never renders."""
+    base = sys.modules.get("dpolicy_envs.base")
+    if base is None or not base.rendering_started():
+        return None
+    import multiprocessing
 
-    def __post_init__(self):
-        if self.placement not in ("learner", "workers"):
-            raise ConfigError(f"placement={self.placement!r} is not a policy placement; use learner or workers.")
-        if self.shard is not None and not (isinstance(self.shard, int) and self.shard >= 1):
-            raise ConfigError(f"shard={self.shard!r} must be an integer of at least 1 (or None for n_envs).")
-        if self.kind not in BACKENDS:
-            raise ConfigError(f"backend={self.kind!r} is not a rollout backend; use one of {', '.join(BACKENDS)}.")
-        if not (isinstance(self.workers, int) and self.workers >= 1):
-            raise ConfigError(f"workers={self.workers!r} must be an integer of at least 1.")
-        if self.max_restarts < 0:
-            raise ConfigError(f"max_restarts={self.max_restarts} must be at least 0.")
-        if not self.cpus_per_worker >= 0:
-            raise ConfigError(f"cpus_per_worker={self.cpus_per_worker} must be at least 0.")
-
-    @classmethod
-    def of(cls, backend: "RolloutBackend | str | None", workers: int | None = None, address: str | None = None,
-           **kwargs) -> "RolloutBackend":
-        """``backend`` itself, or one made from a kind; None is the process default (``set_default_backend``)."""
-        if isinstance(backend, RolloutBackend):
-            return backend
-        if backend is None and workers is None and address is None and not kwargs:
-            return _DEFAULT[0]
-        return cls(kind=backend or "local", workers=1 if workers is None else workers, address=address, **kwargs)
-
-    @classmethod
-    def from_settings(cls, c) -> "RolloutBackend":
-        """From a command's settings (``backend``, ``workers``, ``address``, ``placement``, ``shard`` fields);
-        ``backend=None`` is the process default."""
-        if c.backend is None:  # the other settings are still checked
-            cls(kind="local", workers=c.workers, address=c.address, placement=c.placement, shard=c.shard)
-            return _DEFAULT[0]
-        return cls(kind=c.backend, workers=c.workers, address=c.address, placement=c.placement, shard=c.shard)
+    multiprocessing.get_context("forkserver").set_forkserver_preload(["dpolicy_envs", "dpolicy.tasks"])
+    return "forkserver"
 
 
-_DEFAULT = [RolloutBackend()]
+def make_vector_env(env_fn: Callable[[], object], n_envs: int, vector: str = "sync"):
+    """A vector env with autoreset disabled: the evaluation loop resets slots itself, with seeds."""
+    import gymnasium as gym
+    from gymnasium.vector import AutoresetMode
 
+    fns = [env_fn] * n_envs
+    if vector == "sync":
+        return gym.vector.SyncVectorEnv(fns, autoreset_mode=AutoresetMode.DISABLED)
+    if vector == "async":
+        return gym.vector.AsyncVectorEnv(fns, autoreset_mode=AutoresetMode.DISABLED, context=_subprocess_start())
+    raise ConfigError(f"vector={vector!r} is not a vector env kind; use 'sync' or 'async'.")
 
-def set_default_backend(backend: RolloutBackend) -> None:
-    """The backend of every rollout in this process that names none (``dpolicy-bench --backend``)."""
-    _DEFAULT[0] = backend
 
 
 class EnvWorker:
@@ -136,7 +111,6 @@ class EnvWorker:
         self.policy = payload
 
     def run_shard(self, seeds: Sequence[int], n_envs: int, kwargs: dict) -> tuple[list, int]:
-        from dpolicy.eval.rollout import make_vector_env
         from dpolicy.eval.runner import policy_inference, run_episodes
 
         if self.venv is None or self.venv.num_envs != n_envs:
@@ -179,8 +153,6 @@ def _serve(conn, payload: bytes, n: int) -> None:
 class _ProcessPool:
     def __init__(self, env_fn, sizes: list[int]):
         import cloudpickle
-
-        from dpolicy.eval.rollout import _subprocess_start
 
         import multiprocessing
 
@@ -554,8 +526,6 @@ def make_rollout_envs(env_fn: Callable[[], object], n_envs: int, backend: Rollou
     """The env slots of a rollout: a sync vector env (local) or a ``PooledEnvs`` on worker processes or Ray actors."""
     backend = RolloutBackend.of(backend)
     if backend.kind == "local":
-        from dpolicy.eval.rollout import make_vector_env
-
         return make_vector_env(env_fn, n_envs)
     return PooledEnvs(env_fn, n_envs, backend)
 

@@ -19,6 +19,7 @@ from typing import Callable
 import numpy as np
 
 from dpolicy.errors import ConfigError
+from dpolicy.eval.backends import _subprocess_start, make_vector_env  # noqa: F401  (re-exported)
 from dpolicy.eval.runner import policy_inference, run_episodes
 from dpolicy.eval.stats import wilson_interval
 
@@ -58,33 +59,6 @@ class EvalResult:
         lo, hi = self.success_ci95
         return (f"success {self.success_rate:.3f} [{lo:.3f}, {hi:.3f}] over {self.n_episodes} episodes, "
                 f"return {self.mean_return:.3f} +- {self.std_return:.3f}, length {self.mean_length:.1f}")
-
-
-def _subprocess_start() -> str | None:
-    """The start method of async sub-envs: fork (the fastest, None) unless this process has already rendered
-    offscreen (image observations, a video), whose GL driver state a forked child cannot use (its first render
-    would hang). Then the sub-envs come from a fork server, a fresh process that imports the tasks once and
-    never renders."""
-    base = sys.modules.get("dpolicy_envs.base")
-    if base is None or not base.rendering_started():
-        return None
-    import multiprocessing
-
-    multiprocessing.get_context("forkserver").set_forkserver_preload(["dpolicy_envs", "dpolicy.tasks"])
-    return "forkserver"
-
-
-def make_vector_env(env_fn: Callable[[], object], n_envs: int, vector: str = "sync"):
-    """A vector env with autoreset disabled: the evaluation loop resets slots itself, with seeds."""
-    import gymnasium as gym
-    from gymnasium.vector import AutoresetMode
-
-    fns = [env_fn] * n_envs
-    if vector == "sync":
-        return gym.vector.SyncVectorEnv(fns, autoreset_mode=AutoresetMode.DISABLED)
-    if vector == "async":
-        return gym.vector.AsyncVectorEnv(fns, autoreset_mode=AutoresetMode.DISABLED, context=_subprocess_start())
-    raise ConfigError(f"vector={vector!r} is not a vector env kind; use 'sync' or 'async'.")
 
 
 def summarize(records, wall_time_s: float = 0.0, policy_calls: int = 0) -> EvalResult:
