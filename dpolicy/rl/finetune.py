@@ -417,7 +417,7 @@ def finetune(cfg: FinetuneConfig, run_dir, log=None) -> dict:
     """Fine-tune ``cfg.base``; writes metrics.json, finetune_curve.png and finetuned/ into ``run_dir``."""
     from tqdm import tqdm
 
-    from dpolicy.eval import evaluate, plot_success_vs
+    from dpolicy.eval import plot_success_vs
     from dpolicy.kinds import load_policy
     from dpolicy.policy.checkpoint import resolve_checkpoint
     from dpolicy.tasks import env_factory, policy_env_args
@@ -433,12 +433,9 @@ def finetune(cfg: FinetuneConfig, run_dir, log=None) -> dict:
     base = load_policy(base_dir, device).eval()
     env_fn = env_factory(policy_env_args(policy, f"checkpoint {cfg.base!r} stores no env_args.", None, cfg.env_kwargs))
 
-    from dpolicy.eval.backends import RolloutBackend
+    from dpolicy.rl.train import _evaluate
 
-    def ev():
-        r = evaluate(policy, env_fn, n_episodes=cfg.eval_episodes, n_envs=min(10, cfg.eval_episodes), seed=cfg.eval_seed,
-                     progress=False, backend=RolloutBackend.from_settings(cfg))
-        return {"success_rate": r.success_rate, "success_ci95": list(r.success_ci95), "mean_return": r.mean_return}
+    ev = lambda: _evaluate(policy, env_fn, cfg)  # noqa: E731  DSRL's evaluation: same seeds, steps and backend
 
     tuner = Finetuner(policy, env_fn, cfg)
     t0 = time.perf_counter()
