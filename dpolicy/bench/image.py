@@ -171,14 +171,17 @@ def encoder_share(policy, decisions: int = 200, k: int = 2, seed: int = 0, threa
     return out
 
 
-def image_rti_section(checkpoints, episodes: int = 200, n_envs: int = 10, log=print) -> tuple[str, dict]:
-    """RTI (two evaluations per decision) vs chunked 10-step execution on image checkpoints, with the encoder's
-    share of a decision's latency."""
-    from dpolicy.bench.latency import checkpoint_label, rti_success_section
+def image_rti_section(checkpoints, episodes: int = 200, n_envs: int = 10, select_episodes: int = 50,
+                      log=print) -> tuple[str, dict]:
+    """RTI with two evaluations per decision vs chunked 10-step execution on image checkpoints: K'=2 and the
+    two-evaluation timestep list chosen on selection seeds (as the state section does), with the encoder's share
+    of a decision's latency."""
+    from dpolicy.bench.latency import SPACED, checkpoint_label, rti_success_section
     from dpolicy.policy import load_policy
 
-    body, res = rti_success_section(checkpoints, episodes=episodes, n_envs=n_envs, ks=(2,), candidates=None,
-                                    latency_episodes=2, log=log)
+    two = tuple(c for c in SPACED if len(c) == 2)
+    body, res = rti_success_section(checkpoints, episodes=episodes, n_envs=n_envs, ks=(2,), candidates=two,
+                                    select_episodes=select_episodes, latency_episodes=2, log=log)
     body = body.replace("## Deployment: RTI warm-started control vs chunked execution",
                         "## Deployment from pixels: RTI warm-started control vs chunked execution")
     rows = []
