@@ -284,6 +284,10 @@ class PolicyConfig:
     # per action dimension, a factor applied after normalization (RTI-DP "scale": e.g. [1, 1, 1, 0.1] shrinks a binary
     # gripper to +-0.1 so a warm start can flip it in a few denoising steps); None = all 1, checkpoints without it load as before
     action_scale: list | None = None
+    # training-time real-time chunking: the denoiser is also conditioned on up to ``prefix`` committed actions at the
+    # chunk's start (the actions an asynchronous executor runs while the chunk is computed), drawn 0..prefix per
+    # training sample; a call without them is a call with none, so the policy is an ordinary one otherwise (0: off)
+    prefix: int = 0
     net: NetConfig = field(default_factory=NetConfig)
     process: ProcessConfig = field(default_factory=ProcessConfig)
     vision: VisionConfig = field(default_factory=VisionConfig)
@@ -294,6 +298,8 @@ class PolicyConfig:
         _check(self.Tp >= 1, f"policy.Tp={self.Tp} must be at least 1.")
         _check(1 <= self.Ta <= self.Tp, f"policy.Ta={self.Ta} must be between 1 and Tp={self.Tp}.")
         _check(0.0 <= float(self.obs_noise) < float("inf"), f"policy.obs_noise={self.obs_noise} must be a finite number >= 0.")
+        _check(isinstance(self.prefix, int) and not isinstance(self.prefix, bool) and 0 <= self.prefix < self.Tp,
+               f"policy.prefix={self.prefix!r} must be a whole number of committed actions in [0, Tp={self.Tp}).")
         self.obs_keys = list(self.obs_keys)
         self.obs_dims = {str(k): int(v) for k, v in dict(self.obs_dims).items()}
         shapes = {}
@@ -539,6 +545,7 @@ def set_default_backend(backend: RolloutBackend) -> None:
 # asynchronous execution (dpolicy/deploy/asynchronous.py): the settings, here with the other configs
 STRATEGIES = ("naive", "ensemble", "bid", "rtc")
 MASKS = ("soft", "hard")
+GUIDANCE = ("vjp", "direct", "trained")
 
 
 @dataclass
@@ -554,13 +561,15 @@ class AsyncConfig:
     rho: float = 0.9             # bid: weight rho^j of overlap entry j in the coherence distance
     warm: list[int] | None = None  # RTI warm start: descending timesteps ending at 0 (None: solve from noise)
     guidance: str = "vjp"        # rtc: vjp (RTC's vector-Jacobian product through the network) | direct (no
-                                 # backward pass: the correction applied to the predicted clean chunk)
+                                 # backward pass: the correction applied to the predicted clean chunk) | trained
+                                 # (a policy trained with policy.prefix >= delay: the committed actions are its
+                                 # conditioning, no guidance)
 
     def __post_init__(self):
         if self.strategy not in STRATEGIES:
             raise ConfigError(f"strategy={self.strategy!r} is unknown; choose one of {', '.join(STRATEGIES)}.")
-        if self.guidance not in ("vjp", "direct"):
-            raise ConfigError(f"guidance={self.guidance!r} is unknown; choose vjp or direct.")
+        if self.guidance not in GUIDANCE:
+            raise ConfigError(f"guidance={self.guidance!r} is unknown; choose one of {', '.join(GUIDANCE)}.")
         if self.mask not in MASKS:
             raise ConfigError(f"mask={self.mask!r} is unknown; choose soft or hard.")
         if isinstance(self.delay, bool) or not isinstance(self.delay, int) or self.delay < 0:
@@ -615,7 +624,7 @@ class DeployConfig:
     horizon: int | None = None  # actions executed per chunk (None: max(Ta, delay))
     mask: str = "soft"  # rtc: soft | hard
     beta: float = 5.0  # rtc: the largest guidance weight
-    guidance: str = "vjp"  # rtc: vjp (through the network) | direct (on the predicted clean chunk)
+    guidance: str = "vjp"  # rtc: vjp (through the network) | direct (on the predicted clean chunk) | trained (policy.prefix)
     candidates: int = 8  # bid: chunks sampled per inference
 
     def __post_init__(self):

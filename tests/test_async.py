@@ -196,3 +196,77 @@ def test_every_policy_kind_runs_asynchronously(flow_policy):
                      "cam": rng.integers(0, 255, (2, 16, 16, 3), dtype=np.uint8)})
         assert a.shape == (2, 2) and np.isfinite(a).all()
     assert ex.planner.backwards > 0
+
+
+def _ramp_policy(prefix: int, steps: int = 500, seed: int = 0):
+    """A two-mode task the observation cannot decide: at clock c the chunk is s * (c + 1 + j) / 20 with a sign s
+    the demos draw at random; only the actions already committed tell which mode the robot is in."""
+    from dpolicy.config import NetConfig, ProcessConfig, PolicyConfig
+    from dpolicy.data import Demo, WindowDataset
+    from dpolicy.policy import ChunkPolicy
+
+    torch.manual_seed(seed)
+    clock = (np.arange(24, dtype=np.float32) / 20)[:, None]
+    demos = [Demo(obs={"clock": clock}, actions=s * (clock + 1 / 20), states=np.zeros((24, 1))) for s in (1.0, -1.0)]
+    cfg = PolicyConfig(obs_keys=["clock"], obs_dims={"clock": 1}, action_dim=1, To=1, Tp=8, Ta=4, prefix=prefix,
+                       net=NetConfig(type="mlp", hidden=64, depth=2, time_dim=16),
+                       process=ProcessConfig(type="flow", sampler="euler", steps=8))
+    pol = ChunkPolicy(cfg, WindowDataset(demos, ["clock"], 1, 8).fit_normalizer())
+    opt = torch.optim.Adam(pol.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        c = torch.randint(0, 12, (128,), generator=g).float()
+        s = torch.randint(0, 2, (128,), generator=g).float() * 2 - 1
+        acts = s[:, None, None] * (c[:, None, None] + 1 + torch.arange(8.0)[None, :, None]) / 20
+        loss = pol.loss({"clock": (c / 20)[:, None, None]}, acts, g)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return pol.eval()
+
+
+def _continuation_agreement(pol, planner_cfg, sign: float, d: int = 2, B: int = 64) -> float:
+    """Share of chunks that continue a committed prefix of mode ``sign`` in that mode (clock 6: the chunk planned
+    4 steps ago is being executed and the next one starts where its entry 4 is)."""
+    c = 6.0
+    g = torch.Generator().manual_seed(7)
+    prev_env = sign * (c - 4 + 1 + torch.arange(8.0)) / 20
+    prev = pol.normalizer.action.normalize(prev_env.view(1, 8, 1).expand(B, -1, -1).clone())
+    planner = ChunkPlanner(pol, planner_cfg)
+    new = planner.plan({"clock": torch.full((B, 1, 1), c / 20)}, torch.randn(B, 1, 8, 1, generator=g), prev, 4)
+    assert torch.equal(new[:, :d], prev[:, 4:4 + d]) or planner_cfg.guidance != "trained"
+    cont = pol.normalizer.action.unnormalize(new)[:, d:, 0]
+    return float((torch.sign(cont).mean(1) == sign).float().mean())
+
+
+def test_a_policy_trained_with_committed_prefixes_continues_the_mode_it_is_in():
+    trained, plain = _ramp_policy(prefix=3), _ramp_policy(prefix=0)
+    rtc = AsyncConfig(strategy="rtc", delay=2, guidance="trained")
+    for sign in (1.0, -1.0):
+        assert _continuation_agreement(trained, rtc, sign) >= 0.95
+    # the same task without the prefix in training: the new chunk picks its mode at random
+    naive = AsyncConfig(strategy="naive", delay=2)
+    assert min(_continuation_agreement(plain, naive, s) for s in (1.0, -1.0)) < 0.8
+    # a call without committed actions is an ordinary policy call (both modes still come out)
+    chunks = trained.sample_normalized(trained.encode({"clock": torch.full((64, 1, 1), 0.3)}),
+                                       torch.randn(64, 8, 1, generator=torch.Generator().manual_seed(3)))
+    signs = torch.sign(trained.normalizer.action.unnormalize(chunks)[:, :, 0].mean(1))
+    assert 0.1 < float((signs > 0).float().mean()) < 0.9
+
+
+def test_trained_guidance_needs_a_policy_trained_with_enough_committed_actions(flow_policy, tmp_path):
+    with pytest.raises(ConfigError, match="policy.prefix"):
+        ChunkPlanner(flow_policy, AsyncConfig(strategy="rtc", delay=2, guidance="trained"))
+    pol = _ramp_policy(prefix=2, steps=1)
+    with pytest.raises(ConfigError, match="policy.prefix"):
+        ChunkPlanner(pol, AsyncConfig(strategy="rtc", delay=3, guidance="trained", horizon=4))
+    from dpolicy.policy import load_policy
+
+    pol.save(tmp_path / "p")
+    back = load_policy(tmp_path / "p")
+    assert back.cfg.prefix == 2
+    cond = back.encode({"clock": torch.zeros(2, 1, 1)})
+    x = torch.randn(2, 8, 1, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(back.sample_normalized(cond, x), pol.sample_normalized(cond, x))
+    with pytest.raises(ConfigError, match="at most policy.prefix=2"):
+        back.with_prefix(cond, torch.zeros(2, 3, 1), 3)

@@ -15,7 +15,9 @@ How the new chunk is made consistent with the one being executed is the *strateg
 * ``bid``: bidirectional decoding's backward coherence: ``candidates`` chunks are sampled and the one closest
   to the current chunk over their overlap (squared distance weighted ``rho^j``) is kept (its forward-contrast
   term needs a second, weaker policy and is left out);
-* ``rtc``: real-time chunking (Black, Galliker and Levine 2025): guided inpainting during denoising. The
+* ``rtc``: real-time chunking (Black, Galliker and Levine 2025): guided inpainting during denoising (or, with
+  ``guidance=trained``, its training-time form: a policy trained with ``policy.prefix`` committed actions as
+  conditioning (see ``ChunkPolicy``) is given the frozen prefix and denoises the rest without guidance). The
   first ``d`` entries (executed from the current chunk while the inference runs) are frozen, the overlap
   ``[d, H - s)`` is pulled towards the current chunk with exponentially decaying weights (``mask=soft``) or
   left free (``mask=hard``), the rest is free. At each step the predicted clean chunk's weighted error to
@@ -152,6 +154,13 @@ class ChunkPlanner:
                               f"the chunk would run out before the next one arrives.")
         if self.d > self.s:
             raise ConfigError(f"delay {self.d} is longer than the execution horizon {self.s}: set horizon >= delay.")
+        self.trained = cfg.strategy == "rtc" and cfg.guidance == "trained"
+        if self.trained and self.d > 0:
+            n = getattr(getattr(policy, "cfg", None), "prefix", 0)
+            if not hasattr(policy, "with_prefix") or n < self.d:
+                raise ConfigError(f"guidance=trained needs a policy trained with policy.prefix >= delay {self.d} "
+                                  f"committed actions; this one has {n or 'none'} (train with policy.prefix={self.d}, "
+                                  f"or use guidance=vjp).")
         guided = cfg.strategy == "rtc" or cfg.warm is not None
         if guided and not getattr(self.process, "denoising", False):
             raise ConfigError(f"strategy={cfg.strategy} / warm starts need a denoising process; "
@@ -206,7 +215,14 @@ class ChunkPlanner:
                     return pol.sample_normalized(cond, eps, self.steps, generator)
                 x = proc.from_noise(self._noise_start(cond, eps))
             self.evals += B * proc.evals(sched)
-            if cfg.strategy == "rtc" and target is not None:
+            if self.trained and self.d > 0 and target is not None:  # the committed actions as conditioning, kept exactly
+                from dpolicy.process import sample_loop
+
+                x = sample_loop(proc, pol.field_fn(pol.with_prefix(cond, target[:, :self.d], self.d)), x, sched, generator)
+                x = x.clone()
+                x[:, :self.d] = target[:, :self.d]
+                return x
+            if cfg.strategy == "rtc" and not self.trained and target is not None:
                 fn = pol.field_fn(cond)
                 w = self.weights.to(x.device)[None].expand(B, -1)
                 frozen = self.d if cfg.mask == "hard" else 0

@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import Mapping
 
 import torch
+from torch import nn
 
 from dpolicy.config import PolicyConfig
 from dpolicy.data.normalizer import DictNormalizer
@@ -24,6 +25,29 @@ from dpolicy.nn import build_net
 from dpolicy.policy.base import Policy, PolicySpec
 from dpolicy.policy.checkpoint import load_weights, read_policy_dir, register_kind, save_policy
 from dpolicy.process import build_process, sample_loop
+
+
+class PrefixConditioned(nn.Module):
+    """A denoiser whose conditioning is ``[observation features, prefix block]``; a conditioning of the observation
+    features alone gets the empty block (no committed actions)."""
+
+    def __init__(self, net: nn.Module, obs_dim: int, block_dim: int):
+        super().__init__()
+        self.net, self.obs_dim, self.block_dim = net, int(obs_dim), int(block_dim)
+
+    def forward(self, x, t, cond):
+        if cond.shape[-1] == self.obs_dim:
+            cond = torch.cat([cond, cond.new_zeros(cond.shape[0], self.block_dim)], dim=-1)
+        return self.net(x, t, cond)
+
+
+def prefix_block(actions: torch.Tensor, given: torch.Tensor, n: int) -> torch.Tensor:
+    """The conditioning block of committed actions: ``actions`` (B, >= n, Da) normalized, ``given`` (B,) how many of
+    the first entries are committed (0..n) -> (B, n * Da + n): the committed actions (zero past ``given``), then the
+    0/1 mask."""
+    B, Da = actions.shape[0], actions.shape[-1]
+    mask = (torch.arange(n, device=actions.device)[None] < given.to(actions.device)[:, None]).to(actions.dtype)
+    return torch.cat([(actions[:, :n] * mask[..., None]).reshape(B, n * Da), mask], dim=-1)
 
 
 @register_kind("chunk")
@@ -59,7 +83,9 @@ class ChunkPolicy(Policy):
             self.encoder = build_image_encoder(cfg.vision, {k: images[k] for k in self.image_keys}, load_pretrained)
         frame = sum(cfg.obs_dims[k] for k in self.vector_keys) + (self.encoder.out_dim if self.encoder is not None else 0)
         self.cond_dim = cfg.To * frame
-        self.net = build_net(cfg.net, cfg.action_dim, cfg.Tp, self.cond_dim)
+        self.net = build_net(cfg.net, cfg.action_dim, cfg.Tp, self.cond_dim + cfg.prefix * (cfg.action_dim + 1))
+        if cfg.prefix:
+            self.net = PrefixConditioned(self.net, self.cond_dim, cfg.prefix * (cfg.action_dim + 1))
         self.process = build_process(cfg.process)
         self._spec = PolicySpec(cfg.obs_keys, cfg.obs_dims, cfg.To, cfg.Tp, cfg.Ta, cfg.action_dim, cfg.process.steps,
                                 cfg.action_scale, images)
@@ -101,12 +127,24 @@ class ChunkPolicy(Policy):
         schedule = self.process.schedule(steps, t_start)
         return sample_loop(self.process, self.field_fn(cond), x, schedule, generator)
 
+    def with_prefix(self, cond: torch.Tensor, committed: torch.Tensor, given: int) -> torch.Tensor:
+        """The conditioning of a chunk whose first ``given`` actions are ``committed`` (B, >= given, Da), normalized."""
+        n = self.cfg.prefix
+        if not 0 <= given <= n:
+            raise ConfigError(f"{given} committed actions, but this policy was trained with at most policy.prefix={n}.")
+        g = torch.full((cond.shape[0],), given, device=cond.device)
+        pad = committed.new_zeros(committed.shape[0], max(n - committed.shape[1], 0), committed.shape[2])
+        return torch.cat([cond, prefix_block(torch.cat([committed, pad], 1), g, n)], dim=-1)
+
     def loss(self, obs: Mapping[str, torch.Tensor], actions: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Mean training loss for a batch: obs ``{k: (B,To,d_k)}``, actions ``(B,Tp,Da)``, both in env units."""
         x0 = self.normalizer.action.normalize(actions)
         cond = self.encode(obs, generator)
         if self.cfg.obs_noise > 0 and self.training:
             cond = cond + self.cfg.obs_noise * torch.randn(cond.shape, device=cond.device, generator=generator)
+        if self.cfg.prefix:
+            given = torch.randint(0, self.cfg.prefix + 1, (x0.shape[0],), device=x0.device, generator=generator)
+            cond = torch.cat([cond, prefix_block(x0, given, self.cfg.prefix)], dim=-1)
         return self.process.loss(self.field_fn(cond), x0, generator).mean()
 
     def forward(self, obs, actions, generator=None):
