@@ -73,13 +73,10 @@ def test_advantages():
     np.testing.assert_allclose(group_advantages(b, 2), [-1, -1, 1, 1, 1], atol=1e-5)
 
 
-@pytest.mark.parametrize("algo", ["ppo", "grpo", "gspo", "awm"])
-def test_each_algorithm_moves_a_bandit_towards_its_optimum(algo):
+def _bandit_policy():
+    """A tiny flow policy and its mean squared error to the bandit's target on fixed noise."""
     torch.manual_seed(0)
     pol = tiny_policy(process="flow", sampler="euler", steps=3, seed=2, demos=make_demos(seed=3)).eval()
-    cfg = FinetuneConfig(base="unused", algo=algo, episodes_per_iter=32, group=8, std=0.3, lr=3e-3, epochs=16,
-                         batch_size=32, gamma=1.0, seed=1)
-    tuner = Finetuner(pol, Bandit, cfg)
     obs = {"pos": torch.zeros(64, 2, 2), "vel": torch.zeros(64, 2, 3)}
     noise = torch.randn(64, 8, 3, generator=torch.Generator().manual_seed(9))
 
@@ -87,12 +84,44 @@ def test_each_algorithm_moves_a_bandit_towards_its_optimum(algo):
         with torch.no_grad():
             return float(((pol.act(obs, noise=noise)[:, 0] - torch.as_tensor(TARGET)) ** 2).sum(-1).mean())
 
+    return pol, err
+
+
+@pytest.mark.parametrize("algo", ["ppo", "grpo", "gspo", "awm"])
+def test_each_algorithm_moves_a_bandit_towards_its_optimum(algo):
+    pol, err = _bandit_policy()
+    cfg = FinetuneConfig(base="unused", algo=algo, episodes_per_iter=32, group=8, std=0.3, lr=3e-3, epochs=16,
+                         batch_size=32, gamma=1.0, seed=1)
+    tuner = Finetuner(pol, Bandit, cfg)
     before = err()
     for _ in range(40):
         tuner.iteration()
     tuner.close()
     # 1,280 one-step episodes: every method at least halves the error; the likelihood-ratio ones get much closer
     assert err() < (0.3 if algo in ("ppo", "grpo") else 0.5) * before, (before, err())
+
+
+class LooseBandit(Bandit):
+    """The bandit where about one draw in ten of the untrained policy succeeds."""
+
+    def step(self, a):
+        obs, r, term, trunc, _ = super().step(a)
+        return obs, r, term, trunc, {"is_success": -r < 0.6}
+
+
+def test_success_filtered_matching_imitates_only_its_successes():
+    pol, err = _bandit_policy()
+    cfg = FinetuneConfig(base="unused", algo="filtered", episodes_per_iter=64, std=0.3, lr=3e-3, bc_steps=50,
+                         batch_size=64, buffer=256, seed=1)
+    tuner = Finetuner(pol, LooseBandit, cfg)
+    before, rates = err(), []
+    for _ in range(12):
+        rates.append(tuner.iteration()["success"])
+        kept = pol.normalizer.action.unnormalize(tuner.replay[1])[:, 0]
+        assert float(((kept - torch.as_tensor(TARGET)) ** 2).sum(-1).max()) < 0.6  # the replay holds successes only
+    tuner.close()
+    assert len(tuner.replay[0]) == 256  # the newest 256 kept
+    assert err() < 0.3 * before and rates[-1] > 2 * rates[0], (before, err(), rates)
 
 
 def test_a_finetuned_checkpoint_loads_everywhere_and_runs_under_rti(tmp_path):

@@ -3,8 +3,11 @@ policy computes) for every asynchronous strategy, with synchronous chunked and R
 the action discontinuity at chunk switches, and a plot of success against delay.
 
 Each cell is ``evaluate_async`` over the same evaluation seeds (200 episodes by default, Wilson intervals).
-The RTC settings (mask, guidance weight) are chosen per task on separate selection seeds, at the delay
-the acceptance rule names (``Ta / 2``), and then used at every delay.
+The RTC settings (mask, guidance weight; for a checkpoint trained with committed prefixes, ``policy.prefix``, also
+RTC's training-time form, ``guidance=trained``) are chosen per task on separate selection seeds at ``d = Ta / 2``
+and then used at every delay. A switch's discontinuity is reported raw (the action jump at switch steps) and as
+what the switch adds: the mean jump at switches minus the mean jump within chunks (a task whose actions jump
+within chunks, such as lift's gripper, has that much at any step).
 """
 
 from __future__ import annotations
@@ -18,6 +21,18 @@ from dpolicy.bench.report import table
 DELAYS = (0, 1, 2, 4, 6)
 STRATEGIES = ("naive", "ensemble", "bid", "rtc")
 RTC_CHOICES = ({"mask": "soft", "beta": 5.0}, {"mask": "soft", "beta": 1.0}, {"mask": "hard", "beta": 5.0})
+TRAINED = {"mask": "hard", "guidance": "trained"}  # for checkpoints trained with policy.prefix >= every delay
+
+
+def _tag(choice: dict) -> str:
+    if choice.get("guidance") == "trained":
+        return "trained prefix"
+    return f"{choice['mask']}, beta {choice['beta']:g}"
+
+
+def _excess(r: dict) -> float:
+    """What a switch adds to the action jump: mean jump at switches minus mean jump within chunks."""
+    return r["switch_jump_mean"] - r["within_jump_mean"]
 
 
 def _fmt(r) -> str:
@@ -68,8 +83,10 @@ def async_section(work: Path, log=print, checkpoints=None, episodes: int = 200, 
         half = pol.Ta // 2
         # the RTC settings, chosen on selection seeds at d = Ta / 2
         sel = []
-        for choice in RTC_CHOICES:
-            tag = f"{choice['mask']}, beta {choice['beta']:g}"
+        fits = [d for d in delays if d + max(pol.Ta, d) <= pol.Tp]
+        trained = getattr(getattr(pol, "cfg", None), "prefix", 0) >= max(fits)
+        for choice in RTC_CHOICES + ((TRAINED,) if trained else ()):
+            tag = _tag(choice)
             r = cell(f"{name}|select|{tag}|d{half}", run_async(pol, env_fn, select_episodes, select_seed, strategy="rtc",
                                                                 delay=half, **choice))
             sel.append((r["success_rate"], -r["switch_jump_mean"], tag, choice))
@@ -95,21 +112,24 @@ def async_section(work: Path, log=print, checkpoints=None, episodes: int = 200, 
         for k, v in refs.items():
             rows.append([k] + [_fmt(v)] + ["" for _ in delays[1:]])
         disc = [[s, d, f"{grid[(s, d)]['switch_jump_mean']:.3f}", f"{grid[(s, d)]['switch_jump_max']:.3f}",
-                 f"{grid[(s, d)]['within_jump_mean']:.3f}", f"{grid[(s, d)]['switch_jerk_mean']:.3f}",
+                 f"{grid[(s, d)]['within_jump_mean']:.3f}", f"{_excess(grid[(s, d)]):+.3f}", f"{grid[(s, d)]['switch_jerk_mean']:.3f}",
                  f"{grid[(s, d)]['within_jerk_mean']:.3f}", f"{grid[(s, d)]['evals_per_step']:.2f}",
                  f"{grid[(s, d)]['backwards_per_step']:.2f}"] for s in STRATEGIES for d in (half,) if (s, d) in grid]
         # the acceptance-style checks, stated as measured
         r0, rh = grid[("rtc", 0)]["success_rate"], grid[("rtc", half)]["success_rate"]
         n0, nh = grid[("naive", 0)]["success_rate"], grid[("naive", half)]["success_rate"]
         ratio = grid[("rtc", half)]["switch_jump_mean"] / max(grid[("naive", half)]["switch_jump_mean"], 1e-9)
+        added = _excess(grid[("rtc", half)]) / max(_excess(grid[("naive", half)]), 1e-9)
         checks = (f"RTC at d = Ta/2 = {half}: {rh:.3f} vs its d = 0 {r0:.3f} ({100 * (rh - r0):+.1f} points); naive switching "
                   f"{nh:.3f} vs {n0:.3f} ({100 * (nh - n0):+.1f} points); RTC - naive at d = {half}: {100 * (rh - nh):+.1f} points; "
-                  f"RTC's mean jump at switches is {ratio:.2f}x naive's.")
+                  f"RTC's mean jump at switches is {ratio:.2f}x naive's, and what a switch adds to the jump "
+                  f"(switch minus within) {added:.2f}x naive's.")
         sel_txt = "; ".join(f"{tag}: {s:.3f}" for s, _, tag, _ in sel)
         body += [f"**{name}** (Ta = {pol.Ta}, Tp = {pol.Tp}; RTC settings chosen on {select_episodes} selection episodes at "
                  f"d = {half}: {sel_txt})", "",
                  table(["strategy"] + [f"d = {d}" for d in delays], rows), "",
-                 table(["strategy", "d", "jump at switches (mean)", "(max)", "jump within chunks", "jerk at switches",
+                 table(["strategy", "d", "jump at switches (mean)", "(max)", "jump within chunks", "switch - within",
+                        "jerk at switches",
                         "jerk within", "network evals / control step", "backward passes / step"], disc), "",
                  checks, ""]
     if plot_path:

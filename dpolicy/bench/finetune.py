@@ -19,7 +19,9 @@ from dpolicy.bench.report import table
 # clip fraction near 0.05 on push's weak base (learning rates 1e-4 and 3e-5 clipped 80-90% and 20-40% of the
 # ratios and did not improve the base in 50,000 steps)
 RECIPE = dict(ft_steps=1, std=0.1, lr=3e-6, episodes_per_iter=64, group=8, batch_size=1024)
-ALGO_SETTINGS = {"ppo": RECIPE, "grpo": RECIPE, "gspo": RECIPE, "awm": {**RECIPE, "lr": 1e-5}}
+# success-filtered matching is behaviour cloning on the replay of successes: a BC learning rate and batch
+ALGO_SETTINGS = {"ppo": RECIPE, "grpo": RECIPE, "gspo": RECIPE, "awm": {**RECIPE, "lr": 1e-5},
+                 "filtered": {**RECIPE, "lr": 1e-4, "batch_size": 256, "bc_steps": 200}}
 BUDGETS = {"push": 200000, "avoid": 10000, "lift": 20000}
 
 
@@ -30,7 +32,7 @@ def _reach(history, level):
     return None
 
 
-def finetune_section(work: Path, log=print, tasks=("push",), algos=("ppo", "grpo", "gspo", "awm"), seeds=(0, 1, 2),
+def finetune_section(work: Path, log=print, tasks=("push",), algos=("ppo", "grpo", "gspo", "awm", "filtered"), seeds=(0, 1, 2),
                      env_steps: int | None = None, eval_every: int | None = None, eval_episodes: int = 50,
                      figure: Path | None = Path("docs/img/finetune_push.png")) -> tuple[str, dict]:
     from dpolicy.bench.steer import weak_base
@@ -63,7 +65,10 @@ def finetune_section(work: Path, log=print, tasks=("push",), algos=("ppo", "grpo
         reached = sum(r[5] != "-" for r in rows)
         body += [f"**{task}** weak base (BC success {base_m['success_rate']:.2f}; the same base as the steer section's "
                  f"DSRL runs); budget {budget:,} env steps, {eval_episodes} evaluation episodes every {every:,}; recipe "
-                 f"{', '.join(f'{k}={v}' for k, v in RECIPE.items())}. {reached} of {len(rows)} runs reached 0.90.", "",
+                 f"{', '.join(f'{k}={v}' for k, v in RECIPE.items())}"
+                 + "".join(f"; {a}: " + ", ".join(f"{k}={v}" for k, v in ALGO_SETTINGS[a].items() if RECIPE.get(k) != v)
+                           for a in algos if ALGO_SETTINGS[a] != RECIPE)
+                 + f". {reached} of {len(rows)} runs reached 0.90.", "",
                  table(["method", "seed", "base", "final success", "best", "first env steps at >= 0.90",
                         "wall s / 1,000 env steps", "drift (action MSE)"], rows), ""]
         if figure is not None:

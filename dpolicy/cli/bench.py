@@ -63,6 +63,18 @@ def _names(option: str, text: str, valid) -> list[str]:
     return names
 
 
+def _async_checkpoints(args) -> dict:
+    """The async section's checkpoint per task (tasks without one are left out; none at all is an error)."""
+    from dpolicy.errors import ConfigError
+
+    ckpt = {t: Path("checkpoints") / args.async_checkpoint.replace("{task}", t) for t in args.tasks.split(",")}
+    found = {t: c for t, c in ckpt.items() if c.exists()}
+    if not found:
+        raise ConfigError(f"--async-checkpoint={args.async_checkpoint!r}: no such checkpoint in checkpoints/ for the "
+                          f"tasks {args.tasks} ({', '.join(str(c) for c in ckpt.values())}).")
+    return found
+
+
 def check_args(args, sections: list[str]) -> None:
     """Everything dpolicy-bench is asked to run is checked before the first section starts: the task,
     process and steer-task names, and the extra overrides composed into each bc run's RunConfig."""
@@ -76,9 +88,11 @@ def check_args(args, sections: list[str]) -> None:
 
         _names("--steer-tasks", args.steer_tasks, list(WEAK_BASES))
         _names("--steer-algos", args.steer_algos, ["na", "sac"])
+    if "async" in sections:
+        _async_checkpoints(args)
     if "finetune" in sections:
         _names("--finetune-tasks", args.finetune_tasks, ["avoid", "push", "lift"])
-        _names("--finetune-algos", args.finetune_algos, ["ppo", "grpo", "gspo", "awm"])
+        _names("--finetune-algos", args.finetune_algos, ["ppo", "grpo", "gspo", "awm", "filtered"])
     if "bc" in sections or args.overrides:
         runs = [[f"task={t}", f"process={p}"] for t in tasks for p in procs] if "bc" in sections else [[]]
         for over in runs:
@@ -100,8 +114,11 @@ def main(argv=None) -> int:
     ap.add_argument("--steer-tasks", default="avoid,lift", help="tasks for the steer section")
     ap.add_argument("--seeds", type=_count, default=3, help="seeds per method (steer)")
     ap.add_argument("--steer-algos", default="na,sac", help="DSRL variants for the steer section: na, sac")
+    ap.add_argument("--async-checkpoint", default="{task}_flow",
+                    help="async section: the checkpoint of each task in checkpoints/, {task} replaced by its name "
+                         "(e.g. {task}_flow_rtc, trained with committed prefixes)")
     ap.add_argument("--finetune-tasks", default="push", help="weak bases for the finetune section: avoid, push, lift")
-    ap.add_argument("--finetune-algos", default="ppo,grpo,gspo,awm", help="methods for the finetune section")
+    ap.add_argument("--finetune-algos", default="ppo,grpo,gspo,awm,filtered", help="methods for the finetune section")
     ap.add_argument("--ablation-seeds", type=int, default=1, help="seeds of the stochastic-sampler ablation (steer; 0: none)")
     ap.add_argument("--ship", action="store_true", help="copy the bc policies into checkpoints/ with a manifest")
     ap.add_argument("--backend", default="local", help="where the sections' rollouts run: local, subprocess, ray")
@@ -212,8 +229,9 @@ def main(argv=None) -> int:
     if "async" in sections:
         from dpolicy.bench.asynchronous import async_section
 
-        tasks = [t for t in args.tasks.split(",") if (Path("checkpoints") / f"{t}_flow").exists()]
-        body, _ = async_section(work / "async", log=log, checkpoints=[Path("checkpoints") / f"{t}_flow" for t in tasks],
+        ckpt = _async_checkpoints(args)
+        tasks = list(ckpt)
+        body, _ = async_section(work / "async", log=log, checkpoints=[ckpt[t] for t in tasks],
                                 episodes=args.episodes, plot_path=f"docs/img/async_delay_{'_'.join(tasks)}.png")
         write_section(args.out, "async:" + ",".join(tasks), body, command)
     if "pusht" in sections:  # with the shipped PushT checkpoints, if any

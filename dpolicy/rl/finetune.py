@@ -17,6 +17,10 @@ Every iteration plays whole episodes with the policy being trained (``collect``)
   chain's length-normalized ratio ``exp(mean_k log r_k)`` (sequence level);
 * ``awm``: advantage-weighted matching: the policy's own training loss on its own sampled chunks, weighted by
   ``exp(A / temperature)`` (capped), with the group advantages; no likelihood of the chain is needed.
+* ``filtered``: success-filtered matching (reward-weighted regression with a 0/1 weight, self-imitation): the
+  chunks of the episodes that succeeded are kept in a replay of ``buffer`` decisions and the policy's own training
+  loss (fresh noise levels, as in behaviour cloning) is taken on them for ``bc_steps`` steps per iteration; no
+  likelihood, no advantage, no critic. Every success the policy stumbles on becomes a demonstration.
 
 ``kl_coef`` adds the KL divergence of each fine-tuned step to the frozen base's step (Gaussians with the same
 std: a squared distance of the means). The result is an ordinary checkpoint (the policy's own class and format),
@@ -44,13 +48,13 @@ from dpolicy.policy.history import ObsHistory
 from dpolicy.process import sample_loop
 
 logger = logging.getLogger("dpolicy.finetune")
-ALGOS = ("ppo", "grpo", "gspo", "awm")
+ALGOS = ("ppo", "grpo", "gspo", "awm", "filtered")
 
 
 @dataclass
 class FinetuneConfig:
     base: str = ""                  # the policy to fine-tune (policy dir, step dir or run checkpoints/)
-    algo: str = "ppo"               # ppo | grpo | gspo | awm
+    algo: str = "ppo"               # ppo | grpo | gspo | awm | filtered
     env_kwargs: dict = field(default_factory=dict)
     env_steps: int = 200000         # environment steps of fine-tuning
     episodes_per_iter: int = 16     # episodes played per iteration (grpo/gspo/awm: a multiple of group)
@@ -69,6 +73,8 @@ class FinetuneConfig:
     kl_coef: float = 0.0            # KL of the fine-tuned steps to the frozen base's
     temperature: float = 1.0        # awm: weights exp(A / temperature), capped at max_weight
     max_weight: float = 20.0
+    buffer: int = 50000             # filtered: successful decisions kept (the newest)
+    bc_steps: int = 200             # filtered: gradient steps per iteration on the replay
     reward_offset: float = 0.0      # added to every env reward
     grad_clip: float = 1.0
     eval_every: int = 20000         # env steps between evaluations
@@ -91,13 +97,14 @@ class FinetuneConfig:
             raise ConfigError("base=<checkpoint> is required: the policy to fine-tune.")
         if self.algo not in ALGOS:
             raise ConfigError(f"algo={self.algo!r} is unknown; choose one of {', '.join(ALGOS)}.")
-        for k in ("env_steps", "episodes_per_iter", "group", "epochs", "batch_size", "eval_episodes"):
+        for k in ("env_steps", "episodes_per_iter", "group", "epochs", "batch_size", "eval_episodes", "buffer", "bc_steps"):
             v = getattr(self, k)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ConfigError(f"{k}={v!r} must be an integer of at least 1.")
-        if self.algo != "ppo" and self.episodes_per_iter % self.group:
+        grouped = self.algo in ("grpo", "gspo", "awm")
+        if grouped and self.episodes_per_iter % self.group:
             raise ConfigError(f"episodes_per_iter={self.episodes_per_iter} must be a multiple of group={self.group}.")
-        if self.algo != "ppo" and self.group < 2:
+        if grouped and self.group < 2:
             raise ConfigError(f"group={self.group} must be at least 2: a group normalizes returns against each other.")
         for k in ("std", "lr", "critic_lr", "clip", "seq_clip", "temperature", "max_weight"):
             v = getattr(self, k)
@@ -299,10 +306,11 @@ class Finetuner:
         self.envs = [env_fn() for _ in range(n)] if backend.kind == "local" else PooledEnvs(env_fn, n, backend)
         self.rng = np.random.default_rng(cfg.seed)
         self.env_steps = 0
+        self.replay: tuple[torch.Tensor, torch.Tensor] | None = None  # filtered: (cond, chunk) of successful decisions
 
     def seeds(self) -> list[int]:
         c = self.cfg
-        if c.algo == "ppo":
+        if c.algo in ("ppo", "filtered"):
             return [int(s) for s in self.rng.integers(2**31, size=c.episodes_per_iter)]
         return [int(s) for s in self.rng.integers(2**31, size=c.episodes_per_iter // c.group) for _ in range(c.group)]
 
@@ -311,6 +319,10 @@ class Finetuner:
         pol.eval()
         batch = collect(pol, self.chain, self.envs, self.seeds(), c.gamma, c.reward_offset, self.rng)
         self.env_steps += batch.env_steps
+        if c.algo == "filtered":
+            stats = self.imitate_successes(batch)
+            return {"env_steps": self.env_steps, "return": float(batch.returns.mean()),
+                    "success": float(batch.successes.mean()), "decisions": len(batch.reward), **stats}
         if c.algo == "ppo":
             with torch.no_grad():
                 values = self.critic(batch.cond).cpu().numpy()
@@ -323,6 +335,38 @@ class Finetuner:
                             None if targets is None else torch.as_tensor(targets, dtype=torch.float32, device=self.device))
         return {"env_steps": self.env_steps, "return": float(batch.returns.mean()), "success": float(batch.successes.mean()),
                 "decisions": len(batch.reward), **stats}
+
+    def imitate_successes(self, batch: Batch) -> dict:
+        """Add the decisions of the successful episodes to the replay (the newest ``buffer`` kept), then take
+        ``bc_steps`` steps of the policy's training loss on batches drawn from it."""
+        c, pol = self.cfg, self.policy
+        keep = torch.as_tensor(batch.successes[batch.episode], device=self.device)
+        cond, x0 = batch.cond[keep], batch.latents[keep][:, -1]
+        if self.replay is not None:
+            cond, x0 = torch.cat([self.replay[0], cond]), torch.cat([self.replay[1], x0])
+        self.replay = (cond[-c.buffer:], x0[-c.buffer:])
+        n = len(self.replay[0])
+        if n == 0:
+            return {"loss": float("nan"), "replay": 0}
+        pol.train()
+        g = torch.Generator().manual_seed(int(self.rng.integers(2**31)))
+        losses = []
+        for _ in range(c.bc_steps):
+            idx = torch.randint(0, n, (min(c.batch_size, n),), generator=g).to(self.device)
+            loss = pol.process.loss(pol.field_fn(self.replay[0][idx]), self.replay[1][idx], g).mean()
+            if self.base is not None:
+                lat = batch.latents[: len(idx)]
+                mu = self.chain.means(pol, batch.cond[: len(idx)], lat[:, :-1])
+                with torch.no_grad():
+                    mu_base = self.chain.means(self.base, batch.cond[: len(idx)], lat[:, :-1])
+                loss = loss + c.kl_coef * ((mu - mu_base) ** 2).sum((2, 3)).mean() / (2 * c.std ** 2)
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(self.params, c.grad_clip)
+            self.opt.step()
+            losses.append(loss.item())
+        pol.eval()
+        return {"loss": float(np.mean(losses)), "replay": n}
 
     def update(self, batch: Batch, adv: torch.Tensor, targets: torch.Tensor | None) -> dict:
         c, pol = self.cfg, self.policy
