@@ -626,6 +626,8 @@ class DeployConfig:
     beta: float = 5.0  # rtc: the largest guidance weight
     guidance: str = "vjp"  # rtc: vjp (through the network) | direct (on the predicted clean chunk) | trained (policy.prefix)
     candidates: int = 8  # bid: chunks sampled per inference
+    predict: str | None = None  # a forward model dir, or demos (.hdf5) to fit one on: the batched evaluation plans
+                                # each chunk from the observation predicted for its switch step
 
     def __post_init__(self):
         _check(bool(self.checkpoint), "checkpoint=<path> is required.")

@@ -270,3 +270,68 @@ def test_trained_guidance_needs_a_policy_trained_with_enough_committed_actions(f
     torch.testing.assert_close(back.sample_normalized(cond, x), pol.sample_normalized(cond, x))
     with pytest.raises(ConfigError, match="at most policy.prefix=2"):
         back.with_prefix(cond, torch.zeros(2, 3, 1), 3)
+
+
+class ClockAhead:
+    """A forward model of the clock: each committed action advances it by one; records what it was given."""
+
+    def __init__(self):
+        self.given = []
+
+    def check_policy(self, policy):
+        pass
+
+    def roll(self, window, committed):
+        self.given.append(committed[:, :, 0].clone())
+        return {"clock": window["clock"] + committed.shape[1]}
+
+
+@pytest.mark.parametrize("strategy", ["naive", "bid"])
+@pytest.mark.parametrize("delay", [1, 2, 3])
+def test_a_chunk_planned_from_the_predicted_observation_takes_over_at_its_own_first_entry(strategy, delay):
+    ahead = ClockAhead()
+    ex = AsyncChunker(ClockPolicy(Ta=3), AsyncConfig(strategy=strategy, delay=delay, candidates=3), batch_size=2,
+                      predictor=ahead)
+    ex.reset()
+    played = [ex.step({"clock": np.full((2, 1), t, np.float32)})[:, 0].copy() for t in range(20)]
+    np.testing.assert_allclose(np.array(played), np.arange(20)[:, None].repeat(2, 1), rtol=0, atol=1e-4)
+    s = max(3, delay)
+    # every inference after the first was given the actions the robot executes while it computes: t0 .. t0 + d - 1
+    starts = list(range(s, 20, s))
+    assert len(ahead.given) == len(starts)
+    for t0, got in zip(starts, ahead.given):
+        np.testing.assert_allclose(got.numpy(), np.arange(t0, t0 + delay)[None].repeat(2, 0), atol=1e-4)
+
+
+def test_forward_model_fits_learns_rolls_and_round_trips(tmp_path):
+    from dpolicy.data import Demo
+    from dpolicy.deploy.forward import ForwardModel, fit_forward_model
+    from dpolicy.errors import CheckpointError
+
+    rng = np.random.default_rng(0)
+    demos = []
+    for _ in range(20):  # a point mass: position += 0.1 * action, a constant goal
+        a = rng.uniform(-1, 1, (40, 2)).astype(np.float32)
+        pos = np.cumsum(np.vstack([rng.uniform(-1, 1, (1, 2)), 0.1 * a[:-1]]), 0).astype(np.float32)
+        demos.append(Demo(obs={"pos": pos, "goal": np.ones((40, 1), np.float32)}, actions=a, states=np.zeros((40, 1))))
+    model, st = fit_forward_model(demos, ["pos", "goal"], steps=1500, seed=0)
+    assert st["transitions"] == 20 * 39 and max(st["val_rmse"][:2]) < 0.2 * max(st["val_delta_std"][:2])
+    window = {"pos": torch.tensor([[[0.0, 0.0], [0.1, 0.2]]]), "goal": torch.ones(1, 2, 1)}
+    committed = torch.tensor([[[1.0, 0.0], [0.0, -1.0], [1.0, 1.0]]])
+    out = model.roll(window, committed)
+    assert out["pos"].shape == (1, 2, 2)  # the last To = 2 frames: two predicted ones
+    np.testing.assert_allclose(out["pos"][0, -1].numpy(), [0.1 + 0.2, 0.2 + 0.0], atol=0.03)
+    np.testing.assert_allclose(out["pos"][0, 0].numpy(), [0.1 + 0.1, 0.2 - 0.1], atol=0.03)
+    np.testing.assert_allclose(out["goal"].numpy(), 1.0, atol=0.02)
+    model.save(tmp_path / "fm")
+    back = ForwardModel.load(tmp_path / "fm")
+    torch.testing.assert_close(back.roll(window, committed)["pos"], out["pos"])
+    (tmp_path / "fm" / "model.safetensors").write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="cannot be loaded"):
+        ForwardModel.load(tmp_path / "fm")
+    with pytest.raises(CheckpointError, match="not a forward model directory"):
+        ForwardModel.load(tmp_path)
+    with pytest.raises(ConfigError, match="predicts"):
+        back.check_policy(SimpleNamespace(image_shapes={}, obs_keys=["pos", "vel"], obs_dims={"pos": 2, "vel": 3}, action_dim=2))
+    with pytest.raises(ConfigError, match="cameras"):
+        back.check_policy(SimpleNamespace(image_shapes={"cam": (8, 8, 3)}, obs_keys=["cam"], obs_dims={}, action_dim=2))

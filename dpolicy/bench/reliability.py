@@ -33,7 +33,7 @@ BAD_INPUT = {
         "train.log_every=0", "eval.steps=0", "eval.episodes=abc", "eval.episodes=0", "eval.n_envs=0", "eval.every=-1",
         "eval.video=3", "eval.video_episodes=-1", "eval.episodes_during=0", "task.n_demos=0", "task.n_demos=x",
         "task.demo_noise=-1", "task.env_kwargs=5", "task.obs_keys=agent_pos", "data.max_demos=0", "data.path=[1]",
-        "policy.To=abc", "policy.To=0", "policy.Tp=1.5", "policy.obs_noise=-0.1", "policy.net.hidden=x",
+        "policy.To=abc", "policy.To=0", "policy.Tp=1.5", "policy.obs_noise=-0.1", "policy.prefix=-1", "policy.net.hidden=x",
         "policy.net.depth=-1", "policy.net.time_dim=7", "policy.process.eta=abc", "policy.process.clip_sample=often",
         "seed=abc", "train.seed=1.5", "train.no_such_key=1", "policy.vision.encoder=vit", "policy.vision.crop=-1",
         "policy.vision.keypoints=0", "policy.vision.channels=[8,x]", "policy.vision.share=often"]]
@@ -62,7 +62,10 @@ BAD_INPUT = {
                                                                    (["mode=async", "strategy=act"], "strategy"),
                                                                    (["mode=async", "delay=-1"], "delay"),
                                                                    (["mode=async", "mask=fuzzy"], "mask"),
-                                                                   (["mode=async", "delay=12"], "delay 12")],
+                                                                   (["mode=async", "delay=12"], "delay 12"),
+                                                                   (["mode=async", "predict=/nonexistent/fm"], "predict"),
+                                                                   (["mode=async", "delay=2", "guidance=trained"], "policy.prefix"),
+                                                                   (["mode=async", "guidance=magic"], "guidance")],
     "compose": [(a, a.split("=")[0]) for a in [
         "parents=[]", "parents=a", "episodes=0", "select_episodes=0", "n_envs=abc", "resolution=0", "operator=sum",
         "search=random", "steps=0", "Ta=0", "action_norm_tol=-1", "cem.population=1", "cem.elite_frac=0",
@@ -75,7 +78,7 @@ BAD_INPUT = {
         "device=tpu", "backend=mpi", "workers=0"]] + [("base=null", "base")],
     "finetune": [(a, a.split("=")[0]) for a in [
         "algo=trpo", "env_steps=0", "env_steps=abc", "std=0", "lr=-1", "gamma=2", "kl_coef=-1", "ft_steps=0",
-        "epochs=0", "backend=mpi", "device=tpu"]] + [("base=null", "base"), (["algo=grpo", "episodes_per_iter=10"], "multiple"),
+        "epochs=0", "backend=mpi", "device=tpu", "bc_steps=0", "buffer=0"]] + [("base=null", "base"), (["algo=grpo", "episodes_per_iter=10"], "multiple"),
                                                      (["algo=grpo", "group=1"], "group"), ("base=/nonexistent/policy", "/nonexistent/policy")],
     "drive": [(["collect", a], a.split("=")[0]) for a in [
         "data.n_train=-1", "data.n_train=0", "data.n_train=abc", "data.n_val=-1", "data.n_test=0", "model.d=abc",

@@ -62,6 +62,27 @@ def _run(cfg) -> dict:
     return metrics
 
 
+def _predictor(path: str, policy, out):
+    """A forward model: loaded from its directory, or fitted on a demonstration file and saved into the run."""
+    from pathlib import Path
+
+    from dpolicy.deploy.forward import ForwardModel, fit_forward_model
+
+    p = Path(path)
+    if p.is_dir():
+        model = ForwardModel.load(p)
+    elif p.is_file():
+        from dpolicy.data.robomimic import read_dataset
+
+        model, st = fit_forward_model(read_dataset(p, policy.obs_keys), policy.obs_keys)
+        model.save(out / "forward_model")
+        print(f"forward    : fitted on {st['transitions']} transitions of {p}; saved to {out / 'forward_model'}")
+    else:
+        raise ConfigError(f"predict={path}: no such forward model directory or demonstration file.")
+    model.check_policy(policy)
+    return model
+
+
 def _run_async(c, policy, make_env, env_args) -> dict:
     """mode=async: a live loop with a real inference thread (latency, measured delays), and a batched evaluation
     under the injected delay (success, switch discontinuity, evaluations per control step)."""
@@ -72,6 +93,7 @@ def _run_async(c, policy, make_env, env_args) -> dict:
 
     cfg = c.async_config()
     out = run_dir()
+    predictor = _predictor(c.predict, policy, out) if c.predict else None  # the batched evaluation's
     metrics = {"checkpoint": str(c.checkpoint), "env_args": env_args, "async": dict(cfg.__dict__)}
     env = make_env()
     rate = float(c.rate_hz or control_rate(env) or 0)
@@ -100,7 +122,7 @@ def _run_async(c, policy, make_env, env_args) -> dict:
           f"measured delays up to {metrics['live']['delay_steps_max']} steps; {metrics['live']['starved_steps']} steps past a chunk's end")
     if c.eval_episodes:
         res, extra = evaluate_async(policy, make_env, cfg, n_episodes=c.eval_episodes, n_envs=c.n_envs, seed=c.seed,
-                                    max_steps=c.max_steps)
+                                    max_steps=c.max_steps, predictor=predictor)
         metrics["eval"] = {**res.to_dict(), **extra}
         lo, hi = res.success_ci95
         print(f"delay {cfg.delay}  : {cfg.strategy} success {res.success_rate:.3f} (95% CI {lo:.3f}-{hi:.3f}) over "

@@ -29,6 +29,11 @@ How the new chunk is made consistent with the one being executed is the *strateg
 ``warm`` (RTI inside the async loop): the new chunk's denoising starts from the current chunk shifted to the
 new chunk's time, re-noised to the first of ``warm`` timesteps, instead of from noise.
 
+With a forward model (``dpolicy.deploy.forward``, ``predictor=``), an inference does not plan from the stale
+observation of ``t0``: the window is rolled forward through the ``d`` committed actions and the new chunk is
+planned for ``t0 + d``, where it takes over (its first ``d`` entries are the committed actions); the strategies
+then compare it with the current chunk from ``t0 + d`` on.
+
 ``AsyncChunker`` runs B slots in lockstep with a deterministic injected delay (the benchmark harness: the
 chunk is computed when the inference starts and delivered ``d`` steps later, so results are exactly
 reproducible); ``LiveAsyncRunner`` runs one episode with a real inference thread and wall-clock delay.
@@ -240,10 +245,16 @@ class AsyncChunker:
     at episode starts, then ``step(obs) -> (B, Da)`` actions once per control step; ``switched[r]`` says
     whether slot r's last action came from a chunk that just took over."""
 
-    def __init__(self, policy, cfg: AsyncConfig, batch_size: int = 1, seed: int = 0):
+    def __init__(self, policy, cfg: AsyncConfig, batch_size: int = 1, seed: int = 0, predictor=None):
         self.policy, self.cfg, self.B = policy, cfg, int(batch_size)
         self.planner = ChunkPlanner(policy, cfg)
         self.d, self.s, self.Tp, self.Da = self.planner.d, self.planner.s, policy.Tp, policy.action_dim
+        # with a forward model (dpolicy.deploy.forward) the window is rolled forward through the committed actions
+        # and the new chunk is planned for the step it takes over at: no frozen prefix left to plan
+        self.predictor, self.ahead = predictor, None
+        if predictor is not None:
+            predictor.check_policy(policy)
+            self.ahead = ChunkPlanner(policy, AsyncConfig(**{**cfg.__dict__, "delay": 0, "horizon": self.s}))
         self.device = torch.device(policy.device)
         self.unnormalize = policy.normalizer.action.unnormalize
         self.history = ObsHistory(policy.obs_keys, policy.To, self.B, self.device, shapes=policy.image_shapes)
@@ -318,7 +329,17 @@ class AsyncChunker:
                 offset = int(self.t[rows[group[0]]] - self.cur_start[rows[group[0]]]) if prev is not None else 0
                 if prev is not None and np.any(self.t[rows[group]] - self.cur_start[rows[group]] != offset):
                     raise RuntimeError("slots starting together must be at the same offset in their chunks.")
-                chunks[group] = self.planner.plan(sub, noise[group], prev, offset, self.shared_gen)
+                if prev is not None and self.predictor is not None and self.d > 0:
+                    idx = [min(offset + j, self.Tp - 1) for j in range(self.d)]  # executed while this one computes
+                    committed = torch.as_tensor(self.cur_env[rows[group]][:, idx], device=self.device)
+                    planned = self.ahead.plan(self.predictor.roll(sub, committed), noise[group], prev, offset + self.d,
+                                              self.shared_gen)
+                    chunks[group] = torch.cat([prev[:, idx], planned[:, :self.Tp - self.d]], 1)
+                    self.planner.evals += self.ahead.evals
+                    self.planner.backwards += self.ahead.backwards
+                    self.ahead.evals = self.ahead.backwards = 0
+                else:
+                    chunks[group] = self.planner.plan(sub, noise[group], prev, offset, self.shared_gen)
             env = self.unnormalize(chunks).to("cpu", torch.float32).numpy()
         self.inferences += len(rows)
         for k, r in enumerate(rows):
@@ -329,9 +350,10 @@ class AsyncChunker:
 
 
 def evaluate_async(policy, env_fn: Callable[[], object], cfg: AsyncConfig, n_episodes: int = 50, n_envs: int = 10,
-                   seed: int = 0, max_steps: int | None = None, progress: bool = False):
+                   seed: int = 0, max_steps: int | None = None, progress: bool = False, predictor=None):
     """Success of asynchronous execution under ``cfg`` (its injected delay) on seeded episodes, with the action
-    discontinuity at chunk switches and the network evaluations per control step. Returns ``(EvalResult, dict)``."""
+    discontinuity at chunk switches and the network evaluations per control step (``predictor``: a forward model
+    that plans each chunk from the observation predicted for its switch step). Returns ``(EvalResult, dict)``."""
     from tqdm.auto import tqdm
 
     from dpolicy.eval.rollout import make_vector_env, summarize
@@ -340,7 +362,7 @@ def evaluate_async(policy, env_fn: Callable[[], object], cfg: AsyncConfig, n_epi
     if n_episodes < 1 or n_envs < 1:
         raise ConfigError(f"n_episodes={n_episodes} and n_envs={n_envs} must be at least 1.")
     n_envs = min(n_envs, n_episodes)
-    ex = AsyncChunker(policy, cfg, batch_size=n_envs, seed=seed)
+    ex = AsyncChunker(policy, cfg, batch_size=n_envs, seed=seed, predictor=predictor)
     venv = make_vector_env(env_fn, n_envs)
     stats = SwitchStats()
     acts: list[list] = [[] for _ in range(n_envs)]
@@ -376,7 +398,7 @@ def evaluate_async(policy, env_fn: Callable[[], object], cfg: AsyncConfig, n_epi
             stats.add_episode(acts[r], sw[r])
     res = summarize(records, time.perf_counter() - t0, ex.planner.evals)
     steps = int(sum(res.lengths))
-    extra = {"strategy": cfg.strategy, "delay": cfg.delay, "horizon": ex.s, "mask": cfg.mask,
+    extra = {"strategy": cfg.strategy, "delay": cfg.delay, "horizon": ex.s, "mask": cfg.mask, "predicted": predictor is not None,
              "evals_per_step": ex.planner.evals / max(steps, 1), "backwards_per_step": ex.planner.backwards / max(steps, 1),
              **stats.summary()}
     return res, extra
