@@ -188,3 +188,19 @@ def test_async_section_reports_every_strategy_delay_and_reference(tmp_path):
     again, _ = async_section(tmp_path, log=lambda m: (_ for _ in ()).throw(AssertionError(m)), checkpoints=[ck],
                              episodes=2, select_episodes=2, delays=(0, 4), plot_path=None)
     assert again.rstrip() == body.split("![")[0].rstrip()  # every cell came from the saved results
+
+
+def test_async_section_adds_rows_planned_from_predicted_observations(tmp_path):
+    from dpolicy.bench.asynchronous import async_section
+
+    ck = Path(__file__).resolve().parents[1] / "checkpoints" / "push_flow"
+    body, cells = async_section(tmp_path, log=lambda m: None, checkpoints=[ck], episodes=2, select_episodes=2,
+                                delays=(0, 2), strategies=("naive", "rtc"), predict=True, horizon="half",
+                                forward_demos=3, plot_path=None)
+    for row in ("| naive |", "| rtc (", "| naive + predicted obs |", "| rtc + predicted obs ("):
+        assert row in body, row
+    assert "ensemble" not in body and "bid" not in body
+    assert "rtc + predicted obs at d = Ta/2 = 2" in body and "Forward model: fitted on" in body
+    assert (tmp_path / "forward_push_flow" / "forward.json").exists()
+    pred = [v for k, v in cells.items() if "predicted" in k]
+    assert pred and all(v["predicted"] and v["horizon"] == 2 for v in pred)  # max(Ta / 2, d) with Ta = 4

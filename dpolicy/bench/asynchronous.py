@@ -40,8 +40,39 @@ def _fmt(r) -> str:
     return f"{r['success_rate']:.3f} [{lo:.2f}, {hi:.2f}]"
 
 
+def forward_model_for(pol, name: str, work: Path, log=print, demos: int = 100, seed: int = 500000):
+    """The task's forward model, fitted on ``demos`` scripted demonstrations (seeds far from every evaluation seed)
+    and cached in ``work``; returns the model and its fit statistics."""
+    from dpolicy.data.collect import collect_demos
+    from dpolicy.data.robomimic import read_dataset
+    from dpolicy.deploy.forward import ForwardModel, fit_forward_model
+
+    out, stats_file = work / f"forward_{name}", work / f"forward_{name}.json"
+    if (out / "forward.json").exists() and stats_file.exists():
+        return ForwardModel.load(out), json.loads(stats_file.read_text())
+    task = str(pol.metadata.get("task") or name.split("_")[0])
+    path = work / f"forward_{name}_demos.hdf5"
+    if not path.exists():
+        collect_demos(task, demos, path, seed=seed, progress=False,
+                      env_kwargs=(pol.metadata.get("env_args") or {}).get("env_kwargs"))
+    model, st = fit_forward_model(read_dataset(path, pol.obs_keys), pol.obs_keys)
+    model.save(out)
+    st["demos"], st["task"] = demos, task
+    stats_file.write_text(json.dumps(st, indent=1))
+    log(f"async: forward model for {name}: {st['transitions']} transitions, val rmse / delta std "
+        f"{max(r / max(s, 1e-9) for r, s in zip(st['val_rmse'], st['val_delta_std'])):.3f} at most")
+    return model, st
+
+
+def horizon_for(rule: str, Ta: int, d: int) -> int | None:
+    """Actions executed per chunk: ``Ta`` = max(Ta, d) (the executor's default), ``half`` = max(Ta // 2, d, 1)
+    (replan twice as often: fresher observations for a reactive task)."""
+    return None if rule == "Ta" else max(Ta // 2, d, 1)
+
+
 def async_section(work: Path, log=print, checkpoints=None, episodes: int = 200, select_episodes: int = 100,
-                  delays=DELAYS, seed: int = 100000, select_seed: int = 0, plot_path="docs/img/async_delay.png"):
+                  delays=DELAYS, seed: int = 100000, select_seed: int = 0, plot_path="docs/img/async_delay.png",
+                  strategies=STRATEGIES, predict: bool = False, horizon: str = "Ta", forward_demos: int = 100):
     import torch
 
     from dpolicy.deploy import evaluate_controller
@@ -68,9 +99,12 @@ def async_section(work: Path, log=print, checkpoints=None, episodes: int = 200, 
             log(f"async: {key}: success {done[key]['success_rate']:.3f} ({done[key]['wall_s']:.0f} s)")
         return done[key]
 
-    def run_async(pol, env_fn, n, s0, **kw):
+    def run_async(pol, env_fn, n, s0, predictor=None, **kw):
         def fn():
-            res, extra = evaluate_async(pol, env_fn, AsyncConfig(**kw), n_episodes=n, n_envs=10, seed=s0)
+            if "delay" in kw:
+                kw.setdefault("horizon", horizon_for(horizon, pol.Ta, kw["delay"]))
+            res, extra = evaluate_async(pol, env_fn, AsyncConfig(**kw), n_episodes=n, n_envs=10, seed=s0,
+                                        predictor=predictor)
             d = res.to_dict()
             return {k: d[k] for k in ("success_rate", "success_ci95", "mean_return", "n_episodes")} | extra
         return fn
@@ -96,34 +130,53 @@ def async_section(work: Path, log=print, checkpoints=None, episodes: int = 200, 
             "synchronous chunked": cell(f"{name}|chunked", lambda: _ctrl(evaluate_controller, pol, env_fn, episodes, seed, mode="chunked")),
             "synchronous RTI (K'=2)": cell(f"{name}|rti2", lambda: _ctrl(evaluate_controller, pol, env_fn, episodes, seed, mode="rti", k=2)),
         }
+        predictor = forward_model_for(pol, name, work, log, demos=forward_demos)[0] if predict else None
+        # (label, strategy, planned from the predicted observation)
+        lines = [(st, st, False) for st in strategies]
+        lines += [(f"{st} + predicted obs", st, True) for st in ("naive", "rtc") if predict and st in strategies]
         rows, grid = [], {}
-        for strat in STRATEGIES:
+        hkey = "" if horizon == "Ta" else f"|h{horizon}"
+        for label, strat, pred in lines:
             kw = rtc if strat == "rtc" else {}
             for d in delays:
-                if d + max(pol.Ta, d) > pol.Tp:
+                s_ = horizon_for(horizon, pol.Ta, d) or max(pol.Ta, d)
+                if d + s_ > pol.Tp:
                     continue
-                grid[(strat, d)] = cell(f"{name}|{strat}|d{d}", run_async(pol, env_fn, episodes, seed, strategy=strat, delay=d, **kw))
-        curves[name] = {s: [(d, grid[(s, d)]["success_rate"], grid[(s, d)]["success_ci95"]) for d in delays if (s, d) in grid]
-                        for s in STRATEGIES}
+                grid[(label, d)] = cell(f"{name}|{label}|d{d}{hkey}", run_async(
+                    pol, env_fn, episodes, seed, predictor=predictor if pred else None, strategy=strat, delay=d, **kw))
+        labels = [lb for lb, _, _ in lines]
+        curves[name] = {lb: [(d, grid[(lb, d)]["success_rate"], grid[(lb, d)]["success_ci95"]) for d in delays if (lb, d) in grid]
+                        for lb in labels}
         curves[name]["refs"] = {k: v["success_rate"] for k, v in refs.items()}
-        for strat in STRATEGIES:
-            rows.append([strat + (f" ({best[2]})" if strat == "rtc" else "")]
-                        + [_fmt(grid[(strat, d)]) if (strat, d) in grid else "" for d in delays])
+        for label, strat, _ in lines:
+            rows.append([label + (f" ({best[2]})" if strat == "rtc" else "")]
+                        + [_fmt(grid[(label, d)]) if (label, d) in grid else "" for d in delays])
         for k, v in refs.items():
             rows.append([k] + [_fmt(v)] + ["" for _ in delays[1:]])
-        disc = [[s, d, f"{grid[(s, d)]['switch_jump_mean']:.3f}", f"{grid[(s, d)]['switch_jump_max']:.3f}",
-                 f"{grid[(s, d)]['within_jump_mean']:.3f}", f"{_excess(grid[(s, d)]):+.3f}", f"{grid[(s, d)]['switch_jerk_mean']:.3f}",
-                 f"{grid[(s, d)]['within_jerk_mean']:.3f}", f"{grid[(s, d)]['evals_per_step']:.2f}",
-                 f"{grid[(s, d)]['backwards_per_step']:.2f}"] for s in STRATEGIES for d in (half,) if (s, d) in grid]
-        # the acceptance-style checks, stated as measured
-        r0, rh = grid[("rtc", 0)]["success_rate"], grid[("rtc", half)]["success_rate"]
-        n0, nh = grid[("naive", 0)]["success_rate"], grid[("naive", half)]["success_rate"]
-        ratio = grid[("rtc", half)]["switch_jump_mean"] / max(grid[("naive", half)]["switch_jump_mean"], 1e-9)
-        added = _excess(grid[("rtc", half)]) / max(_excess(grid[("naive", half)]), 1e-9)
-        checks = (f"RTC at d = Ta/2 = {half}: {rh:.3f} vs its d = 0 {r0:.3f} ({100 * (rh - r0):+.1f} points); naive switching "
-                  f"{nh:.3f} vs {n0:.3f} ({100 * (nh - n0):+.1f} points); RTC - naive at d = {half}: {100 * (rh - nh):+.1f} points; "
-                  f"RTC's mean jump at switches is {ratio:.2f}x naive's, and what a switch adds to the jump "
-                  f"(switch minus within) {added:.2f}x naive's.")
+        disc = [[lb, d, f"{grid[(lb, d)]['switch_jump_mean']:.3f}", f"{grid[(lb, d)]['switch_jump_max']:.3f}",
+                 f"{grid[(lb, d)]['within_jump_mean']:.3f}", f"{_excess(grid[(lb, d)]):+.3f}", f"{grid[(lb, d)]['switch_jerk_mean']:.3f}",
+                 f"{grid[(lb, d)]['within_jerk_mean']:.3f}", f"{grid[(lb, d)]['evals_per_step']:.2f}",
+                 f"{grid[(lb, d)]['backwards_per_step']:.2f}"] for lb in labels for d in (half,) if (lb, d) in grid]
+        # the acceptance-style checks, stated as measured, for RTC (and RTC planning from predicted observations)
+        checks = []
+        for lb in [x for x in ("rtc", "rtc + predicted obs") if x in labels]:
+            naive = "naive" if lb == "rtc" else "naive + predicted obs"
+            if naive not in labels or (lb, 0) not in grid or (lb, half) not in grid:
+                continue
+            r0, rh = grid[(lb, 0)]["success_rate"], grid[(lb, half)]["success_rate"]
+            n0, nh = grid[(naive, 0)]["success_rate"], grid[(naive, half)]["success_rate"]
+            base = grid[("naive", half)] if "naive" in labels else grid[(naive, half)]
+            ratio = grid[(lb, half)]["switch_jump_mean"] / max(base["switch_jump_mean"], 1e-9)
+            added = _excess(grid[(lb, half)]) / max(_excess(base), 1e-9)
+            checks.append(f"{lb} at d = Ta/2 = {half}: {rh:.3f} vs its d = 0 {r0:.3f} ({100 * (rh - r0):+.1f} points); "
+                          f"{naive} {nh:.3f} vs {n0:.3f} ({100 * (nh - n0):+.1f} points); {lb} - {naive} at d = {half}: "
+                          f"{100 * (rh - nh):+.1f} points; its mean jump at switches is {ratio:.2f}x naive switching's, and "
+                          f"what a switch adds to the jump (switch minus within) {added:.2f}x naive switching's.")
+        if predictor is not None:
+            st = json.loads((work / f"forward_{name}.json").read_text())
+            worst = max(r / max(v, 1e-9) for r, v in zip(st["val_rmse"], st["val_delta_std"]) if v > 0)
+            checks.append(f"Forward model: fitted on {st['transitions']:,} transitions of {st['demos']} scripted demos; "
+                          f"held-out one-step error at most {worst:.2f} of the per-step change's spread (per dimension).")
         sel_txt = "; ".join(f"{tag}: {s:.3f}" for s, _, tag, _ in sel)
         body += [f"**{name}** (Ta = {pol.Ta}, Tp = {pol.Tp}; RTC settings chosen on {select_episodes} selection episodes at "
                  f"d = {half}: {sel_txt})", "",
@@ -131,15 +184,18 @@ def async_section(work: Path, log=print, checkpoints=None, episodes: int = 200, 
                  table(["strategy", "d", "jump at switches (mean)", "(max)", "jump within chunks", "switch - within",
                         "jerk at switches",
                         "jerk within", "network evals / control step", "backward passes / step"], disc), "",
-                 checks, ""]
+                 "\n\n".join(checks), ""]
     if plot_path:
         _plot(curves, delays, plot_path)
         body += [f"![success vs delay]({plot_path})"]
+    every = "max(Ta, d)" if horizon == "Ta" else "max(Ta / 2, d)"
     head = (f"Each cell: {episodes} episodes (seeds {seed}..), Wilson 95% intervals; d = control steps the environment "
-            "advances while the policy computes (injected, deterministic); a new inference every max(Ta, d) steps; the "
+            f"advances while the policy computes (injected, deterministic); a new inference every {every} steps; the "
             "first chunk of an episode is computed before the robot moves. Strategies: naive switching, ACT's temporal "
             "ensembling (m = 0.01), BID's backward coherence over 8 candidates, RTC guided inpainting. Synchronous rows "
-            "have no delay (the world waits for the policy).")
+            "have no delay (the world waits for the policy)."
+            + (" `+ predicted obs`: the chunk is planned from the observation a learned forward model predicts for the "
+               "step it takes over at, rolled through the committed actions (dpolicy.deploy.forward)." if predict else ""))
     title = "## Deployment under inference delay: asynchronous execution, success against delay (2-core CPU)"
     return "\n".join([title, "", head, ""] + body), done
 
@@ -158,7 +214,7 @@ def _plot(curves: dict, delays, path) -> None:
 
     fig, axes = plt.subplots(1, len(curves), figsize=(4.2 * len(curves), 3.4), squeeze=False)
     for ax, (name, c) in zip(axes[0], curves.items()):
-        for strat in STRATEGIES:
+        for strat in [k for k in c if k != "refs"]:
             pts = c.get(strat, [])
             if not pts:
                 continue

@@ -37,6 +37,7 @@ import time
 from pathlib import Path
 
 
+ASYNC_STRATEGIES = ("naive", "ensemble", "bid", "rtc")
 SECTIONS = ("envs", "throughput", "image-throughput", "bc", "image", "image-rti", "steer", "headroom", "rti", "latency", "gpu-latency", "compose",
             "drive", "robosuite", "pusht", "peers", "reliability", "rollouts", "async", "finetune")
 
@@ -90,6 +91,7 @@ def check_args(args, sections: list[str]) -> None:
         _names("--steer-algos", args.steer_algos, ["na", "sac"])
     if "async" in sections:
         _async_checkpoints(args)
+        _names("--async-strategies", args.async_strategies, list(ASYNC_STRATEGIES))
     if "finetune" in sections:
         _names("--finetune-tasks", args.finetune_tasks, ["avoid", "push", "lift"])
         _names("--finetune-algos", args.finetune_algos, ["ppo", "grpo", "gspo", "awm", "filtered"])
@@ -117,6 +119,11 @@ def main(argv=None) -> int:
     ap.add_argument("--async-checkpoint", default="{task}_flow",
                     help="async section: the checkpoint of each task in checkpoints/, {task} replaced by its name "
                          "(e.g. {task}_flow_rtc, trained with committed prefixes)")
+    ap.add_argument("--async-strategies", default=",".join(ASYNC_STRATEGIES), help="async section: strategies to run")
+    ap.add_argument("--async-predict", action="store_true",
+                    help="async section: also naive and rtc planning from forward-predicted observations")
+    ap.add_argument("--async-horizon", choices=["Ta", "half"], default="Ta",
+                    help="async section: a new inference every max(Ta, d) (Ta) or max(Ta / 2, d) (half) steps")
     ap.add_argument("--finetune-tasks", default="push", help="weak bases for the finetune section: avoid, push, lift")
     ap.add_argument("--finetune-algos", default="ppo,grpo,gspo,awm,filtered", help="methods for the finetune section")
     ap.add_argument("--ablation-seeds", type=int, default=1, help="seeds of the stochastic-sampler ablation (steer; 0: none)")
@@ -232,8 +239,12 @@ def main(argv=None) -> int:
         ckpt = _async_checkpoints(args)
         tasks = list(ckpt)
         body, _ = async_section(work / "async", log=log, checkpoints=[ckpt[t] for t in tasks],
+                                strategies=_names("--async-strategies", args.async_strategies, list(ASYNC_STRATEGIES)),
+                                predict=args.async_predict, horizon=args.async_horizon,
                                 episodes=args.episodes, plot_path=f"docs/img/async_delay_{'_'.join(tasks)}.png")
-        write_section(args.out, "async:" + ",".join(tasks), body, command)
+        variant = [v for v, on in (("predict", args.async_predict), (f"horizon {args.async_horizon}", args.async_horizon != "Ta"),
+                                   (args.async_checkpoint, args.async_checkpoint != "{task}_flow")) if on]
+        write_section(args.out, "async:" + ",".join(tasks) + (":" + ",".join(variant) if variant else ""), body, command)
     if "pusht" in sections:  # with the shipped PushT checkpoints, if any
         from dpolicy.bench.standard import pusht_section
 
