@@ -88,7 +88,7 @@ def test_decoding_orders_commit_the_right_positions(order, first):
     m = _tiny()
     seen = []
     orig = m.logits
-    m.logits = lambda obs, x: (seen.append(x.clone()), orig(obs, x))[1]
+    m.logits = lambda obs, x, **kw: (seen.append(x.clone()), orig(obs, x, **kw))[1]
     out = m.decode(_obs(2), steps=8, order=order)
     assert len(seen) == 8 and (out != m.tok.mask_id).all()
     assert (seen[1][:, first] != m.tok.mask_id).all() and (seen[1] != m.tok.mask_id).sum(1).tolist() == [2, 2]

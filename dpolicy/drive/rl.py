@@ -103,7 +103,7 @@ def rl_train(planner, train, evaluate, cfg: RLConfig, log=print) -> list[dict]:
     """
     from dpolicy_envs.driving import score
 
-    dev = train.obs["ego"].device
+    dev = train.expert.device
     gen = torch.Generator(dev).manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     opt = torch.optim.AdamW(planner.parameters(), lr=cfg.lr, weight_decay=0.0)

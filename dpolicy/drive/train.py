@@ -70,6 +70,17 @@ def plan_tokens(planner, ds, steps: int = 8, order: str = "confidence", temperat
 
 
 @torch.no_grad()
+def plan(planner, ds, steps: int | None = None, order: str = "confidence", seed: int = 0, chunk: int = 256) -> torch.Tensor:
+    """One trajectory (n, 8, 2) per scene of ``ds``: greedy decoding for a token planner, the sampler from
+    seeded noise for a continuous one; ``steps`` None: the planner's own."""
+    if hasattr(planner, "decode"):
+        return plan_tokens(planner, ds, 8 if steps is None else steps, order, seed=seed, chunk=chunk)
+    gen = torch.Generator(ds.expert.device).manual_seed(seed)
+    return torch.cat([planner.plan({k: v[i:i + chunk] for k, v in ds.obs.items()}, gen=gen, steps=steps)
+                      for i in range(0, ds.n, chunk)])
+
+
+@torch.no_grad()
 def evaluate(ds, traj: torch.Tensor) -> dict:
     """Sub-scores and PDMS-like of one trajectory per scene, EP normalised by the expert candidates."""
     return {k: v[:, 0] for k, v in score(ds.scenes, traj, best_progress=ds.best_progress).items()}

@@ -156,6 +156,13 @@ def to_frenet(road: torch.Tensor, pts: torch.Tensor) -> tuple[torch.Tensor, torc
     return s, d
 
 
+def crossing_axis(sc: Scenes) -> tuple[torch.Tensor, torch.Tensor]:
+    """Centre (B, 3) of the crossing road where it meets the road (x, y, road heading) and its direction (B,)."""
+    mid = ((sc.left + sc.right) / 2).gather(1, ((sc.cross[:, :1] - S0) / STATION_STEP).round().long().clamp(0, sc.road.shape[1] - 1))
+    cross_p = road_points(sc.road, sc.cross[:, :1], mid)[:, 0]
+    return cross_p, cross_p[:, 2] + math.pi / 2 + sc.cross[:, 3]
+
+
 def _at_fault(ego: torch.Tensor, agent_xy: torch.Tensor) -> torch.Tensor:
     """True unless the agent is behind the ego in its own lane (a rear-end hit on the ego). ego: (...,4) x,y,h,v."""
     dx, dy = agent_xy[..., 0] - ego[..., 0], agent_xy[..., 1] - ego[..., 1]
@@ -220,8 +227,7 @@ def _score_chunk(sc: Scenes, traj: torch.Tensor, best_progress) -> dict:
     cs = centre_s[..., None] + rel[..., 0] * tx + rel[..., 1] * ty
     cd = centre_d[..., None] + (-rel[..., 0] * ty + rel[..., 1] * tx)
     inside = (cd <= _interp_station(sc.left, cs) + 1e-3) & (cd >= _interp_station(sc.right, cs) - 1e-3)
-    cross_p = road_points(sc.road, sc.cross[:, :1], ((sc.left + sc.right) / 2).gather(1, (((sc.cross[:, :1] - S0) / STATION_STEP).round().long().clamp(0, sc.road.shape[1] - 1))))[:, 0]
-    ang = cross_p[:, 2] + math.pi / 2 + sc.cross[:, 3]
+    cross_p, ang = crossing_axis(sc)
     nx, ny = -torch.sin(ang), torch.cos(ang)
     off = (ego_box[..., 0] - cross_p[:, None, None, None, 0]) * nx[:, None, None, None] + \
           (ego_box[..., 1] - cross_p[:, None, None, None, 1]) * ny[:, None, None, None]
