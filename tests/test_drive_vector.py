@@ -172,10 +172,13 @@ def test_cli_trains_and_evaluates_both_planners_from_the_cache(tmp_path, capsys)
         assert main(["train", f"run_dir={run}", f"model.planner={planner}", "model.anchors=3", *common]) == 0
         assert json.loads((run / "planner" / "meta.json").read_text())["kind"] == f"drive_{planner}"
         capsys.readouterr()
-        assert main(["eval", f"init={run}", f"run_dir={tmp_path / 'ev'}", "eval.split=val", *common]) == 0
+        assert main(["eval", f"init={run}", f"run_dir={tmp_path / 'ev'}", "eval.split=val", f"eval.closed_loop={planner == 'anchor'}",
+                     *common]) == 0
         last = capsys.readouterr().out.strip().splitlines()[-1]
         res = json.loads((tmp_path / "ev" / "eval.json").read_text())
         assert last == f"PDMS-like {res['pdms']:.4f}" and res["split"] == "val" and res["scenes"] == 3
+        cl = {f"{w}_{m}" for w in ("cl", "expert_cl") for m in ("collision_rate", "offroad_rate", "progress_m")}
+        assert (cl <= set(res)) == (planner == "anchor") and all(0 <= res[k] <= 1 for k in cl & set(res) if "rate" in k)
     assert main(["rl", f"init={tmp_path / 'anchor'}", *common]) == 2
 
 

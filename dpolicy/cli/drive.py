@@ -88,7 +88,7 @@ def run(command: str, cfg, log=print) -> dict:
     from dpolicy.drive.data import build_set, write_demos
     from dpolicy.drive.plots import plot_curves, plot_scenes
     from dpolicy.drive.rl import rl_train
-    from dpolicy.drive.train import evaluate, plan, train_continuous, train_token_planner
+    from dpolicy.drive.train import closed_loop, evaluate, plan, scene_planner, train_continuous, train_token_planner
 
     if command not in COMMANDS:
         raise ConfigError(f"unknown command {command!r}; choose from {', '.join(COMMANDS)}.")
@@ -136,6 +136,13 @@ def run(command: str, cfg, log=print) -> dict:
         res = {k: float(v.mean()) for k, v in evaluate(held, traj).items()}
         res["expert_pdms"] = float(evaluate(held, held.expert)["pdms"].mean())
         res["split"], res["scenes"] = split, held.n
+        if o.closed_loop:  # rates over scenes: at-fault collision, leaving the drivable area; mean progress (m)
+            from dpolicy_envs.driving import expert_plan
+
+            for who, fn in (("cl", scene_planner(planner, encoder, o.steps, o.order)), ("expert_cl", lambda s: expert_plan(s)[0])):
+                m = closed_loop(held.scenes, fn)
+                res.update({f"{who}_collision_rate": float(1 - m["nc"].mean()), f"{who}_offroad_rate": float(1 - m["dac"].mean()),
+                            f"{who}_progress_m": float(m["progress"].mean())})
         out.mkdir(parents=True, exist_ok=True)
         n = min(o.scenes_in_picture, held.n)
         plot_scenes(out / "scenes.png", held.index(slice(0, n)), {"expert": held.expert[:n], "planner": traj[:n]}, n=n)

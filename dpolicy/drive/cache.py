@@ -5,13 +5,14 @@ scorer) on one CPU core, so 20,000 scenes take ~15 minutes; reading them back ta
 is cached in chunks of ``CHUNK`` consecutive seeds (``<split>_<first seed index>_<CHUNK>.safetensors``: the
 scene tensors, the expert's plan, its sub-scores and the EP normaliser), each written atomically, so a
 set of n scenes reuses every chunk a smaller set built and an interrupted build resumes where it
-stopped. Chunks live under a directory named by a fingerprint of the scene generator, expert and
-scorer sources: change any of them and the old chunks are simply not found. Observations are not
+stopped. Chunks live under a directory named by a fingerprint of what the scene generator, expert and
+scorer produce for three probe scenes: change their output and the old chunks are simply not found. Observations are not
 cached; ``DriveSet.observed`` computes them from the scenes (batched, fast) for the chosen encoder.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 from dataclasses import fields
@@ -26,15 +27,15 @@ from dpolicy_envs.driving import Scenes
 CHUNK = 1000
 
 
+@functools.lru_cache(maxsize=1)
 def fingerprint() -> str:
-    """A short hash of the sources that decide what a cached scene holds."""
-    import dpolicy_envs.driving.expert as ex
-    import dpolicy_envs.driving.scenes as sc
-    import dpolicy_envs.driving.scorer as so
-
+    """A short hash of what the generator, the expert and the scorer make of three probe scenes (one per
+    split): a change that alters any cached tensor changes it, a refactor that does not leaves it alone."""
+    probe = build_set("train", 1, "cpu", 0)
     h = hashlib.sha256()
-    for m in (sc, ex, so):
-        h.update(Path(m.__file__).read_bytes())
+    for ds in (probe, build_set("val", 1, "cpu", 0), build_set("test", 1, "cpu", 0)):
+        for t in [getattr(ds.scenes, f.name) for f in fields(Scenes)] + [ds.expert, ds.best_progress] + list(ds.expert_scores.values()):
+            h.update(t.contiguous().numpy().tobytes())
     return h.hexdigest()[:12]
 
 

@@ -76,6 +76,7 @@ class DriveEvalConfig:
     order: str = "confidence"  # decoding order: confidence | random | causal | reverse
     steps: int | None = None  # decoding (masked) or denoising (anchor) steps; null: the planner's own (8 / 2)
     split: str = "test"  # test | val (choices are made on val)
+    closed_loop: bool = False  # also drive planner and expert in closed loop (re-plan every 0.5 s for the 4 s log)
     scenes_in_picture: int = 4
 
     def __post_init__(self):

@@ -76,6 +76,24 @@ def observe_vector(scenes: Scenes) -> dict:
     return {"map": feats, "map_valid": valid, **_agent_tracks(scenes)}
 
 
+def move_agents(road: torch.Tensor, poses: torch.Tensor, v: torch.Tensor, dt: torch.Tensor) -> torch.Tensor:
+    """Poses (B, A, T, 3) of agents at ``poses`` (B, A, 3) with speeds ``v`` (B, A) after ``dt`` (T,) seconds
+    (negative: before) under the generator's motion model: at constant speed along the road (B, P, 3) where
+    they follow it (heading within ~25 degrees of the road's), on a straight line where they cross it."""
+    B, A = v.shape
+    T = dt.shape[0]
+    s, d = to_frenet(road, poses[..., :2])
+    road_h = road_points(road, s, torch.zeros_like(s))[..., 2]
+    follows = torch.cos(poses[..., 2] - road_h) > 0.9
+    along = road_points(road, (s[..., None] + v[..., None] * dt).reshape(B, -1), d[..., None].expand(B, A, T).reshape(B, -1))
+    along = along.reshape(B, A, T, 3)
+    at0 = road_points(road, s, d)[:, :, None]
+    along = along - at0 + poses[:, :, None]                                                  # exact at dt = 0
+    step = v[..., None, None] * dt[:, None] * torch.stack([torch.cos(poses[..., 2]), torch.sin(poses[..., 2])], -1)[:, :, None]
+    line = torch.cat([poses[:, :, None, :2] + step, poses[:, :, None, 2:].expand(B, A, T, 1)], -1)
+    return torch.where(follows[..., None, None], along, line)
+
+
 def _agent_tracks(scenes: Scenes) -> dict:
     dev, B = scenes.device, scenes.batch
     tau = HISTORY_DT * torch.arange(HISTORY - 1, -1, -1, device=dev, dtype=torch.float32)      # 1.0 ... 0 s ago
@@ -86,15 +104,7 @@ def _agent_tracks(scenes: Scenes) -> dict:
     now = scenes.agents[:, :, 0]                                                               # (B, A, 3)
     v = scenes.agent_v[:, :, 0]
     A = now.shape[1]
-    s, d = to_frenet(scenes.road, now[..., :2])
-    road_h = road_points(scenes.road, s, torch.zeros_like(s))[..., 2]
-    follows = torch.cos(now[..., 2] - road_h) > 0.9
-    along = road_points(scenes.road, (s[..., None] - v[..., None] * tau).reshape(B, -1), d[..., None].expand(B, A, HISTORY).reshape(B, -1))
-    along = along.reshape(B, A, HISTORY, 3)
-    along = along - along[:, :, -1:] + now[:, :, None]                                     # exact at t = 0
-    back = v[..., None, None] * tau[:, None] * torch.stack([torch.cos(now[..., 2]), torch.sin(now[..., 2])], -1)[:, :, None]
-    line = torch.cat([now[:, :, None, :2] - back, now[:, :, None, 2:].expand(B, A, HISTORY, 1)], -1)
-    past = torch.where(follows[..., None, None], along, line)
+    past = move_agents(scenes.road, now, v, -tau)
     poses = torch.cat([ego[:, None], past], 1)                                                # (B, 1+A, H, 3)
     speed = torch.cat([ego_v[:, None], v[..., None].expand(B, A, HISTORY)], 1)
     size = torch.cat([torch.tensor([[EGO_LEN, EGO_WID]], device=dev).expand(B, 1, 2), scenes.agent_size], 1)
