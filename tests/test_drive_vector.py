@@ -191,3 +191,26 @@ def test_a_policy_that_is_not_a_planner_is_refused(tmp_path):
     d = save_policy(tiny_policy(), tmp_path / "chunk")
     with pytest.raises(CheckpointError, match="not a driving planner"):
         load_planner(d, "cpu")
+
+
+def test_attention_denoiser_predicts_a_smooth_clean_trajectory_not_a_correction():
+    """A residual (x + correction) passes the sampler's noise into the plan, and 16 free outputs make jerky plans:
+    the plan is the head's polynomial, whatever x is."""
+    from dpolicy.drive.anchor import POLY_DEGREE, AttnDenoiser, from_norm, poly_basis
+
+    torch.manual_seed(0)
+    den = AttnDenoiser(d=32, layers=1, heads=4, encoder_layers=1).eval()
+    o = _vec_obs(2)
+    with torch.no_grad():
+        pred, conf = den(torch.randn(2, 5, 16), torch.full((2,), 4.0), den.context(o))
+        assert pred.shape == (2, 5, 16) and conf.shape == (2, 5)
+        traj = from_norm(pred)                                                       # (2, 5, 8, 2) metres
+        basis = poly_basis()
+        proj = torch.einsum("ij,bmjc->bmic", basis @ torch.linalg.pinv(basis), traj)
+        assert torch.allclose(proj, traj, atol=1e-3)                                 # in the polynomial space
+        torch.nn.init.zeros_(den.out[1].weight)
+        torch.nn.init.zeros_(den.out[1].bias)
+        a, _ = den(torch.randn(2, 5, 16), torch.full((2,), 4.0), den.context(o))
+        b, _ = den(torch.randn(2, 5, 16) * 3, torch.full((2,), 4.0), den.context(o))
+    assert torch.allclose(from_norm(a), torch.zeros(2, 5, 8, 2), atol=1e-4) and torch.equal(a, b)
+    assert basis.shape == (8, POLY_DEGREE)

@@ -88,10 +88,23 @@ class Denoiser(nn.Module):
         return out[..., :-1], out[..., -1]
 
 
+POLY_DEGREE = 4  # the expert's plans projected on this basis score as they are (0.916 vs 0.916 PDMS-like on val)
+
+
+def poly_basis(n_waypoints: int = 8, degree: int = POLY_DEGREE, dt: float = 0.5) -> torch.Tensor:
+    """(n_waypoints, degree) basis (t / T)^k, k = 1..degree, of trajectories that start at the origin."""
+    t = torch.arange(1, n_waypoints + 1) * dt
+    return torch.stack([(t / t[-1]) ** k for k in range(1, degree + 1)], -1)
+
+
 class AttnDenoiser(nn.Module):
     """The vector encoder's denoiser (DiffusionDrive's decoder in small): one query per noisy trajectory,
     transformer-decoder layers (self-attention among the K modes, cross-attention to the scene tokens),
-    then the clean trajectory and a confidence logit per mode."""
+    then the clean trajectory and a confidence logit per mode.
+
+    The trajectory comes out as the coefficients of a degree-4 polynomial in time per coordinate: a head
+    that wrote 16 free numbers made plans whose waypoint errors, independent from point to point, broke
+    the comfort bounds in almost every scene (comfort 0.03 on val after 2,000 steps on 1,000 scenes)."""
 
     def __init__(self, d: int = 64, dim: int = 16, layers: int = 2, heads: int = 4, encoder_layers: int = 2,
                  ego_dropout: float = 0.0):
@@ -100,7 +113,8 @@ class AttnDenoiser(nn.Module):
         self.inp = nn.Sequential(nn.Linear(dim + 32, 2 * d), nn.GELU(), nn.Linear(2 * d, d))
         layer = nn.TransformerDecoderLayer(d, heads, 4 * d, dropout=0.0, batch_first=True, norm_first=True)
         self.body = nn.TransformerDecoder(layer, layers)
-        self.out = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, dim + 1))
+        self.out = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, 2 * POLY_DEGREE + 1))
+        self.register_buffer("basis", poly_basis(dim // 2), persistent=False)
 
     def context(self, obs, gen=None):
         return self.encoder.tokens(obs, gen)
@@ -111,7 +125,12 @@ class AttnDenoiser(nn.Module):
         te = _time_embedding(t)[:, None].expand(-1, x.shape[1], -1)
         h = self.body(self.inp(torch.cat([x, te], -1)), mem, memory_key_padding_mask=~valid)
         out = self.out(h)
-        return x + out[..., :-1], out[..., -1]
+        # the clean trajectory itself, not a correction of x: a residual passed the noise in x straight through
+        # to the plan (comfort 0 on every validation scene). Coefficients are in units of SCALE, so the
+        # normalised plan is basis @ coefficients - SHIFT / SCALE.
+        coef = out[..., :-1].unflatten(-1, (POLY_DEGREE, 2))                  # (B, K, degree, 2)
+        traj = torch.einsum("wk,bmkc->bmwc", self.basis, coef) - (SHIFT / SCALE).to(coef)
+        return traj.flatten(-2), out[..., -1]
 
 
 def make_denoiser(encoder: str, d: int, layers: int = 2, heads: int = 4, encoder_layers: int = 2,
