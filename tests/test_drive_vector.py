@@ -180,6 +180,12 @@ def test_cli_trains_and_evaluates_both_planners_from_the_cache(tmp_path, capsys)
         cl = {f"{w}_{m}" for w in ("cl", "expert_cl") for m in ("collision_rate", "offroad_rate", "progress_m")}
         assert (cl <= set(res)) == (planner == "anchor") and all(0 <= res[k] <= 1 for k in cl & set(res) if "rate" in k)
     assert main(["rl", f"init={tmp_path / 'anchor'}", *common]) == 2
+    # RL's curve is measured on the split eval.split names (val: where choices are made), test reported at the end
+    assert main(["rl", f"init={tmp_path / 'masked'}", f"run_dir={tmp_path / 'rl'}", "eval.split=val", "rl.iters=1", "rl.group=2",
+                 "rl.scenes_per_iter=2", "rl.advantage=decoupled", *common]) == 0
+    res = json.loads((tmp_path / "rl" / "rl.json").read_text())
+    assert res["split"] == "val" and 0 <= res["test_pdms"] <= 1 and (tmp_path / "rl" / "curve.png").exists()
+    assert json.loads((tmp_path / "rl" / "planner" / "meta.json").read_text())["metadata"]["advantage"] == "decoupled"
 
 
 def test_a_policy_that_is_not_a_planner_is_refused(tmp_path):
@@ -214,3 +220,19 @@ def test_attention_denoiser_predicts_a_smooth_clean_trajectory_not_a_correction(
         b, _ = den(torch.randn(2, 5, 16) * 3, torch.full((2,), 4.0), den.context(o))
     assert torch.allclose(from_norm(a), torch.zeros(2, 5, 8, 2), atol=1e-4) and torch.equal(a, b)
     assert basis.shape == (8, POLY_DEGREE)
+
+
+def test_mlp_polyline_encoder_reads_point_order_and_pointnet_does_not():
+    torch.manual_seed(0)
+    o = _vec_obs(2)
+    flipped = {**o, "map": o["map"].flip(2), "map_valid": o["map_valid"].flip(2)}   # every polyline's points reversed
+    for polyline, order_free in (("pointnet", True), ("mlp", False)):
+        enc = VectorEncoder(d=32, layers=1, heads=4, polyline=polyline).eval()
+        a, v = enc.tokens(o)
+        b, _ = enc.tokens(flipped)
+        assert torch.allclose(a[v], b[v], atol=1e-5) == order_free
+        o2 = {k: t.clone() for k, t in o.items()}
+        o2["map"][~o["map_valid"]] = 5.0                                            # garbage where no point exists
+        assert torch.allclose(enc.tokens(o2)[0][v], a[v], atol=1e-5)
+    with pytest.raises(ConfigError, match="polyline"):
+        VectorEncoder(polyline="gnn")

@@ -110,9 +110,12 @@ def run(command: str, cfg, log=print) -> dict:
     if command == "rl" and not hasattr(planner, "decode"):
         raise ConfigError(f"rl fine-tunes the masked-token planner; {cfg.init} holds an anchor-diffusion planner.")
     o = cfg.eval
-    split = o.split if command == "eval" else "test"
+    split = o.split if command in ("eval", "rl") else "test"  # rl's curve is measured on eval.split
     held = _split(cfg, split, dev, encoder)
-    score_of = lambda p: float(evaluate(held, plan(p, held, o.steps, o.order))["pdms"].mean())  # noqa: E731
+
+    def score_of(p, ds=None):
+        ds = held if ds is None else ds
+        return float(evaluate(ds, plan(p, ds, o.steps, o.order))["pdms"].mean())
     if command == "train":
         train = _split(cfg, "train", dev, encoder)
         planner = _new_planner(cfg, train, dev)
@@ -127,10 +130,12 @@ def run(command: str, cfg, log=print) -> dict:
         train = _split(cfg, "train", dev, encoder)
         hist = rl_train(planner, train, score_of, cfg.rl, log=log)
         out.mkdir(parents=True, exist_ok=True)
-        plot_curves(out / "curve.png", {cfg.rl.algo.upper(): hist})
+        plot_curves(out / "curve.png", {cfg.rl.algo.upper(): hist}, ylabel=f"{split} PDMS-like")
         (out / "history.json").write_text(json.dumps(hist, indent=1))
-        res = {"start_pdms": hist[0]["test_pdms"], "test_pdms": hist[-1]["test_pdms"]}
-        planner.save(out / "planner", {"test_pdms": res["test_pdms"], "rl": cfg.rl.algo})
+        res = {"split": split, "start_pdms": hist[0]["test_pdms"], "final_pdms": hist[-1]["test_pdms"]}
+        if split != "test":
+            res["test_pdms"] = score_of(planner, _split(cfg, "test", dev, encoder))
+        planner.save(out / "planner", {f"{split}_pdms": res["final_pdms"], "rl": cfg.rl.algo, "advantage": cfg.rl.advantage})
     else:  # eval
         traj = plan(planner, held, o.steps, o.order)
         res = {k: float(v.mean()) for k, v in evaluate(held, traj).items()}

@@ -107,9 +107,9 @@ class AttnDenoiser(nn.Module):
     the comfort bounds in almost every scene (comfort 0.03 on val after 2,000 steps on 1,000 scenes)."""
 
     def __init__(self, d: int = 64, dim: int = 16, layers: int = 2, heads: int = 4, encoder_layers: int = 2,
-                 ego_dropout: float = 0.0):
+                 ego_dropout: float = 0.0, encoder: str = "vector"):
         super().__init__()
-        self.encoder = make_encoder("vector", d, encoder_layers, heads, ego_dropout)
+        self.encoder = make_encoder(encoder, d, encoder_layers, heads, ego_dropout)
         self.inp = nn.Sequential(nn.Linear(dim + 32, 2 * d), nn.GELU(), nn.Linear(2 * d, d))
         layer = nn.TransformerDecoderLayer(d, heads, 4 * d, dropout=0.0, batch_first=True, norm_first=True)
         self.body = nn.TransformerDecoder(layer, layers)
@@ -137,9 +137,9 @@ def make_denoiser(encoder: str, d: int, layers: int = 2, heads: int = 4, encoder
                   ego_dropout: float = 0.0) -> nn.Module:
     if encoder == "flat":
         return Denoiser(d)
-    if encoder == "vector":
-        return AttnDenoiser(d, layers=layers, heads=heads, encoder_layers=encoder_layers, ego_dropout=ego_dropout)
-    raise ConfigError(f"encoder {encoder!r} is unknown; choose flat or vector.")
+    if encoder in ("vector", "vector_mlp"):
+        return AttnDenoiser(d, layers=layers, heads=heads, encoder_layers=encoder_layers, ego_dropout=ego_dropout, encoder=encoder)
+    raise ConfigError(f"encoder {encoder!r} is unknown; choose flat, vector or vector_mlp.")
 
 
 def _denoise(den, process, x, ctx, schedule):

@@ -28,7 +28,8 @@ class DriveDataConfig:
 @dataclass
 class DriveModelConfig:
     planner: str = "masked"  # masked (token diffusion, confidence-order decoding) | anchor (truncated anchor diffusion)
-    encoder: str = "vector"  # vector (polyline tokens + transformer) | flat (one MLP token from flattened polylines)
+    encoder: str = "vector"  # vector (PointNet per polyline) | vector_mlp (MLP per polyline), then a transformer over
+                             # the tokens | flat (one MLP token from flattened polylines)
     d: int = 64
     layers: int = 2  # the planner's transformer (masked) or decoder (anchor) layers
     heads: int = 4

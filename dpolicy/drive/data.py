@@ -17,7 +17,7 @@ from dpolicy.data.robomimic import Demo, read_dataset, write_dataset
 from dpolicy.errors import DatasetError
 from dpolicy_envs.driving import Scenes, expert_plan, generate_scenes, observe, observe_vector, split_seeds
 
-OBSERVERS = {"flat": observe, "vector": observe_vector}  # the observation each encoder reads
+OBSERVERS = {"flat": observe, "vector": observe_vector, "vector_mlp": observe_vector}  # what each encoder reads
 ENV_ARGS = {"env_name": "driving", "env_type": "dpolicy-drive", "env_kwargs": {"horizon_s": 4.0, "waypoints": 8}}
 
 

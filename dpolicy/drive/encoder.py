@@ -3,8 +3,9 @@
 ``flat``    (``SceneEncoder``): ego + route + drivable edges flattened into one MLP token, every agent one
             token; observations from ``envs.driving.observe``: ego (B, 4), route (B, 16, 2), bounds
             (B, 16, 4), agents (B, A, 7).
-``vector``  (``VectorEncoder``, VectorNet / PlanTF style): every map polyline (lane centrelines, the route
-            lane, drivable edges, the crossing road) through a small PointNet (point MLP + max), every track (the ego and each
+``vector``, ``vector_mlp`` (``VectorEncoder``, VectorNet / PlanTF style): every map polyline (lane centrelines, the route
+            lane, drivable edges, the crossing road) through a small PointNet (point MLP + max; ``vector``) or
+            an MLP over its ordered points (``vector_mlp``), every track (the ego and each
             agent with 1 s of history) through an MLP, then a transformer over all tokens; observations
             from ``envs.driving.observe_vector``. The ego enters only as a track of past poses, with no
             ego-status vector, and ``ego_dropout`` can hide even that history in training (PlanTF's state
@@ -76,11 +77,16 @@ def _masked_max(h: torch.Tensor, valid: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 class VectorEncoder(nn.Module):
-    def __init__(self, d: int = 64, layers: int = 2, heads: int = 4, ego_dropout: float = 0.0):
+    def __init__(self, d: int = 64, layers: int = 2, heads: int = 4, ego_dropout: float = 0.0, polyline: str = "pointnet"):
         super().__init__()
         if not 0 <= ego_dropout < 1:
             raise ConfigError(f"ego_dropout={ego_dropout} must lie in [0, 1).")
-        self.point = _mlp(F_MAP, d, d)
+        if polyline not in ("pointnet", "mlp"):
+            raise ConfigError(f"polyline encoder {polyline!r} is unknown; choose pointnet or mlp.")
+        self.polyline = polyline
+        # pointnet: a shared point MLP, max over the valid points (order-free); mlp: one MLP over the polyline's
+        # ordered points and their validity flags (keeps the exact geometry a linear map can read off)
+        self.point = _mlp(F_MAP, d, d) if polyline == "pointnet" else _mlp(POINTS * (F_MAP + 1), 2 * d, d)
         self.track = _mlp(HISTORY * F_AGENT, 2 * d, d)
         self.kind = nn.Parameter(torch.zeros(3, d))  # map polyline, agent track, ego track
         layer = nn.TransformerEncoderLayer(d, heads, 4 * d, dropout=0.0, batch_first=True, norm_first=True)
@@ -92,9 +98,13 @@ class VectorEncoder(nn.Module):
         """obs (``observe_vector``) -> tokens (B, N_MAP + 1 + A, d), validity (B, N)."""
         check_obs(obs, VECTOR_SHAPES)
         pts, pv = obs["map"], obs["map_valid"]
-        # one PointNet stage (shared point MLP, max over the valid points); VectorNet's second stage, which
-        # feeds the pooled feature back to every point, doubled the encoder's cost on CPU
-        map_tok = _masked_max(self.point(pts), pv, 2) + self.kind[0]
+        if self.polyline == "pointnet":
+            # one PointNet stage; VectorNet's second stage (the pooled feature fed back to every point) doubled
+            # the encoder's cost on CPU
+            map_tok = _masked_max(self.point(pts), pv, 2) + self.kind[0]
+        else:
+            m = pv[..., None].float()
+            map_tok = self.point(torch.cat([pts * m, m], -1).flatten(2)) + self.kind[0]
         tr = obs["tracks"]
         if self.training and self.ego_dropout > 0:  # hide the ego's past: only its pose now (the origin) is left
             drop = torch.rand(tr.shape[0], device=tr.device, generator=gen) < self.ego_dropout
@@ -109,12 +119,12 @@ class VectorEncoder(nn.Module):
         return self.norm(self.body(x, src_key_padding_mask=~valid)), valid
 
 
-ENCODERS = ("flat", "vector")
+ENCODERS = ("flat", "vector", "vector_mlp")  # vector: PointNet per polyline; vector_mlp: an MLP per polyline
 
 
 def make_encoder(kind: str, d: int, layers: int = 2, heads: int = 4, ego_dropout: float = 0.0) -> nn.Module:
     if kind == "flat":
         return SceneEncoder(d)
-    if kind == "vector":
-        return VectorEncoder(d, layers, heads, ego_dropout)
+    if kind in ("vector", "vector_mlp"):
+        return VectorEncoder(d, layers, heads, ego_dropout, "pointnet" if kind == "vector" else "mlp")
     raise ConfigError(f"encoder {kind!r} is unknown; choose from {', '.join(ENCODERS)}.")
