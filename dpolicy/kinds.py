@@ -13,16 +13,19 @@ class; a kind of dpolicy's own is also imported here.
 from __future__ import annotations
 
 from dpolicy.compose.composed import ComposedPolicy
+from dpolicy.drive.anchor import AnchorDiffusionPlanner
+from dpolicy.drive.masked import MaskedTokenPlanner
 from dpolicy.policy.checkpoint import KINDS, load_checkpoint
 from dpolicy.policy.chunk_policy import ChunkPolicy
 from dpolicy.rl.steered import SteeredPolicy
 
-BUILTIN = {"chunk": ChunkPolicy, "composed": ComposedPolicy, "steered": SteeredPolicy}
+BUILTIN = {"chunk": ChunkPolicy, "composed": ComposedPolicy, "steered": SteeredPolicy,
+           "drive_masked": MaskedTokenPlanner, "drive_anchor": AnchorDiffusionPlanner}
 
 
 def load_policy(path, device="cpu"):
-    """Load a policy of any registered kind (a ``ChunkPolicy``, a ``ComposedPolicy``, a ``SteeredPolicy``, or a
-    kind another imported module registers) from any checkpoint path, on any device, without hydra."""
+    """Load a policy of any registered kind (a ``ChunkPolicy``, a ``ComposedPolicy``, a ``SteeredPolicy``, a driving
+    planner, or a kind another imported module registers) from any checkpoint path, on any device, without hydra."""
     return load_checkpoint(path, device)
 
 

@@ -205,36 +205,46 @@ def drive_data(tmp_path_factory):
     return path
 
 
-def _planner_file(d):
-    from dpolicy.cli.drive import save_planner
+def _planner_dir(d):
     from dpolicy.drive import MaskedTokenPlanner, TrajectoryTokenizer
 
-    return save_planner(MaskedTokenPlanner(TrajectoryTokenizer(), d=16, layers=1, heads=4), d)
+    return MaskedTokenPlanner(TrajectoryTokenizer(), d=16, layers=1, heads=4, encoder="flat").save(d / "planner")
 
 
-@pytest.mark.parametrize("corrupt,match", [
-    (lambda p: p.write_bytes(b"\x80\x04garbage, not a checkpoint" * 20), "corrupt or truncated"),
-    (lambda p: p.write_bytes(p.read_bytes()[: len(p.read_bytes()) // 2]), "corrupt or truncated"),
-    (lambda p: p.write_bytes(b""), "corrupt or truncated"),
-    (lambda p: p.write_bytes(b"PK\x03\x04" + bytes(200)), "corrupt or truncated"),
-    (lambda p: __import__("torch").save([1, 2, 3], p), "not a dpolicy-drive planner checkpoint"),
-    (lambda p: __import__("torch").save({"format": "dpolicy-drive-masked/1", "cfg": {}}, p), "missing 'tokenizer'"),
+@pytest.mark.parametrize("corrupt,culprit,match", [
+    (lambda p: (p / "model.safetensors").write_bytes(b"\x80\x04garbage, not a checkpoint" * 20), "model.safetensors", "cannot be read"),
+    (lambda p: (p / "model.safetensors").write_bytes((p / "model.safetensors").read_bytes()[:1000]), "model.safetensors", "cannot be read"),
+    (lambda p: (p / "model.safetensors").write_bytes(b""), "model.safetensors", "cannot be read"),
+    (lambda p: (p / "model.safetensors").unlink(), "model.safetensors", "is missing"),
+    (lambda p: (p / "meta.json").write_text("{not json"), "meta.json", "not valid JSON"),
+    (lambda p: (p / "meta.json").write_text('{"format": "dpolicy-policy", "format_version": 1, "kind": "drive_tokens"}'),
+     "drive_tokens", "no loaded module registers"),
+    (lambda p: (p / "config.json").write_text("{}"), "config.json", "does not describe a MaskedTokenPlanner"),
+    (lambda p: (p / "config.json").write_text((p / "config.json").read_text().replace('"d": 16', '"d": 32')), "model.safetensors",
+     "wrong shape"),
 ])
 @pytest.mark.parametrize("command", ["eval", "rl"])
-def test_corrupt_planner_checkpoint_is_one_sentence(capsys, tmp_path, drive_data, corrupt, match, command):
+def test_corrupt_planner_checkpoint_is_one_sentence(capsys, tmp_path, drive_data, corrupt, culprit, match, command):
     from dpolicy.cli.drive import main
 
-    corrupt(_planner_file(tmp_path / "run"))
+    corrupt(_planner_dir(tmp_path / "run"))
     code = main([command, f"data.path={drive_data}", f"init={tmp_path / 'run'}", f"run_dir={tmp_path / 'out'}"])
     err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and len(err) == 1 and "planner.pt" in err[0] and match in err[0], err
+    assert code == 2 and len(err) == 1 and culprit in err[0] and match in err[0], err
     assert not (tmp_path / "out").exists()
 
 
+def test_missing_planner_directory_is_one_sentence(capsys, tmp_path, drive_data):
+    from dpolicy.cli.drive import main
+
+    assert main(["eval", f"data.path={drive_data}", f"init={tmp_path / 'nowhere'}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "nowhere" in err[0] and "does not exist" in err[0], err
+
+
 def test_corrupt_planner_in_a_real_process(tmp_path, drive_data):
-    (tmp_path / "run").mkdir()
-    (tmp_path / "run" / "planner.pt").write_bytes(b"\x80\x04garbage, not a checkpoint" * 20)  # a pickle header, then noise
+    (_planner_dir(tmp_path / "run") / "model.safetensors").write_bytes(b"\x80\x04garbage, not a checkpoint" * 20)
     res = subprocess.run([sys.executable, "-m", "dpolicy.cli.drive", "eval", f"data.path={drive_data}", f"init={tmp_path / 'run'}",
                           f"run_dir={tmp_path / 'out'}"], capture_output=True, text=True, timeout=300)
-    assert res.returncode == 2 and "Traceback" not in res.stderr and "corrupt or truncated" in res.stderr, res.stderr[-2000:]
+    assert res.returncode == 2 and "Traceback" not in res.stderr and "cannot be read" in res.stderr, res.stderr[-2000:]
     assert len(res.stderr.strip().splitlines()) == 1, res.stderr

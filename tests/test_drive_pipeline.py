@@ -31,7 +31,7 @@ def test_cli_collect_train_rl_eval(tmp_path):
     common = ["data.n_train=12", "data.n_val=2", "data.n_test=6"]
     assert main(["collect", f"out={data}", *common]) == 0
     assert main(["train", f"data.path={data}", f"run_dir={tmp_path / 'bc'}", "train.steps=4", "model.d=16"]) == 0
-    assert (tmp_path / "bc" / "planner.pt").exists()
+    assert (tmp_path / "bc" / "planner" / "model.safetensors").exists()
     assert main(["rl", f"data.path={data}", f"init={tmp_path / 'bc'}", f"run_dir={tmp_path / 'rl'}", "rl.iters=2",
                  "rl.group=2", "rl.scenes_per_iter=2", "rl.eval_every=1"]) == 0
     assert (tmp_path / "rl" / "curve.png").exists()

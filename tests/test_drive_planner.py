@@ -88,7 +88,7 @@ def test_decoding_orders_commit_the_right_positions(order, first):
     m = _tiny()
     seen = []
     orig = m.logits
-    m.logits = lambda obs, x: (seen.append(x.clone()), orig(obs, x))[1]
+    m.logits = lambda obs, x, **kw: (seen.append(x.clone()), orig(obs, x, **kw))[1]
     out = m.decode(_obs(2), steps=8, order=order)
     assert len(seen) == 8 and (out != m.tok.mask_id).all()
     assert (seen[1][:, first] != m.tok.mask_id).all() and (seen[1] != m.tok.mask_id).sum(1).tolist() == [2, 2]
@@ -210,3 +210,45 @@ def test_rl_linear_lr_schedule_decays_to_zero(drive_sets, monkeypatch):
     assert seen == pytest.approx([1e-3, 1e-3, 7.5e-4, 7.5e-4, 5e-4, 5e-4, 2.5e-4, 2.5e-4])  # per iteration, both mini-batches
     with pytest.raises(ConfigError, match="lr_schedule"):
         RLConfig(lr_schedule="cosine")
+
+
+def test_decoupled_advantages_tell_failure_combinations_apart():
+    from dpolicy.drive.rl import decoupled_advantages
+
+    # one group of four: a collision that was comfortable, a trip off the road that was not, and two clean plans.
+    # PDMS-like is 0, 0, 1, 1: the group advantage cannot tell the two failures apart; GDPO can.
+    subs = {"nc": torch.tensor([[0.0, 1.0, 1.0, 1.0]]), "dac": torch.tensor([[1.0, 0.0, 1.0, 1.0]]),
+            "ttc": torch.tensor([[1.0, 1.0, 1.0, 1.0]]), "comfort": torch.tensor([[1.0, 0.0, 1.0, 1.0]]),
+            "ep": torch.tensor([[0.0, 0.0, 1.0, 1.0]])}
+    pdms = torch.tensor([[0.0, 0.0, 1.0, 1.0]])
+    g = group_advantages(pdms)
+    assert float(g[0, 0]) == pytest.approx(float(g[0, 1]))
+    d = decoupled_advantages(subs)
+    assert float(d[0, 1]) < float(d[0, 0]) < float(d[0, 2]) == pytest.approx(float(d[0, 3]))
+    # the sum is normalised over the batch, not per group
+    two = {k: torch.cat([v, v * 0 + torch.tensor([[1.0, 1.0, 1.0, 0.0]])]) for k, v in subs.items()}
+    a = decoupled_advantages(two)
+    assert float(a.mean()) == pytest.approx(0.0, abs=1e-6) and float(a.std(unbiased=False)) == pytest.approx(1.0, rel=1e-5)
+    assert (decoupled_advantages({k: torch.ones(2, 3) for k in subs}) == 0).all()
+    with pytest.raises(ConfigError, match="advantage"):
+        RLConfig(advantage="pdms")
+
+
+def test_rl_loop_with_decoupled_advantages_uses_every_sub_score(drive_sets, monkeypatch):
+    import dpolicy_envs.driving
+
+    train, _ = drive_sets
+    seen = []
+
+    def fake(sc, traj, best_progress=None):
+        y = traj[..., 1].mean(-1)
+        out = {k: (y > 0).float() for k in ("nc", "dac", "ttc", "comfort")}
+        out.update(ep=y.sigmoid(), pdms=y)
+        seen.append(set(out))
+        return out
+
+    monkeypatch.setattr(dpolicy_envs.driving, "score", fake)
+    m = _tiny()
+    before = [p.detach().clone() for p in m.parameters()]
+    rl_train(m, train, lambda p: 0.0, RLConfig(group=3, scenes_per_iter=2, iters=2, steps=4, eval_every=2, advantage="decoupled"))
+    assert len(seen) == 2 and any(not torch.equal(a, b) for a, b in zip(before, m.parameters()))

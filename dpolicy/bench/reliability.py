@@ -187,8 +187,10 @@ def _planner_garbage(d: Path) -> list:
 
     with contextlib.redirect_stdout(io.StringIO()):
         main(["collect", f"out={d / 'drive.hdf5'}", "data.n_train=2", "data.n_val=0", "data.n_test=1"])
-    (d / "init").mkdir()
-    (d / "init" / "planner.pt").write_bytes(b"\x80\x04garbage, not a checkpoint" * 20)
+    from dpolicy.drive import MaskedTokenPlanner, TrajectoryTokenizer
+
+    p = MaskedTokenPlanner(TrajectoryTokenizer(), d=16, layers=1, heads=4).save(d / "init" / "planner")
+    (p / "model.safetensors").write_bytes(b"\x80\x04garbage, not a checkpoint" * 20)
     return ["eval", f"data.path={d / 'drive.hdf5'}", f"init={d / 'init'}"]
 
 
@@ -227,7 +229,7 @@ SCENARIOS = [
     ("evaluate", _latest(b"step_0009999\n"), None),
     ("evaluate", _latest(b"../../../etc\n"), None),
     ("evaluate", _weights_truncated, "model.safetensors"),
-    ("drive", _planner_garbage, "planner.pt"),
+    ("drive", _planner_garbage, "model.safetensors"),
     ("train", _foreign_file, None),
     ("train", lambda d: ["data.path=/nonexistent/demos.hdf5"], "/nonexistent/demos.hdf5"),
     ("collect", _without_states, "no_states.hdf5"),

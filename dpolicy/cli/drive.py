@@ -1,9 +1,11 @@
 """``dpolicy-drive``: the driving planning benchmark (PDMS-like scorer, not NAVSIM).
 
   dpolicy-drive collect [out=... data.n_train=...]      expert demos in the robomimic layout
-  dpolicy-drive train   [data.path=... run_dir=...]     behaviour-clone the masked-token planner
-  dpolicy-drive rl      init=RUN [rl.algo=gspo|grpo]    group RL from a trained planner, with a curve
-  dpolicy-drive eval    init=RUN [eval.order=...]       PDMS-like sub-scores on the test split, a scene picture
+  dpolicy-drive train   [data.path=... | data.cache=DIR] [model.planner=masked|anchor] [model.encoder=vector|flat]
+                                                        behaviour-clone a planner; saved to RUN/planner (safetensors + JSON)
+  dpolicy-drive rl      init=RUN [rl.algo=gspo|grpo]    group RL from a trained masked planner, with a curve
+  dpolicy-drive eval    init=RUN [eval.split=test|val]  PDMS-like sub-scores, a scene picture; the last line is
+                                                        "PDMS-like <score>"
 
 Settings come from configs/drive.yaml; override them as key=value.
 """
@@ -12,11 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import pickle
 import sys
-import warnings
-import zipfile
 from pathlib import Path
 
 import torch
@@ -34,53 +32,63 @@ def load_config(overrides):
     return settings(DriveConfig, compose("drive", overrides))
 
 
-def save_planner(planner, run_dir: Path) -> Path:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / "planner.pt"
-    tmp = run_dir / f".planner.pt.tmp-{os.getpid()}"
-    torch.save({"format": "dpolicy-drive-masked/1", "cfg": planner.cfg, "state": planner.state_dict()}, tmp)
-    os.replace(tmp, path)
-    return path
+def load_planner(path, device):
+    """The driving planner saved at ``path`` (a planner directory, or a run directory holding ``planner/``)."""
+    from dpolicy.drive.anchor import AnchorDiffusionPlanner
+    from dpolicy.drive.masked import MaskedTokenPlanner
+    from dpolicy.kinds import load_policy
+
+    p = Path(str(path))
+    if (p / "planner" / "meta.json").exists():
+        p = p / "planner"
+    planner = load_policy(p, device)
+    if not isinstance(planner, (MaskedTokenPlanner, AnchorDiffusionPlanner)):
+        raise CheckpointError(f"{p} holds a {type(planner).__name__}, not a driving planner; pass init=<a dpolicy-drive "
+                              "train or rl run directory>.")
+    return planner
 
 
-def load_planner(run_dir, device):
+def _split(cfg, split: str, dev, encoder: str):
+    """The scenes of ``split`` for ``encoder``: from the scene cache when data.cache is set, else from data.path."""
+    from dpolicy.drive.cache import cached_set
+    from dpolicy.drive.data import read_demos
+
+    n = getattr(cfg.data, f"n_{split}")
+    if cfg.data.cache is not None:
+        if n < 1:
+            raise ConfigError(f"data.n_{split}={n}: the {split} split is empty.")
+        return cached_set(split, n, cfg.data.cache, dev, encoder, log=print)
+    if not Path(cfg.data.path).exists():
+        raise ConfigError(f"data.path {cfg.data.path} does not exist; run `dpolicy-drive collect` first or set data.cache.")
+    return read_demos(cfg.data.path, split, dev).observed(encoder)
+
+
+def _new_planner(cfg, train, dev):
+    from dataclasses import asdict
+
+    from dpolicy.drive.anchor import AnchorDiffusionPlanner, kmeans, to_norm
     from dpolicy.drive.masked import MaskedTokenPlanner
     from dpolicy.drive.tokenizer import TrajectoryTokenizer
 
-    path = Path(str(run_dir)) / "planner.pt"
-    if not path.exists():
-        raise CheckpointError(f"no planner checkpoint at {path}; pass init=<a train or rl run directory>.")
-    try:
-        with warnings.catch_warnings():  # torch's remarks on a garbled pickle header would precede the sentence below
-            warnings.simplefilter("ignore")
-            ck = torch.load(path, map_location=device, weights_only=True)
-    except (pickle.UnpicklingError, zipfile.BadZipFile, EOFError, OSError, RuntimeError, ValueError) as e:
-        raise CheckpointError(f"{path} is corrupt or truncated (torch.load: {type(e).__name__}); "
-                              "train the planner again or point init= at another run.") from None
-    if not isinstance(ck, dict) or ck.get("format") != "dpolicy-drive-masked/1":
-        fmt = ck.get("format") if isinstance(ck, dict) else type(ck).__name__
-        raise CheckpointError(f"{path} is not a dpolicy-drive planner checkpoint (format {fmt!r}).")
-    try:
-        c = ck["cfg"]
-        p = MaskedTokenPlanner(TrajectoryTokenizer(**c["tokenizer"]), d=c["d"], layers=c["layers"], heads=c["heads"]).to(device)
-        p.load_state_dict(ck["state"])
-    except (KeyError, TypeError, RuntimeError) as e:
-        what = f"missing {e}" if isinstance(e, KeyError) else " ".join(str(e).split())[:200]
-        raise CheckpointError(f"{path} does not hold a planner this version can load ({what}).") from None
-    return p.eval()
+    m = cfg.model
+    torch.manual_seed(cfg.train.seed)
+    if m.planner == "masked":
+        return MaskedTokenPlanner(TrajectoryTokenizer(**asdict(cfg.tokenizer)), m.d, m.layers, m.heads, m.encoder,
+                                  m.encoder_layers, m.ego_dropout).to(dev)
+    anchors = kmeans(to_norm(train.expert), m.anchors, seed=cfg.train.seed)
+    return AnchorDiffusionPlanner(anchors, d=m.d, encoder=m.encoder, layers=m.layers, heads=m.heads,
+                                  encoder_layers=m.encoder_layers, ego_dropout=m.ego_dropout).to(dev)
 
 
 def run(command: str, cfg, log=print) -> dict:
     """Run ``command`` with ``cfg``, a DriveConfig or a dict of its sections (checked here)."""
-    from dataclasses import asdict
+    import time
 
     from dpolicy.drive.config import DriveConfig
-    from dpolicy.drive.data import build_set, read_demos, write_demos
-    from dpolicy.drive.masked import MaskedTokenPlanner
+    from dpolicy.drive.data import build_set, write_demos
     from dpolicy.drive.plots import plot_curves, plot_scenes
     from dpolicy.drive.rl import rl_train
-    from dpolicy.drive.tokenizer import TrajectoryTokenizer
-    from dpolicy.drive.train import evaluate, plan_tokens, train_token_planner
+    from dpolicy.drive.train import closed_loop, evaluate, plan, scene_planner, train_continuous, train_token_planner
 
     if command not in COMMANDS:
         raise ConfigError(f"unknown command {command!r}; choose from {', '.join(COMMANDS)}.")
@@ -96,40 +104,59 @@ def run(command: str, cfg, log=print) -> dict:
             ", ".join(f"{s} {res[f'expert_pdms_{s}']:.3f}" for s in sets))
         return res
     if command in ("rl", "eval") and cfg.init is None:
-        raise ConfigError(f"{command} needs init=<a {'train ' if command == 'rl' else ''}run directory> holding planner.pt.")
-    data = cfg.data.path
-    if not Path(data).exists():
-        raise ConfigError(f"data.path {data} does not exist; run `dpolicy-drive collect` first.")
+        raise ConfigError(f"{command} needs init=<a planner checkpoint or a {'train ' if command == 'rl' else ''}run directory>.")
     planner = load_planner(cfg.init, dev) if command in ("rl", "eval") else None
-    test = read_demos(data, "test", dev)
+    encoder = planner.cfg["encoder"] if planner is not None else cfg.model.encoder
+    if command == "rl" and not hasattr(planner, "decode"):
+        raise ConfigError(f"rl fine-tunes the masked-token planner; {cfg.init} holds an anchor-diffusion planner.")
     o = cfg.eval
-    score_of = lambda p: float(evaluate(test, plan_tokens(p, test, steps=o.steps, order=o.order))["pdms"].mean())  # noqa: E731
+    split = o.split if command in ("eval", "rl") else "test"  # rl's curve is measured on eval.split
+    held = _split(cfg, split, dev, encoder)
+
+    def score_of(p, ds=None):
+        ds = held if ds is None else ds
+        return float(evaluate(ds, plan(p, ds, o.steps, o.order))["pdms"].mean())
     if command == "train":
-        train = read_demos(data, "train", dev)
-        m = cfg.model
-        planner = MaskedTokenPlanner(TrajectoryTokenizer(**asdict(cfg.tokenizer)), m.d, m.layers, m.heads).to(dev)
+        train = _split(cfg, "train", dev, encoder)
+        planner = _new_planner(cfg, train, dev)
         t = cfg.train
-        losses = train_token_planner(planner, train, t.steps, t.batch, t.lr, t.seed, log=log)
-        res = {"final_loss": losses[-1] if losses else None, "test_pdms": score_of(planner)}
-        save_planner(planner, out)
+        fit = train_token_planner if cfg.model.planner == "masked" else train_continuous
+        t0 = time.perf_counter()
+        losses = fit(planner, train, t.steps, t.batch, t.lr, t.seed, log=log)
+        res = {"final_loss": losses[-1] if losses else None, "train_s": time.perf_counter() - t0, "n_train": train.n,
+               "test_pdms": score_of(planner)}
+        planner.save(out / "planner", {"test_pdms": res["test_pdms"], "n_train": train.n, "steps": t.steps})
     elif command == "rl":
-        train = read_demos(data, "train", dev)
+        train = _split(cfg, "train", dev, encoder)
         hist = rl_train(planner, train, score_of, cfg.rl, log=log)
-        plot_curves(out / "curve.png", {cfg.rl.algo.upper(): hist}) if out.mkdir(parents=True, exist_ok=True) is None else None
-        (out / "history.json").write_text(json.dumps(hist, indent=1))
-        res = {"start_pdms": hist[0]["test_pdms"], "test_pdms": hist[-1]["test_pdms"]}
-        save_planner(planner, out)
-    elif command == "eval":
-        traj = plan_tokens(planner, test, steps=o.steps, order=o.order)
-        res = {k: float(v.mean()) for k, v in evaluate(test, traj).items()}
-        res["expert_pdms"] = float(evaluate(test, test.expert)["pdms"].mean())
         out.mkdir(parents=True, exist_ok=True)
-        n = min(o.scenes_in_picture, test.n)
-        plot_scenes(out / "scenes.png", test.index(slice(0, n)), {"expert": test.expert[:n], "planner": traj[:n]}, n=n)
+        plot_curves(out / "curve.png", {cfg.rl.algo.upper(): hist}, ylabel=f"{split} PDMS-like")
+        (out / "history.json").write_text(json.dumps(hist, indent=1))
+        res = {"split": split, "start_pdms": hist[0]["test_pdms"], "final_pdms": hist[-1]["test_pdms"]}
+        if split != "test":
+            res["test_pdms"] = score_of(planner, _split(cfg, "test", dev, encoder))
+        planner.save(out / "planner", {f"{split}_pdms": res["final_pdms"], "rl": cfg.rl.algo, "advantage": cfg.rl.advantage})
+    else:  # eval
+        traj = plan(planner, held, o.steps, o.order)
+        res = {k: float(v.mean()) for k, v in evaluate(held, traj).items()}
+        res["expert_pdms"] = float(evaluate(held, held.expert)["pdms"].mean())
+        res["split"], res["scenes"] = split, held.n
+        if o.closed_loop:  # rates over scenes: at-fault collision, leaving the drivable area; mean progress (m)
+            from dpolicy_envs.driving import expert_plan
+
+            for who, fn in (("cl", scene_planner(planner, encoder, o.steps, o.order)), ("expert_cl", lambda s: expert_plan(s)[0])):
+                m = closed_loop(held.scenes, fn)
+                res.update({f"{who}_collision_rate": float(1 - m["nc"].mean()), f"{who}_offroad_rate": float(1 - m["dac"].mean()),
+                            f"{who}_progress_m": float(m["progress"].mean())})
+        out.mkdir(parents=True, exist_ok=True)
+        n = min(o.scenes_in_picture, held.n)
+        plot_scenes(out / "scenes.png", held.index(slice(0, n)), {"expert": held.expert[:n], "planner": traj[:n]}, n=n)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{command}.json").write_text(json.dumps(res, indent=1))
     log(f"{command}: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in res.items())
         + " (PDMS-like, not NAVSIM)")
+    if command == "eval":
+        log(f"PDMS-like {res['pdms']:.4f}")  # the last line: the figure, for scripts
     return res
 
 

@@ -17,8 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dpolicy.drive.encoder import SceneEncoder
+from dpolicy.drive.checkpoint import build_planner, read_planner_dir, save_planner
+from dpolicy.drive.encoder import SceneEncoder, make_encoder
 from dpolicy.errors import ConfigError
+from dpolicy.policy.checkpoint import register_kind
 from dpolicy.process import sample_loop
 from dpolicy.process.diffusion import Diffusion
 
@@ -61,20 +63,83 @@ def kmeans(x: torch.Tensor, k: int, iters: int = 30, seed: int = 0) -> torch.Ten
     return c.to(x.device)
 
 
+def _time_embedding(t: torch.Tensor) -> torch.Tensor:
+    f = torch.exp(-math.log(1000.0) * torch.arange(16, device=t.device) / 16)
+    return torch.cat([torch.sin(t[:, None] * f), torch.cos(t[:, None] * f)], -1)
+
+
 class Denoiser(nn.Module):
+    """The flat encoder's denoiser: an MLP over (noisy trajectory, level, pooled scene context)."""
+
     def __init__(self, d: int = 64, dim: int = 16, hidden: int = 256):
         super().__init__()
         self.encoder = SceneEncoder(d)
         self.net = nn.Sequential(nn.Linear(dim + 2 * d + 32, hidden), nn.Mish(), nn.Linear(hidden, hidden), nn.Mish(),
                                  nn.Linear(hidden, dim + 1))
 
+    def context(self, obs, gen=None):
+        return self.encoder.pooled(obs)
+
     def forward(self, x: torch.Tensor, t: torch.Tensor, ctx: torch.Tensor):
         """x (B, K, D), t (B,) steps, ctx (B, 2d) -> x0 prediction (B, K, D), confidence logits (B, K)."""
-        f = torch.exp(-math.log(1000.0) * torch.arange(16, device=x.device) / 16)
-        te = torch.cat([torch.sin(t[:, None] * f), torch.cos(t[:, None] * f)], -1)
+        te = _time_embedding(t)
         h = torch.cat([x, te[:, None].expand(-1, x.shape[1], -1), ctx[:, None].expand(-1, x.shape[1], -1)], -1)
         out = self.net(h)
         return out[..., :-1], out[..., -1]
+
+
+POLY_DEGREE = 4  # the expert's plans projected on this basis score as they are (0.916 vs 0.916 PDMS-like on val)
+
+
+def poly_basis(n_waypoints: int = 8, degree: int = POLY_DEGREE, dt: float = 0.5) -> torch.Tensor:
+    """(n_waypoints, degree) basis (t / T)^k, k = 1..degree, of trajectories that start at the origin."""
+    t = torch.arange(1, n_waypoints + 1) * dt
+    return torch.stack([(t / t[-1]) ** k for k in range(1, degree + 1)], -1)
+
+
+class AttnDenoiser(nn.Module):
+    """The vector encoder's denoiser (DiffusionDrive's decoder in small): one query per noisy trajectory,
+    transformer-decoder layers (self-attention among the K modes, cross-attention to the scene tokens),
+    then the clean trajectory and a confidence logit per mode.
+
+    The trajectory comes out as the coefficients of a degree-4 polynomial in time per coordinate: a head
+    that wrote 16 free numbers made plans whose waypoint errors, independent from point to point, broke
+    the comfort bounds in almost every scene (comfort 0.03 on val after 2,000 steps on 1,000 scenes)."""
+
+    def __init__(self, d: int = 64, dim: int = 16, layers: int = 2, heads: int = 4, encoder_layers: int = 2,
+                 ego_dropout: float = 0.0, encoder: str = "vector"):
+        super().__init__()
+        self.encoder = make_encoder(encoder, d, encoder_layers, heads, ego_dropout)
+        self.inp = nn.Sequential(nn.Linear(dim + 32, 2 * d), nn.GELU(), nn.Linear(2 * d, d))
+        layer = nn.TransformerDecoderLayer(d, heads, 4 * d, dropout=0.0, batch_first=True, norm_first=True)
+        self.body = nn.TransformerDecoder(layer, layers)
+        self.out = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, 2 * POLY_DEGREE + 1))
+        self.register_buffer("basis", poly_basis(dim // 2), persistent=False)
+
+    def context(self, obs, gen=None):
+        return self.encoder.tokens(obs, gen)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, ctx):
+        """x (B, K, D), t (B,) steps, ctx (tokens (B, N, d), validity (B, N)) -> x0 (B, K, D), logits (B, K)."""
+        mem, valid = ctx
+        te = _time_embedding(t)[:, None].expand(-1, x.shape[1], -1)
+        h = self.body(self.inp(torch.cat([x, te], -1)), mem, memory_key_padding_mask=~valid)
+        out = self.out(h)
+        # the clean trajectory itself, not a correction of x: a residual passed the noise in x straight through
+        # to the plan (comfort 0 on every validation scene). Coefficients are in units of SCALE, so the
+        # normalised plan is basis @ coefficients - SHIFT / SCALE.
+        coef = out[..., :-1].unflatten(-1, (POLY_DEGREE, 2))                  # (B, K, degree, 2)
+        traj = torch.einsum("wk,bmkc->bmwc", self.basis, coef) - (SHIFT / SCALE).to(coef)
+        return traj.flatten(-2), out[..., -1]
+
+
+def make_denoiser(encoder: str, d: int, layers: int = 2, heads: int = 4, encoder_layers: int = 2,
+                  ego_dropout: float = 0.0) -> nn.Module:
+    if encoder == "flat":
+        return Denoiser(d)
+    if encoder in ("vector", "vector_mlp"):
+        return AttnDenoiser(d, layers=layers, heads=heads, encoder_layers=encoder_layers, ego_dropout=ego_dropout, encoder=encoder)
+    raise ConfigError(f"encoder {encoder!r} is unknown; choose flat, vector or vector_mlp.")
 
 
 def _denoise(den, process, x, ctx, schedule):
@@ -90,14 +155,28 @@ def _denoise(den, process, x, ctx, schedule):
     return x, last["conf"]
 
 
+@register_kind("drive_anchor")
 class AnchorDiffusionPlanner(nn.Module):
-    def __init__(self, anchors: torch.Tensor, d: int = 64, t_trunc: int = 50, t_start: int = 8, steps: int = 2):
+    def __init__(self, anchors: torch.Tensor, d: int = 64, t_trunc: int = 50, t_start: int = 8, steps: int = 2,
+                 encoder: str = "flat", layers: int = 2, heads: int = 4, encoder_layers: int = 2, ego_dropout: float = 0.0):
         super().__init__()
         self.register_buffer("anchors", anchors)      # (K, 16) normalised
         self.process = planner_process()
         self.register_buffer("ab", self.process.alpha_bar.float())
-        self.den = Denoiser(d)
+        self.den = make_denoiser(encoder, d, layers, heads, encoder_layers, ego_dropout)
         self.t_trunc, self.t_start, self.steps = t_trunc, t_start, steps
+        self.cfg = {"n_anchors": int(anchors.shape[0]), "d": d, "t_trunc": t_trunc, "t_start": t_start, "steps": steps,
+                    "encoder": encoder, "layers": layers, "heads": heads, "encoder_layers": encoder_layers,
+                    "ego_dropout": ego_dropout}
+
+    def save(self, path, metadata: dict | None = None):
+        return save_planner(self, path, metadata)
+
+    @classmethod
+    def load(cls, d, meta: dict, device="cpu") -> "AnchorDiffusionPlanner":
+        cfg, state = read_planner_dir(d, meta)
+        keys = ("d", "t_trunc", "t_start", "steps", "encoder", "layers", "heads", "encoder_layers", "ego_dropout")
+        return build_planner(cls, d, cfg, state, lambda c: cls(torch.zeros(c["n_anchors"], 16), **{k: c[k] for k in keys}), device)
 
     def loss(self, obs, traj, gen=None):
         B = traj.shape[0]
@@ -106,7 +185,7 @@ class AnchorDiffusionPlanner(nn.Module):
         a = self.anchors[None].expand(B, -1, -1)
         ab = self.ab[t][:, None, None]
         xt = (ab.sqrt() * a + (1 - ab).sqrt() * torch.randn(a.shape, device=x0.device, generator=gen)).clamp(-1.5, 1.5)
-        pred, conf = self.den(xt, t.float(), self.den.encoder.pooled(obs))
+        pred, conf = self.den(xt, t.float(), self.den.context(obs, gen))
         pos = torch.cdist(x0[:, None], a)[:, 0].argmin(1)
         reg = (pred[torch.arange(B), pos] - x0).abs().mean()
         return reg + F.cross_entropy(conf, pos)
@@ -114,8 +193,8 @@ class AnchorDiffusionPlanner(nn.Module):
     @torch.no_grad()
     def plan(self, obs, gen=None, steps: int | None = None) -> torch.Tensor:
         steps = self.steps if steps is None else steps
-        ctx = self.den.encoder.pooled(obs)
-        B = ctx.shape[0]
+        ctx = self.den.context(obs)
+        B = next(iter(obs.values())).shape[0]
         a = self.anchors[None].expand(B, -1, -1)
         t0 = self.process.level_time(self.t_start)
         x = self.process.noise_to(a, torch.randn(a.shape, device=a.device, generator=gen), t0)

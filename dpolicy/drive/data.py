@@ -15,8 +15,9 @@ import torch
 
 from dpolicy.data.robomimic import Demo, read_dataset, write_dataset
 from dpolicy.errors import DatasetError
-from dpolicy_envs.driving import Scenes, expert_plan, generate_scenes, observe, split_seeds
+from dpolicy_envs.driving import Scenes, expert_plan, generate_scenes, observe, observe_vector, split_seeds
 
+OBSERVERS = {"flat": observe, "vector": observe_vector, "vector_mlp": observe_vector}  # what each encoder reads
 ENV_ARGS = {"env_name": "driving", "env_type": "dpolicy-drive", "env_kwargs": {"horizon_s": 4.0, "waypoints": 8}}
 
 
@@ -36,12 +37,20 @@ class DriveSet:
         return DriveSet(self.scenes.index(idx), {k: v[idx] for k, v in self.obs.items()}, self.expert[idx],
                         {k: v[idx] for k, v in self.expert_scores.items()}, self.best_progress[idx])
 
+    def observed(self, encoder: str, chunk: int = 2048) -> "DriveSet":
+        """The same scenes with the observation the ``encoder`` (flat | vector) reads."""
+        if encoder not in OBSERVERS:
+            raise DatasetError(f"no observation for encoder {encoder!r}; choose from {', '.join(OBSERVERS)}.")
+        parts = [OBSERVERS[encoder](self.scenes.index(slice(i, i + chunk))) for i in range(0, self.n, chunk)]
+        obs = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+        return DriveSet(self.scenes, obs, self.expert, self.expert_scores, self.best_progress)
 
-def build_set(split: str, n: int, device="cpu", start: int = 0) -> DriveSet:
+
+def build_set(split: str, n: int, device="cpu", start: int = 0, encoder: str = "flat") -> DriveSet:
     scenes = generate_scenes(split_seeds(split, n, start), device)
     traj, info = expert_plan(scenes)
-    return DriveSet(scenes, observe(scenes), traj, {k: v for k, v in info.items() if k != "best_progress"},
-                    info["best_progress"])
+    ds = DriveSet(scenes, {}, traj, {k: v for k, v in info.items() if k != "best_progress"}, info["best_progress"])
+    return ds.observed(encoder)
 
 
 def write_demos(path, sets: dict[str, DriveSet]) -> Path:

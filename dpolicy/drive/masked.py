@@ -18,9 +18,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dpolicy.drive.encoder import SceneEncoder
+from dpolicy.drive.checkpoint import build_planner, read_planner_dir, save_planner
+from dpolicy.drive.encoder import make_encoder
 from dpolicy.drive.tokenizer import TrajectoryTokenizer
 from dpolicy.errors import ConfigError, ShapeError
+from dpolicy.policy.checkpoint import register_kind
 
 ORDERS = ("confidence", "random", "causal", "reverse")
 
@@ -34,12 +36,15 @@ def masked_diffusion_loss(logits: torch.Tensor, x0: torch.Tensor, mask: torch.Te
     return ((ce * mask).sum(1) / r / x0.shape[1]).mean()
 
 
+@register_kind("drive_masked")
 class MaskedTokenPlanner(nn.Module):
-    def __init__(self, tokenizer: TrajectoryTokenizer, d: int = 64, layers: int = 2, heads: int = 4):
+    def __init__(self, tokenizer: TrajectoryTokenizer, d: int = 64, layers: int = 2, heads: int = 4, encoder: str = "flat",
+                 encoder_layers: int = 2, ego_dropout: float = 0.0):
         super().__init__()
         self.tok = tokenizer
-        self.cfg = {"d": d, "layers": layers, "heads": heads, "tokenizer": tokenizer.config()}
-        self.encoder = SceneEncoder(d)
+        self.cfg = {"d": d, "layers": layers, "heads": heads, "encoder": encoder, "encoder_layers": encoder_layers,
+                    "ego_dropout": ego_dropout, "tokenizer": tokenizer.config()}
+        self.encoder = make_encoder(encoder, d, encoder_layers, heads, ego_dropout)
         self.embed = nn.Embedding(tokenizer.vocab + 1, d)
         self.pos = nn.Parameter(torch.randn(tokenizer.length, d) * 0.02)
         layer = nn.TransformerEncoderLayer(d, heads, 2 * d, dropout=0.0, batch_first=True, norm_first=True)
@@ -47,13 +52,26 @@ class MaskedTokenPlanner(nn.Module):
         self.head = nn.Linear(d, tokenizer.vocab)
         self.register_buffer("valid", tokenizer.valid_mask(), persistent=False)
 
-    def logits(self, obs: dict, tokens: torch.Tensor) -> torch.Tensor:
-        """(B, L) ids (mask id where masked) -> (B, L, V) logits; ids a position cannot take are -inf."""
+    def save(self, path, metadata: dict | None = None):
+        return save_planner(self, path, metadata)
+
+    @classmethod
+    def load(cls, d, meta: dict, device="cpu") -> "MaskedTokenPlanner":
+        cfg, state = read_planner_dir(d, meta)
+        keys = ("d", "layers", "heads", "encoder", "encoder_layers", "ego_dropout")
+        return build_planner(cls, d, cfg, state, lambda c: cls(TrajectoryTokenizer(**c["tokenizer"]), **{k: c[k] for k in keys}),
+                             device)
+
+    def logits(self, obs: dict, tokens: torch.Tensor, gen: torch.Generator | None = None, ctx=None) -> torch.Tensor:
+        """(B, L) ids (mask id where masked) -> (B, L, V) logits; ids a position cannot take are -inf.
+
+        ``ctx``: the encoder's ``tokens(obs)`` when already computed (decoding reuses it at every step)."""
         if tokens.dim() != 2 or tokens.shape[1] != self.tok.length:
             raise ShapeError(f"tokens must have shape (B, {self.tok.length}), got {tuple(tokens.shape)}.")
-        ctx = self.encoder(obs)
+        ctx, valid = self.encoder.tokens(obs, gen) if ctx is None else ctx
         x = torch.cat([ctx, self.embed(tokens) + self.pos], 1)
-        h = self.body(x)[:, ctx.shape[1]:]
+        pad = torch.cat([~valid, torch.zeros_like(tokens, dtype=torch.bool)], 1)
+        h = self.body(x, src_key_padding_mask=pad)[:, ctx.shape[1]:]
         return self.head(h).masked_fill(~self.valid, float("-inf"))
 
     def loss(self, obs: dict, x0: torch.Tensor, gen: torch.Generator | None = None) -> torch.Tensor:
@@ -63,7 +81,7 @@ class MaskedTokenPlanner(nn.Module):
         r = (u[torch.randperm(B, device=x0.device, generator=gen)]).clamp(min=1.0 / L)
         mask = torch.rand(B, L, device=x0.device, generator=gen) < r[:, None]
         xt = torch.where(mask, torch.full_like(x0, self.tok.mask_id), x0)
-        return masked_diffusion_loss(self.logits(obs, xt), x0, mask, r)
+        return masked_diffusion_loss(self.logits(obs, xt, gen), x0, mask, r)
 
     @torch.no_grad()
     def decode(self, obs: dict, steps: int = 8, order: str = "confidence", temperature: float = 0.0,
@@ -81,16 +99,17 @@ class MaskedTokenPlanner(nn.Module):
             raise ConfigError(f"temperature must be >= 0, got {temperature}.")
         if n > 1:
             obs = {k: v.repeat_interleave(n, 0) for k, v in obs.items()}
-        B = obs["ego"].shape[0]
-        dev = obs["ego"].device
+        first = next(iter(obs.values()))
+        B, dev = first.shape[0], first.device
         x = torch.full((B, L), self.tok.mask_id, dtype=torch.long, device=dev)
         pos = torch.arange(L, device=dev, dtype=torch.float32)
         wp = (pos // 2)  # waypoint index of each token (x and y of a waypoint share it)
         done = 0
         when = torch.full((B, L), -1, dtype=torch.long, device=dev)
+        ctx = self.encoder.tokens(obs)
         for k in range(1, steps + 1):
             target = math.ceil(L * k / steps)
-            logits = self.logits(obs, x)
+            logits = self.logits(obs, x, ctx=ctx)
             if temperature == 0:
                 cand = logits.argmax(-1)
             else:
@@ -118,9 +137,10 @@ class MaskedTokenPlanner(nn.Module):
         (tokens committed at step >= k masked at step k), as in MDPO. With the decoding order held
         fixed this is the exact log-likelihood of the sample under temperature-``temperature`` sampling."""
         out = torch.zeros(tokens.shape, device=tokens.device)
+        ctx = self.encoder.tokens(obs)
         for k in range(int(when.max()) + 1):
             xt = torch.where(when >= k, torch.full_like(tokens, self.tok.mask_id), tokens)
-            lp = F.log_softmax(self.logits(obs, xt) / temperature, -1).gather(-1, tokens[..., None])[..., 0]
+            lp = F.log_softmax(self.logits(obs, xt, ctx=ctx) / temperature, -1).gather(-1, tokens[..., None])[..., 0]
             out = out + lp * (when == k)
         return out
 
@@ -143,6 +163,7 @@ class MaskedTokenPlanner(nn.Module):
         B, L = tokens.shape
         K = free.sum(1)                                                        # (B,)
         out = torch.zeros(B, L, device=tokens.device)
+        ctx = self.encoder.tokens(obs)
         for j in range(nodes):
             if stratified:
                 m = ((j + 0.5) / nodes * K).ceil().clamp(min=1)
@@ -152,7 +173,7 @@ class MaskedTokenPlanner(nn.Module):
             rank = score.argsort(1).argsort(1)
             mask = rank < m[:, None]
             xt = torch.where(mask, torch.full_like(tokens, self.tok.mask_id), tokens)
-            lp = F.log_softmax(self.logits(obs, xt), -1).gather(-1, tokens[..., None])[..., 0]
+            lp = F.log_softmax(self.logits(obs, xt, ctx=ctx), -1).gather(-1, tokens[..., None])[..., 0]
             out = out + lp * mask * (K / nodes / m)[:, None]
         return out
 
@@ -166,12 +187,13 @@ class MaskedTokenPlanner(nn.Module):
         B = tokens.shape[0]
         idx = free.nonzero()[:, 1].reshape(B, K)
         total = []
+        ctx = self.encoder.tokens(obs)
         for perm in itertools.permutations(range(K)):
             xt = torch.where(free, torch.full_like(tokens, self.tok.mask_id), tokens)
             lp = torch.zeros(B, device=tokens.device)
             for p in perm:
                 pos = idx[:, p]
-                logit = self.logits(obs, xt)[torch.arange(B), pos]
+                logit = self.logits(obs, xt, ctx=ctx)[torch.arange(B), pos]
                 lp = lp + F.log_softmax(logit, -1).gather(1, tokens[torch.arange(B), pos][:, None])[:, 0]
                 xt[torch.arange(B), pos] = tokens[torch.arange(B), pos]
             total.append(lp)

@@ -1,7 +1,10 @@
 """Group RL for trajectory-token planners: GSPO (sequence-level ratio) and GRPO (token-level ratio).
 
 Per scene a group of G trajectories is decoded, scored with the PDMS-like scorer, and advantages
-are normalised within the group. No KL term by default. Each rollout batch is split into several
+are normalised within the group: the PDMS-like score itself (``advantage="group"``), or each sub-score
+(NC, DAC, TTC, comfort, EP) separately, summed, then normalised over the batch (``"decoupled"``,
+GDPO), so that different failure combinations with the same PDMS-like score (a collision, a trip off
+the road) stop collapsing to the same advantage. No KL term by default. Each rollout batch is split into several
 mini-batches (and optionally epochs) so that the policy moves away from the one that sampled.
 """
 
@@ -22,6 +25,14 @@ def group_advantages(rewards: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     std = rewards.std(1, unbiased=False, keepdim=True)
     adv = (rewards - rewards.mean(1, keepdim=True)) / std.clamp(min=eps)
     return torch.where(std > eps, adv, torch.zeros_like(adv))
+
+
+def decoupled_advantages(subs: dict, keys=("nc", "dac", "ttc", "comfort", "ep"), eps: float = 1e-6) -> torch.Tensor:
+    """GDPO: sum over ``keys`` of each sub-score's group-normalised advantage ((S, G) each), then normalised
+    over the whole batch (mean 0, std 1; 0 everywhere when nothing differs)."""
+    total = sum(group_advantages(subs[k], eps) for k in keys)
+    std = total.std(unbiased=False)
+    return (total - total.mean()) / std if std > eps else torch.zeros_like(total)
 
 
 def gspo_loss(logp: torch.Tensor, logp_old: torch.Tensor, adv: torch.Tensor, eps_low: float = 0.02,
@@ -49,6 +60,8 @@ def grpo_loss(logp: torch.Tensor, logp_old: torch.Tensor, adv: torch.Tensor, eps
 @dataclass
 class RLConfig:
     algo: str = "gspo"            # gspo | grpo
+    advantage: str = "group"      # group (PDMS-like normalised per group) | decoupled (GDPO: per sub-score, summed,
+                                  # then normalised over the batch)
     group: int = 8                # G trajectories per scene
     scenes_per_iter: int = 64     # scenes per rollout batch (x group = 512 trajectories, the drive benchmark's recipe)
     iters: int = 50
@@ -69,6 +82,8 @@ class RLConfig:
     def __post_init__(self):
         if self.algo not in ("gspo", "grpo"):
             raise ConfigError(f"rl.algo {self.algo!r} is unknown; choose gspo or grpo.")
+        if self.advantage not in ("group", "decoupled"):
+            raise ConfigError(f"rl.advantage {self.advantage!r} is unknown; choose group or decoupled.")
         if self.lr_schedule not in ("constant", "linear"):
             raise ConfigError(f"rl.lr_schedule {self.lr_schedule!r} is unknown; choose constant or linear.")
         if self.estimator not in ("one_step", "elbo", "replay"):
@@ -103,7 +118,7 @@ def rl_train(planner, train, evaluate, cfg: RLConfig, log=print) -> list[dict]:
     """
     from dpolicy_envs.driving import score
 
-    dev = train.obs["ego"].device
+    dev = train.expert.device
     gen = torch.Generator(dev).manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     opt = torch.optim.AdamW(planner.parameters(), lr=cfg.lr, weight_decay=0.0)
@@ -122,8 +137,9 @@ def rl_train(planner, train, evaluate, cfg: RLConfig, log=print) -> list[dict]:
         toks, when = planner.decode(sub.obs, steps=cfg.steps, order=cfg.order, temperature=cfg.temperature, gen=gen,
                                     n=cfg.group, return_steps=True)
         traj = planner.tok.decode(toks).reshape(len(idx), cfg.group, -1, 2)
-        r = score(sub.scenes, traj, best_progress=sub.best_progress)["pdms"]        # (S, G)
-        adv = group_advantages(r).reshape(-1)
+        scores = score(sub.scenes, traj, best_progress=sub.best_progress)           # each (S, G)
+        r = scores["pdms"]
+        adv = (group_advantages(r) if cfg.advantage == "group" else decoupled_advantages(scores)).reshape(-1)
         obs = {k: v.repeat_interleave(cfg.group, 0) for k, v in sub.obs.items()}
         mseed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen, device=dev))
         with torch.no_grad():

@@ -70,6 +70,44 @@ def plan_tokens(planner, ds, steps: int = 8, order: str = "confidence", temperat
 
 
 @torch.no_grad()
+def plan(planner, ds, steps: int | None = None, order: str = "confidence", seed: int = 0, chunk: int = 256) -> torch.Tensor:
+    """One trajectory (n, 8, 2) per scene of ``ds``: greedy decoding for a token planner, the sampler from
+    seeded noise for a continuous one; ``steps`` None: the planner's own."""
+    if hasattr(planner, "decode"):
+        return plan_tokens(planner, ds, 8 if steps is None else steps, order, seed=seed, chunk=chunk)
+    gen = torch.Generator(ds.expert.device).manual_seed(seed)
+    return torch.cat([planner.plan({k: v[i:i + chunk] for k, v in ds.obs.items()}, gen=gen, steps=steps)
+                      for i in range(0, ds.n, chunk)])
+
+
+def scene_planner(planner, encoder: str, steps: int | None = None, order: str = "confidence", seed: int = 0):
+    """``plan(scenes) -> (B, 8, 2)`` for closed-loop rollouts: observe the scenes for ``encoder``, then plan
+    as ``plan`` does (greedy decoding, or seeded sampler noise that differs between calls)."""
+    from dpolicy.drive.data import OBSERVERS
+
+    gen = torch.Generator().manual_seed(seed)
+
+    @torch.no_grad()
+    def fn(scenes):
+        obs = OBSERVERS[encoder](scenes)
+        if hasattr(planner, "decode"):
+            return planner.tok.decode(planner.decode(obs, steps=8 if steps is None else steps, order=order))
+        g = torch.Generator(scenes.device).manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
+        return planner.plan(obs, gen=g, steps=steps)
+    return fn
+
+
+@torch.no_grad()
+def closed_loop(scenes, plan_fn, chunk: int = 128) -> dict:
+    """Closed-loop pseudo-simulation (``envs.driving.closed_loop``) of ``plan_fn`` over ``scenes``: per scene NC,
+    DAC (1 = never left the drivable area) and progress (m), each (n,)."""
+    from dpolicy_envs.driving.closed_loop import rollout
+
+    parts = [rollout(scenes.index(slice(i, i + chunk)), plan_fn) for i in range(0, scenes.batch, chunk)]
+    return {k: torch.cat([p[k] for p in parts]) for k in ("nc", "dac", "progress")}
+
+
+@torch.no_grad()
 def evaluate(ds, traj: torch.Tensor) -> dict:
     """Sub-scores and PDMS-like of one trajectory per scene, EP normalised by the expert candidates."""
     return {k: v[:, 0] for k, v in score(ds.scenes, traj, best_progress=ds.best_progress).items()}

@@ -267,31 +267,40 @@ def load_checkpoint(path, device="cpu"):
     return cls.load(d, meta, device)
 
 
-def read_policy_dir(d: Path, meta: dict):
-    """``(PolicyConfig, DictNormalizer, weights)`` of the ChunkPolicy directory ``d``, each checked."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    from dpolicy.config import PolicyConfig, from_dict
-    from dpolicy.data.normalizer import DictNormalizer
-
+def check_format(d: Path, meta: dict) -> None:
+    """A CheckpointError unless ``meta`` (``d``'s meta.json) names this format and version."""
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{d / 'meta.json'} does not describe a dpolicy policy (format={meta.get('format')!r}).")
     if meta.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{d} has format_version {meta.get('format_version')!r}; this dpolicy reads version {FORMAT_VERSION}.")
+
+
+def read_weights(d: Path) -> dict:
+    """The tensors of ``d/model.safetensors`` on the CPU; a missing or unreadable file is a CheckpointError."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    wfile = d / "model.safetensors"
+    if not wfile.exists():
+        raise CheckpointError(f"{wfile} is missing; the checkpoint is incomplete.")
+    try:
+        return load_file(str(wfile), device="cpu")
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{wfile} cannot be read ({e}); the file is truncated or not safetensors.") from None
+
+
+def read_policy_dir(d: Path, meta: dict):
+    """``(PolicyConfig, DictNormalizer, weights)`` of the ChunkPolicy directory ``d``, each checked."""
+    from dpolicy.config import PolicyConfig, from_dict
+    from dpolicy.data.normalizer import DictNormalizer
+
+    check_format(d, meta)
     try:
         cfg = from_dict(PolicyConfig, read_json(d / "config.json", "the checkpoint"), "policy")
     except ConfigError as e:
         raise CheckpointError(f"{d / 'config.json'} is invalid: {e}") from None
     normalizer = DictNormalizer.from_dict(read_json(d / "normalizer.json", "the checkpoint"))
-    wfile = d / "model.safetensors"
-    if not wfile.exists():
-        raise CheckpointError(f"{wfile} is missing; the checkpoint is incomplete.")
-    try:
-        state = load_file(str(wfile), device="cpu")
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise CheckpointError(f"{wfile} cannot be read ({e}); the file is truncated or not safetensors.") from None
-    return cfg, normalizer, state
+    return cfg, normalizer, read_weights(d)
 
 
 def load_weights(module, state: dict, wfile) -> None:

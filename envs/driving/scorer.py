@@ -156,12 +156,64 @@ def to_frenet(road: torch.Tensor, pts: torch.Tensor) -> tuple[torch.Tensor, torc
     return s, d
 
 
+def crossing_axis(sc: Scenes) -> tuple[torch.Tensor, torch.Tensor]:
+    """Centre (B, 3) of the crossing road where it meets the road (x, y, road heading) and its direction (B,)."""
+    mid = ((sc.left + sc.right) / 2).gather(1, ((sc.cross[:, :1] - S0) / STATION_STEP).round().long().clamp(0, sc.road.shape[1] - 1))
+    cross_p = road_points(sc.road, sc.cross[:, :1], mid)[:, 0]
+    return cross_p, cross_p[:, 2] + math.pi / 2 + sc.cross[:, 3]
+
+
 def _at_fault(ego: torch.Tensor, agent_xy: torch.Tensor) -> torch.Tensor:
     """True unless the agent is behind the ego in its own lane (a rear-end hit on the ego). ego: (...,4) x,y,h,v."""
     dx, dy = agent_xy[..., 0] - ego[..., 0], agent_xy[..., 1] - ego[..., 1]
     c, s = torch.cos(ego[..., 2]), torch.sin(ego[..., 2])
     lon, lat = c * dx + s * dy, -s * dx + c * dy
     return ~((lon < -1.0) & (lat.abs() < 1.5)) & (ego[..., 3] > 0.05)
+
+
+def _agent_boxes(sc: Scenes):
+    """Logged agent boxes (B, 1, T1, A, 4, 2), centres (B, 1, T1, A, 2) and validity (B, 1, 1, A)."""
+    ag = sc.agents                                                            # (B,A,T1,3)
+    ag_box = _corners(ag[..., :2], ag[..., 2], sc.agent_size[:, :, None, 0].expand(ag.shape[:3]),
+                      sc.agent_size[:, :, None, 1].expand(ag.shape[:3]))      # (B,A,T1,4,2)
+    return ag_box.permute(0, 2, 1, 3, 4)[:, None], ag[..., :2].permute(0, 2, 1, 3)[:, None], sc.agent_valid[:, None, None, :]
+
+
+def _collision_free(sc: Scenes, st: torch.Tensor):
+    """Ego boxes (B, N, T1, 4, 2) of the ego states st (B, N, T1, 4) and NC (B, N): 1 unless an at-fault overlap."""
+    ego_box = _corners(st[..., :2], st[..., 2], EGO_LEN, EGO_WID)             # (B,N,T1,4,2)
+    ag_box_t, ag_xy_t, valid = _agent_boxes(sc)
+    hit = boxes_overlap(ego_box[:, :, :, None], ag_box_t) & valid
+    fault = _at_fault(st[:, :, :, None, :], ag_xy_t)
+    return ego_box, (~(hit & fault).any(-1).any(-1)).float()
+
+
+def _in_drivable_area(sc: Scenes, st: torch.Tensor, ego_box: torch.Tensor):
+    """DAC (B, N): every corner inside the road band (Frenet bounds) or the crossing road's band; and the
+    stations (B, N, T1) of the ego centres."""
+    B, N, T1 = st.shape[:3]
+    centre_s, centre_d = to_frenet(sc.road, st[..., :2].reshape(B, -1, 2))
+    centre_s, centre_d = centre_s.reshape(B, N, T1), centre_d.reshape(B, N, T1)
+    rp = road_points(sc.road, centre_s, torch.zeros_like(centre_s))          # (B,N,T1,3)
+    rel = ego_box - st[..., None, :2]
+    tx, ty = torch.cos(rp[..., 2])[..., None], torch.sin(rp[..., 2])[..., None]
+    cs = centre_s[..., None] + rel[..., 0] * tx + rel[..., 1] * ty
+    cd = centre_d[..., None] + (-rel[..., 0] * ty + rel[..., 1] * tx)
+    inside = (cd <= _interp_station(sc.left, cs) + 1e-3) & (cd >= _interp_station(sc.right, cs) - 1e-3)
+    cross_p, ang = crossing_axis(sc)
+    nx, ny = -torch.sin(ang), torch.cos(ang)
+    off = (ego_box[..., 0] - cross_p[:, None, None, None, 0]) * nx[:, None, None, None] + \
+          (ego_box[..., 1] - cross_p[:, None, None, None, 1]) * ny[:, None, None, None]
+    in_cross = (off.abs() <= sc.cross[:, None, None, None, 1]) & (sc.cross[:, None, None, None, 2] > 0.5)
+    return (inside | in_cross).all(-1).all(-1).float(), centre_s
+
+
+def path_metrics(sc: Scenes, states: torch.Tensor) -> dict:
+    """NC, DAC and progress (m along the road) of executed ego states (B, N, T1, 4: x, y, heading, speed at
+    10 Hz, T1 = the logged agents' steps) against the scenes' logged agents and drivable area, each (B, N)."""
+    ego_box, nc = _collision_free(sc, states)
+    dac, centre_s = _in_drivable_area(sc, states, ego_box)
+    return {"nc": nc, "dac": dac, "progress": (centre_s[..., -1] - centre_s[..., 0]).clamp(min=0)}
 
 
 def score(scenes: Scenes, traj: torch.Tensor, best_progress: torch.Tensor | None = None, chunk: int = 64) -> dict:
@@ -187,16 +239,8 @@ def _score_chunk(sc: Scenes, traj: torch.Tensor, best_progress) -> dict:
     tr = track(traj, sc.ego_v)
     st = tr["states"]                                                         # (B,N,T+1,4)
     T1 = st.shape[2]
-    ego_box = _corners(st[..., :2], st[..., 2], EGO_LEN, EGO_WID)             # (B,N,T1,4,2)
-    ag = sc.agents                                                            # (B,A,T1,3)
-    ag_box = _corners(ag[..., :2], ag[..., 2], sc.agent_size[:, :, None, 0].expand(ag.shape[:3]),
-                      sc.agent_size[:, :, None, 1].expand(ag.shape[:3]))      # (B,A,T1,4,2)
-    ag_box_t = ag_box.permute(0, 2, 1, 3, 4)[:, None]                         # (B,1,T1,A,4,2)
-    valid = sc.agent_valid[:, None, None, :]                                  # (B,1,1,A)
-    ag_xy_t = ag[..., :2].permute(0, 2, 1, 3)[:, None]                        # (B,1,T1,A,2)
-    hit = boxes_overlap(ego_box[:, :, :, None], ag_box_t) & valid
-    fault = _at_fault(st[:, :, :, None, :], ag_xy_t)
-    nc = (~(hit & fault).any(-1).any(-1)).float()
+    ego_box, nc = _collision_free(sc, st)
+    ag_box_t, ag_xy_t, valid = _agent_boxes(sc)
 
     # TTC: constant-velocity projection of the ego 0.3, 0.6, 0.9 s ahead against the logged agents then
     ttc_ok = torch.ones(B, N, dtype=torch.bool, device=traj.device)
@@ -211,22 +255,7 @@ def _score_chunk(sc: Scenes, traj: torch.Tensor, best_progress) -> dict:
         ttc_ok &= ~(hit_k & fault_k).any(-1).any(-1)
     ttc = ttc_ok.float()
 
-    # DAC: every corner inside the road band (Frenet bounds) or the crossing road's band
-    centre_s, centre_d = to_frenet(sc.road, st[..., :2].reshape(B, -1, 2))
-    centre_s, centre_d = centre_s.reshape(B, N, T1), centre_d.reshape(B, N, T1)
-    rp = road_points(sc.road, centre_s, torch.zeros_like(centre_s))          # (B,N,T1,3)
-    rel = ego_box - st[..., None, :2]
-    tx, ty = torch.cos(rp[..., 2])[..., None], torch.sin(rp[..., 2])[..., None]
-    cs = centre_s[..., None] + rel[..., 0] * tx + rel[..., 1] * ty
-    cd = centre_d[..., None] + (-rel[..., 0] * ty + rel[..., 1] * tx)
-    inside = (cd <= _interp_station(sc.left, cs) + 1e-3) & (cd >= _interp_station(sc.right, cs) - 1e-3)
-    cross_p = road_points(sc.road, sc.cross[:, :1], ((sc.left + sc.right) / 2).gather(1, (((sc.cross[:, :1] - S0) / STATION_STEP).round().long().clamp(0, sc.road.shape[1] - 1))))[:, 0]
-    ang = cross_p[:, 2] + math.pi / 2 + sc.cross[:, 3]
-    nx, ny = -torch.sin(ang), torch.cos(ang)
-    off = (ego_box[..., 0] - cross_p[:, None, None, None, 0]) * nx[:, None, None, None] + \
-          (ego_box[..., 1] - cross_p[:, None, None, None, 1]) * ny[:, None, None, None]
-    in_cross = (off.abs() <= sc.cross[:, None, None, None, 1]) & (sc.cross[:, None, None, None, 2] > 0.5)
-    dac = (inside | in_cross).all(-1).all(-1).float()
+    dac, centre_s = _in_drivable_area(sc, st, ego_box)
 
     # comfort on the tracked motion (moving average before differentiating)
     acc, steer, v = tr["acc"], tr["steer"], st[..., :-1, 3]
