@@ -17,7 +17,7 @@ import gymnasium as gym
 import numpy as np
 
 PUSHT_ID = "gym_pusht/PushT-v0"
-PUSHT_OBS_TYPES = ("state", "pixels_agent_pos")
+PUSHT_OBS_TYPES = ("state", "pixels_agent_pos", "environment_state_agent_pos")
 
 
 def _env_name(env) -> str:
@@ -115,7 +115,9 @@ def make_pusht(**kwargs) -> gym.Env:
 
     ``obs_type="state"`` (default): {"state": (5,)} = agent xy, block xy, block angle. ``obs_type=
     "pixels_agent_pos"``: {"agent_pos": (2,) float32, "agentview_image": (96, 96, 3) uint8}, drawn
-    off-screen (SDL_VIDEODRIVER defaults to "dummy"). Either way ``env.unwrapped`` has ``get_state`` /
+    off-screen (SDL_VIDEODRIVER defaults to "dummy"). ``obs_type="environment_state_agent_pos"``:
+    {"agent_pos": (2,), "environment_state": (16,)} = the T's 8 outline keypoints in pixels (Diffusion
+    Policy's low-dimensional PushT observation; no angle to wrap around). Either way ``env.unwrapped`` has ``get_state`` /
     ``set_state`` / ``state_obs`` (see ``pusht_sim``); gymnasium's ``max_episode_steps`` kwarg shortens
     the 300-step episodes.
     """
@@ -134,4 +136,6 @@ def make_pusht(**kwargs) -> gym.Env:
     env = UnitActionAdapter(gym.make(spec, **kwargs))
     if kwargs["obs_type"] == "state":
         return DictObsAdapter(env)
+    if kwargs["obs_type"] == "environment_state_agent_pos":
+        return DictObsAdapter(env, keys=("agent_pos", "environment_state"))
     return DictObsAdapter(env, keys=("agent_pos", "pixels"), rename={"pixels": "agentview_image"})

@@ -6,7 +6,8 @@ the flat float64 vector [agent x, y, block x, y, angle, agent vx, vy, block vx, 
 every physics step and the agent's follows a PD law on its position and velocity); ``set_state``
 places the bodies exactly there, without gym-pusht's ``reset_to_state`` quirks (a physics step,
 angle set after position). ``state_obs`` is the 5-D state observation of the current moment, which a
-scripted expert reads when the policy sees pixels.
+scripted expert reads when the policy sees pixels; ``observation`` is the observation of the current moment
+as the task's adapter exposes it (so a dataset's states can be re-rendered as keypoints or pixels).
 """
 
 from __future__ import annotations
@@ -37,3 +38,12 @@ class PushTStateEnv(PushTEnv):
         """{"state": [agent x, y, block x, y, angle mod 2 pi]} (float32), whatever ``obs_type`` the env has."""
         s = self.get_state()
         return {"state": np.array([*s[:4], s[4] % (2 * np.pi)], np.float32)}
+
+    def observation(self) -> dict:
+        """The observation of the current moment under this env's ``obs_type``, keyed and typed as
+        ``adapters.make_pusht`` exposes it (gym-pusht's "pixels" as ``agentview_image``)."""
+        obs = self.get_obs()
+        if not isinstance(obs, dict):
+            return {"state": np.asarray(obs, np.float32).reshape(-1)}
+        return {("agentview_image" if k == "pixels" else k):
+                (np.asarray(v, np.uint8) if k == "pixels" else np.asarray(v, np.float32).reshape(-1)) for k, v in obs.items()}

@@ -3,7 +3,8 @@
 ``TASKS`` maps the short names (avoid, push, lift and their camera variants avoid_image, push_image,
 lift_image) to their gymnasium id, default constructor kwargs, observation keys and expert factory.
 ``make_env`` builds one of our tasks by short name or id, the optional gym-pusht task ("pusht"), or
-its camera variant ("pusht_image": 96 x 96 RGB ``agentview_image`` and ``agent_pos``), or any other
+its camera variant ("pusht_image": 96 x 96 RGB ``agentview_image`` and ``agent_pos``), its keypoint variant
+("pusht_keypoints": the T's 8 outline keypoints ``environment_state`` and ``agent_pos``), or any other
 registered gymnasium id wrapped in DictObsAdapter.
 ``env_args``/``make_env_from_args`` write and read the ``{"env_name", "env_type", "env_kwargs"}``
 dict that robomimic stores as ``data.attrs["env_args"]``, so a dataset can rebuild its env.
@@ -63,6 +64,8 @@ TASKS = {
 _BY_ID = {t.env_id: name for name, t in TASKS.items()}
 PUSHT_NAMES = ("pusht", adapters.PUSHT_ID)
 PUSHT_IMAGE = {"obs_type": "pixels_agent_pos"}   # "pusht_image": gym-pusht's PushT seen through its camera
+PUSHT_KEYPOINTS = {"obs_type": "environment_state_agent_pos"}   # "pusht_keypoints": the T's outline keypoints
+PUSHT_VARIANTS = {"pusht_image": PUSHT_IMAGE, "pusht_keypoints": PUSHT_KEYPOINTS}
 
 
 def register_all() -> None:
@@ -91,14 +94,14 @@ def make_env(name_or_id: str, **kwargs) -> gym.Env:
         return gym.make(TASKS[name].env_id, **kwargs)
     if name_or_id in PUSHT_NAMES:
         return adapters.make_pusht(**kwargs)
-    if name_or_id == "pusht_image":
-        return adapters.make_pusht(**{**PUSHT_IMAGE, **kwargs})
+    if name_or_id in PUSHT_VARIANTS:
+        return adapters.make_pusht(**{**PUSHT_VARIANTS[name_or_id], **kwargs})
     if name_or_id in robosuite_tasks.TASKS:  # optional extra; robosuite is imported only here
         return robosuite_tasks.make_env(name_or_id, **kwargs)
     try:
         env = gym.make(name_or_id, **kwargs)
     except gym.error.Error as e:
-        raise ValueError(f"unknown env {name_or_id!r}: not one of {list(TASKS)} / 'pusht' / 'pusht_image' and gymnasium says: {e}") from e
+        raise ValueError(f"unknown env {name_or_id!r}: not one of {list(TASKS)} / 'pusht' / {list(PUSHT_VARIANTS)} and gymnasium says: {e}") from e
     return adapters.DictObsAdapter(env)
 
 
@@ -113,8 +116,8 @@ def env_args(name: str, **kwargs) -> dict:
         if unknown:
             raise ValueError(f"unknown {task!r} env kwarg(s) {sorted(unknown)}")
         env_kwargs, env_name = {**t.default_kwargs, **kwargs}, t.env_id
-    elif name == "pusht_image":
-        env_kwargs, env_name = {**PUSHT_IMAGE, **kwargs}, adapters.PUSHT_ID
+    elif name in PUSHT_VARIANTS:
+        env_kwargs, env_name = {**PUSHT_VARIANTS[name], **kwargs}, adapters.PUSHT_ID
     else:
         env_kwargs, env_name = dict(kwargs), (adapters.PUSHT_ID if name == "pusht" else name)
     try:

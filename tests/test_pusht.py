@@ -191,3 +191,41 @@ def test_collect_a_short_pusht_image_demo(tmp_path):
         img = demo["obs/agentview_image"]
         assert img.dtype == np.uint8 and img.shape[1:] == (96, 96, 3) and demo["obs/agent_pos"].shape[1:] == (2,)
         assert demo["states"].shape[1] == 10 and np.abs(demo["actions"][:]).max() <= 1.0
+
+
+def test_keypoint_observations_follow_the_block_and_rerender_from_states(tmp_path):
+    import h5py
+
+    from dpolicy.data.collect import collect_demos
+    from dpolicy.data.rerender import rerender_dataset
+
+    env = envs.make_env("pusht_keypoints")
+    try:
+        obs, _ = env.reset(seed=3)
+        assert list(obs) == ["agent_pos", "environment_state"] and obs["environment_state"].shape == (16,)
+        s = env.unwrapped.get_state()
+        np.testing.assert_allclose(obs["agent_pos"], s[:2], atol=1e-3)
+        # the keypoints move rigidly with the block: shift it and every keypoint shifts by as much
+        moved = s.copy()
+        moved[2:4] += [20.0, -10.0]
+        env.unwrapped.set_state(moved)
+        shifted = env.unwrapped.observation()["environment_state"].reshape(8, 2)
+        np.testing.assert_allclose(shifted - obs["environment_state"].reshape(8, 2), [[20.0, -10.0]] * 8, atol=1e-3)
+        # a rotation by 2 pi gives the same keypoints (no wrap-around, unlike the state's angle)
+        turned = s.copy()
+        turned[4] += 2 * np.pi
+        env.unwrapped.set_state(turned)
+        np.testing.assert_allclose(env.unwrapped.observation()["environment_state"], obs["environment_state"], atol=1e-3)
+    finally:
+        env.close()
+    assert envs.env_args("pusht_keypoints")["env_kwargs"]["obs_type"] == "environment_state_agent_pos"
+    summary = collect_demos("pusht", 1, tmp_path / "state.hdf5", env_kwargs={"max_episode_steps": 6},
+                            keep_failures=True, progress=False)
+    out = rerender_dataset(summary["path"], tmp_path / "kp.hdf5", "pusht_keypoints", progress=False)
+    assert set(out["obs"]) == {"agent_pos", "environment_state"}
+    with h5py.File(out["path"], "r") as f, h5py.File(summary["path"], "r") as g:
+        d, src = f["data/demo_0"], g["data/demo_0"]
+        np.testing.assert_allclose(d["obs/agent_pos"][:], src["obs/state"][:, :2], atol=1e-3)
+        np.testing.assert_array_equal(d["actions"][:], src["actions"][:])
+        kp = d["obs/environment_state"][:]
+        assert kp.shape == (len(src["actions"]), 16) and np.isfinite(kp).all()
