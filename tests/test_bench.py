@@ -204,3 +204,7 @@ def test_async_section_adds_rows_planned_from_predicted_observations(tmp_path):
     assert (tmp_path / "forward_push_flow" / "forward.json").exists()
     pred = [v for k, v in cells.items() if "predicted" in k]
     assert pred and all(v["predicted"] and v["horizon"] == 2 for v in pred)  # max(Ta / 2, d) with Ta = 4
+    # RTC's settings are chosen under the rows' own horizon, once from stale and once from predicted observations
+    select = {k: v for k, v in cells.items() if "|select" in k}
+    assert len(select) == 6 and all(v["horizon"] == 2 and k.endswith("|hhalf") for k, v in select.items())
+    assert sum(v["predicted"] for v in select.values()) == 3

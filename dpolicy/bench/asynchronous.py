@@ -4,7 +4,8 @@ the action discontinuity at chunk switches, and a plot of success against delay.
 
 Each cell is ``evaluate_async`` over the same evaluation seeds (200 episodes by default, Wilson intervals).
 The RTC settings (mask, guidance weight; for a checkpoint trained with committed prefixes, ``policy.prefix``, also
-RTC's training-time form, ``guidance=trained``) are chosen per task on separate selection seeds at ``d = Ta / 2``
+RTC's training-time form, ``guidance=trained``) are chosen per task on separate selection seeds at ``d = Ta / 2``,
+under the rows' own replanning horizon and observation (stale, or predicted for RTC's predicted-observation row),
 and then used at every delay. A switch's discontinuity is reported raw (the action jump at switch steps) and as
 what the switch adds: the mean jump at switches minus the mean jump within chunks (a task whose actions jump
 within chunks, such as lift's gripper, has that much at any step).
@@ -115,41 +116,47 @@ def async_section(work: Path, log=print, checkpoints=None, episodes: int = 200, 
         env_fn = env_factory_for(pol)
         name = ck.name
         half = pol.Ta // 2
-        # the RTC settings, chosen on selection seeds at d = Ta / 2
-        sel = []
         fits = [d for d in delays if d + max(pol.Ta, d) <= pol.Tp]
         trained = getattr(getattr(pol, "cfg", None), "prefix", 0) >= max(fits)
-        for choice in RTC_CHOICES + ((TRAINED,) if trained else ()):
-            tag = _tag(choice)
-            r = cell(f"{name}|select|{tag}|d{half}", run_async(pol, env_fn, select_episodes, select_seed, strategy="rtc",
-                                                                delay=half, **choice))
-            sel.append((r["success_rate"], -r["switch_jump_mean"], tag, choice))
-        best = max(sel, key=lambda x: (x[0], x[1]))
-        rtc = best[3]
+        hkey = "" if horizon == "Ta" else f"|h{horizon}"
+        predictor = forward_model_for(pol, name, work, log, demos=forward_demos)[0] if predict else None
+
+        def select(pred: bool):
+            """RTC's settings, chosen on selection seeds at d = Ta / 2 under the rows' own replanning horizon and
+            observation (stale or predicted): [(success, -mean switch jump, tag, settings)], best last."""
+            sel = []
+            for choice in RTC_CHOICES + ((TRAINED,) if trained else ()):
+                tag = _tag(choice)
+                r = cell(f"{name}|select{'+predicted' if pred else ''}|{tag}|d{half}{hkey}", run_async(
+                    pol, env_fn, select_episodes, select_seed, predictor=predictor if pred else None, strategy="rtc",
+                    delay=half, **choice))
+                sel.append((r["success_rate"], -r["switch_jump_mean"], tag, choice))
+            return sel + [max(sel, key=lambda x: (x[0], x[1]))]
+
+        chosen = {pred: select(pred) for pred in ((False, True) if predict else (False,)) if "rtc" in strategies}
         refs = {
             "synchronous chunked": cell(f"{name}|chunked", lambda: _ctrl(evaluate_controller, pol, env_fn, episodes, seed, mode="chunked")),
             "synchronous RTI (K'=2)": cell(f"{name}|rti2", lambda: _ctrl(evaluate_controller, pol, env_fn, episodes, seed, mode="rti", k=2)),
         }
-        predictor = forward_model_for(pol, name, work, log, demos=forward_demos)[0] if predict else None
         # (label, strategy, planned from the predicted observation)
         lines = [(st, st, False) for st in strategies]
         lines += [(f"{st} + predicted obs", st, True) for st in ("naive", "rtc") if predict and st in strategies]
         rows, grid = [], {}
-        hkey = "" if horizon == "Ta" else f"|h{horizon}"
         for label, strat, pred in lines:
-            kw = rtc if strat == "rtc" else {}
+            kw = chosen[pred][-1][3] if strat == "rtc" else {}
+            ckey = f"|{_tag(kw)}" if strat == "rtc" else ""
             for d in delays:
                 s_ = horizon_for(horizon, pol.Ta, d) or max(pol.Ta, d)
                 if d + s_ > pol.Tp:
                     continue
-                grid[(label, d)] = cell(f"{name}|{label}|d{d}{hkey}", run_async(
+                grid[(label, d)] = cell(f"{name}|{label}|d{d}{hkey}{ckey}", run_async(
                     pol, env_fn, episodes, seed, predictor=predictor if pred else None, strategy=strat, delay=d, **kw))
         labels = [lb for lb, _, _ in lines]
         curves[name] = {lb: [(d, grid[(lb, d)]["success_rate"], grid[(lb, d)]["success_ci95"]) for d in delays if (lb, d) in grid]
                         for lb in labels}
         curves[name]["refs"] = {k: v["success_rate"] for k, v in refs.items()}
-        for label, strat, _ in lines:
-            rows.append([label + (f" ({best[2]})" if strat == "rtc" else "")]
+        for label, strat, pred in lines:
+            rows.append([label + (f" ({chosen[pred][-1][2]})" if strat == "rtc" else "")]
                         + [_fmt(grid[(label, d)]) if (label, d) in grid else "" for d in delays])
         for k, v in refs.items():
             rows.append([k] + [_fmt(v)] + ["" for _ in delays[1:]])
@@ -177,9 +184,10 @@ def async_section(work: Path, log=print, checkpoints=None, episodes: int = 200, 
             worst = max(r / max(v, 1e-9) for r, v in zip(st["val_rmse"], st["val_delta_std"]) if v > 0)
             checks.append(f"Forward model: fitted on {st['transitions']:,} transitions of {st['demos']} scripted demos; "
                           f"held-out one-step error at most {worst:.2f} of the per-step change's spread (per dimension).")
-        sel_txt = "; ".join(f"{tag}: {s:.3f}" for s, _, tag, _ in sel)
+        sel_txt = "; ".join(("planning from predicted observations: " if pred else "") + ", ".join(
+            f"{tag}: {s:.3f}" for s, _, tag, _ in sel[:-1]) for pred, sel in chosen.items())
         body += [f"**{name}** (Ta = {pol.Ta}, Tp = {pol.Tp}; RTC settings chosen on {select_episodes} selection episodes at "
-                 f"d = {half}: {sel_txt})", "",
+                 f"d = {half}" + (f": {sel_txt})" if chosen else ")"), "",
                  table(["strategy"] + [f"d = {d}" for d in delays], rows), "",
                  table(["strategy", "d", "jump at switches (mean)", "(max)", "jump within chunks", "switch - within",
                         "jerk at switches",
