@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import re
 import shlex
 import sys
 import time
@@ -238,12 +239,14 @@ def main(argv=None) -> int:
 
         ckpt = _async_checkpoints(args)
         tasks = list(ckpt)
+        variant = [v for v, on in (("predict", args.async_predict), (f"horizon {args.async_horizon}", args.async_horizon != "Ta"),
+                                   (args.async_checkpoint, args.async_checkpoint != "{task}_flow")) if on]
+        # one picture per section: a variant's plot must not overwrite the plain section's
+        stem = "_".join(tasks + [re.sub(r"[^A-Za-z0-9]+", "-", v).strip("-") for v in variant])
         body, _ = async_section(work / "async", log=log, checkpoints=[ckpt[t] for t in tasks],
                                 strategies=_names("--async-strategies", args.async_strategies, list(ASYNC_STRATEGIES)),
                                 predict=args.async_predict, horizon=args.async_horizon,
-                                episodes=args.episodes, plot_path=f"docs/img/async_delay_{'_'.join(tasks)}.png")
-        variant = [v for v, on in (("predict", args.async_predict), (f"horizon {args.async_horizon}", args.async_horizon != "Ta"),
-                                   (args.async_checkpoint, args.async_checkpoint != "{task}_flow")) if on]
+                                episodes=args.episodes, plot_path=f"docs/img/async_delay_{stem}.png")
         write_section(args.out, "async:" + ",".join(tasks) + (":" + ",".join(variant) if variant else ""), body, command)
     if "pusht" in sections:  # with the shipped PushT checkpoints, if any
         from dpolicy.bench.standard import pusht_section
