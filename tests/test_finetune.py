@@ -42,10 +42,14 @@ def test_chain_log_probabilities_are_the_gaussians_they_were_drawn_from(process,
     assert lat.shape == (4000, 3, 8, 3) and torch.equal(x, lat[:, -1])
     again, mu = chain.log_prob(cond, lat)
     torch.testing.assert_close(again, logp, rtol=1e-4, atol=1e-3)  # the recorded likelihood is the recomputed one
-    # Monte Carlo: the draws around each mean have the chain's std, and the mean log-density is -d/2 (constants dropped)
+    # Monte Carlo: the draws around each mean have the chain's std, and the mean log-density is -d/2 (constants
+    # dropped), d = the entries a step explores: every one before the last step, the Ta executed actions at it
     resid = (lat[:, 1:] - mu) / 0.3
-    assert resid.std().item() == pytest.approx(1.0, abs=0.02) and resid.mean().abs().item() < 0.02
-    assert logp.mean().item() == pytest.approx(-0.5 * 8 * 3, rel=0.02)
+    explored = torch.cat([resid[:, 0].flatten(), resid[:, 1, :pol.Ta].flatten()])
+    assert explored.std().item() == pytest.approx(1.0, abs=0.02) and explored.mean().abs().item() < 0.02
+    assert torch.equal(lat[:, 2, pol.Ta:], mu[:, 1, pol.Ta:])  # actions never executed are not explored
+    assert logp[:, 0].mean().item() == pytest.approx(-0.5 * 8 * 3, rel=0.03)
+    assert logp[:, 1].mean().item() == pytest.approx(-0.5 * pol.Ta * 3, rel=0.03)
     other = tiny_policy(process=process, sampler=sampler, steps=4, seed=5).eval()  # another network: lower likelihood
     assert chain.log_prob(cond, lat, other)[0].mean() < logp.mean() - 1
 

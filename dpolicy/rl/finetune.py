@@ -139,6 +139,11 @@ class DenoisingChain:
         if k > len(schedule):
             raise ConfigError(f"ft_steps={k} is more than the chain's {len(schedule)} denoising steps.")
         self.pre, self.ft = schedule[:len(schedule) - k], schedule[len(schedule) - k:]
+        # the environment only ever sees a chunk's first Ta actions: the last step explores those and its
+        # likelihood counts only them (noise on the rest would add variance to every ratio and no signal);
+        # earlier steps' latents feed the whole chunk, so they explore every entry
+        self.last_mask = torch.zeros(policy.Tp, 1, device=policy.device)
+        self.last_mask[:policy.Ta] = 1.0
 
     @property
     def k(self) -> int:
@@ -155,18 +160,26 @@ class DenoisingChain:
         fn = self.policy.field_fn(cond)
         x = sample_loop(self.process, fn, self.process.from_noise(noise), self.pre)
         lat, logp = [x], []
-        for t, tn in self.ft:
+        for j, (t, tn) in enumerate(self.ft):
             mean = self.process.step(fn, x, t, tn, None)
             eps = torch.stack([torch.randn(mean.shape[1:], device=mean.device, generator=g) for g in generators])
+            if j == self.k - 1:
+                eps = eps * self.last_mask
             x = mean + self.std * eps
             lat.append(x)
             logp.append(-0.5 * (eps ** 2).sum((1, 2)))
         return x, torch.stack(lat, 1), torch.stack(logp, 1)
 
+    def explored(self) -> torch.Tensor:
+        """``(K', Tp, 1)``: which chunk entries each fine-tuned step draws noise for."""
+        m = torch.ones(self.k, *self.last_mask.shape, device=self.last_mask.device)
+        m[-1] = self.last_mask
+        return m
+
     def log_prob(self, cond: torch.Tensor, latents: torch.Tensor, policy=None) -> tuple[torch.Tensor, torch.Tensor]:
         """Log-likelihoods ``(B, K')`` of the recorded latents (constants dropped: they cancel in ratios), and the means."""
         mu = self.means(policy or self.policy, cond, latents[:, :-1])
-        return -0.5 * ((latents[:, 1:] - mu) ** 2).sum((2, 3)) / self.std ** 2, mu
+        return -0.5 * ((latents[:, 1:] - mu) ** 2 * self.explored()).sum((2, 3)) / self.std ** 2, mu
 
 
 @dataclass
