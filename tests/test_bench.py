@@ -2,6 +2,7 @@
 reference training loops (state and image) train the same model on the same inputs as ours, and
 bad options exit with one line."""
 
+import os
 import subprocess
 from pathlib import Path
 import sys
@@ -140,6 +141,11 @@ def test_compare_images_times_both_loops_and_the_loader_wait():
     assert r["ours_samples_per_s"] > 0 and r["reference_samples_per_s"] > 0
     assert abs(r["ratio"] - r["ours_samples_per_s"] / r["reference_samples_per_s"]) < 1e-9
     assert 0 <= r["reference_wait_share"] < 1
+    before = torch.get_num_threads()
+    r = compare_images(lambda: small_image_policy(data, crop=12), data, batch_size=4, steps=2, repeats=1, threads=2,
+                       reference_threads=(1, 2))
+    assert set(r["reference_by_threads"]) == {1, 2} and torch.get_num_threads() == before  # threads restored
+    assert r["reference_samples_per_s"] == max(r["reference_by_threads"].values())  # the faster reference counts
 
 
 def test_image_throughput_section_reports_both_loops_and_the_memory():
@@ -148,6 +154,9 @@ def test_image_throughput_section_reports_both_loops_and_the_memory():
     assert row.count("|") == 9 and "x |" in row and "agentview_image" in body
     assert ("sets the pace" in body) != ("is input-bound" in body)
     assert "uint8" in body and "float32 they would take" in body
+    if len(os.sched_getaffinity(0)) > 1:  # the whole machine as each loop can use it: a second table, one row per batch
+        cores = [line for line in body.split("using the whole machine")[1].splitlines() if line.startswith("| 4 |")]
+        assert len(cores) == 1 and cores[0].count("|") == 7
 
 
 def test_bench_rejects_unknown_section(tmp_path):

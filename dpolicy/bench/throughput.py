@@ -14,6 +14,7 @@ Ours keeps the uint8 frames on the device and crops them inside the encoder's fo
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import statistics
@@ -248,21 +249,43 @@ def image_memory(data: WindowDataset) -> dict:
 
 
 def compare_images(make_policy, data: WindowDataset, batch_size: int, steps: int, repeats: int = 3, compile: bool = False,
-                   windows: ImageHostWindows | None = None) -> dict:
+                   windows: ImageHostWindows | None = None, threads: int | None = None,
+                   reference_threads: tuple[int | None, ...] = (None,)) -> dict:
     """``compare`` for a policy that reads cameras: the reference reads ``windows`` (compressed frames cropped per
     sample on the host; built here when None) with a ``precropped`` copy of the policy, ours trains the policy as
     built (uint8 frames resident on the device, cropped by the encoder). Medians, ratio and the reference's
-    median share of time spent waiting for its loader."""
+    median share of time spent waiting for its loader. ``threads`` sets torch's compute threads for our loop and
+    each of ``reference_threads`` for one timing of the reference's training process (its loader worker is a
+    process of its own); the ratio is against the fastest of them (None: leave the setting as it is)."""
     crop = make_policy().cfg.vision.crop
     windows = ImageHostWindows(data, crop) if windows is None else windows
     if windows.crop != crop:
         raise ValueError(f"the reference windows crop to {windows.crop}, the policy's encoder to {crop}.")
-    ours, ref, wait = [], [], []
+    ours, ref, wait = [], {n: [] for n in reference_threads}, {n: [] for n in reference_threads}
     for _ in range(repeats):
-        sps, share = image_reference_loop(precropped(make_policy().to(data.device), crop), windows, batch_size, steps, data.device)
-        ref.append(sps)
-        wait.append(share)
-        ours.append(our_loop(make_policy().to(data.device), data, batch_size, steps, data.device, compile))
-    mo, mr = statistics.median(ours), statistics.median(ref)
-    return {"ours_samples_per_s": mo, "reference_samples_per_s": mr, "ratio": mo / mr, "reference_wait_share": statistics.median(wait),
-            "ours_all": ours, "reference_all": ref, "reference_wait_all": wait}
+        for n in reference_threads:
+            with torch_threads(n):
+                sps, share = image_reference_loop(precropped(make_policy().to(data.device), crop), windows, batch_size, steps,
+                                                  data.device)
+            ref[n].append(sps)
+            wait[n].append(share)
+        with torch_threads(threads):
+            ours.append(our_loop(make_policy().to(data.device), data, batch_size, steps, data.device, compile))
+    per = {n: statistics.median(v) for n, v in ref.items()}
+    best = max(per, key=per.get)
+    mo, mr = statistics.median(ours), per[best]
+    return {"ours_samples_per_s": mo, "reference_samples_per_s": mr, "ratio": mo / mr,
+            "reference_wait_share": statistics.median(wait[best]), "reference_threads": best,
+            "reference_by_threads": per, "ours_all": ours, "reference_all": ref[best], "reference_wait_all": wait[best]}
+
+
+@contextlib.contextmanager
+def torch_threads(n: int | None):
+    """torch's intra-op threads set to ``n`` inside the block (unchanged when None), restored after."""
+    old = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(int(n))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
