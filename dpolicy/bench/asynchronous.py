@@ -174,12 +174,13 @@ def async_section(work: Path, log=print, checkpoints=None, episodes: int = 200, 
             n0, nh = grid[(naive, 0)]["success_rate"], grid[(naive, half)]["success_rate"]
             base = grid[("naive", half)] if "naive" in labels else grid[(naive, half)]
             ratio = grid[(lb, half)]["switch_jump_mean"] / max(base["switch_jump_mean"], 1e-9)
-            if _excess(base) > 0.005:
+            naive_excess = _excess(base)
+            if naive_excess > 0.005:
                 added = (f"what a switch adds to the jump (switch minus within) "
-                         f"{_excess(grid[(lb, half)]) / _excess(base):.2f}x naive switching's")
+                         f"{_excess(grid[(lb, half)]) / naive_excess:.2f}x naive switching's")
             else:  # the ratio of two near-zero (or negative) excesses means nothing
                 added = (f"naive switching's jumps at switches are no larger than within chunks here (switch minus "
-                         f"within {_excess(base):+.3f}), so there is no switch discontinuity to reduce")
+                         f"within {naive_excess:+.3f}), so there is no switch discontinuity to reduce")
             checks.append(f"{lb} at d = Ta/2 = {half}: {rh:.3f} vs its d = 0 {r0:.3f} ({100 * (rh - r0):+.1f} points); "
                           f"{naive} {nh:.3f} vs {n0:.3f} ({100 * (nh - n0):+.1f} points); {lb} - {naive} at d = {half}: "
                           f"{100 * (rh - nh):+.1f} points; its mean jump at switches is {ratio:.2f}x naive switching's "

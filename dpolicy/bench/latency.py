@@ -25,7 +25,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from dpolicy.bench.report import table
+from dpolicy.bench.report import table, torch_threads
 from dpolicy.tasks import env_factory_for
 
 KS = (1, 2, 3, 5, 10, "full")
@@ -36,17 +36,6 @@ SPACED = ((1, 0), (10, 0), (20, 0), (30, 0), (50, 0),
 
 
 # -- helpers ---------------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def torch_threads(n: int | None):
-    old = torch.get_num_threads()
-    if n:
-        torch.set_num_threads(int(n))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
-
-
 def default_discrete(policy) -> dict | None:
     """Lift's gripper (the last action entry) gets the remedy the policy was trained for: ``scale`` when
     its ``action_scale`` shrinks that dimension, else ``clip``. Other tasks have no discrete dimension."""

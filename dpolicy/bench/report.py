@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import platform
 import re
 import sys
@@ -21,11 +23,26 @@ def machine() -> str:
                 break
     except OSError:
         pass
-    import os
-
     dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     return (f"{cpu}, {os.cpu_count()} cores, {dev}; torch {torch.__version__} ({torch.get_num_threads()} threads), "
             f"Python {sys.version.split()[0]}")
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity where the platform says, else the machine's count)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+@contextlib.contextmanager
+def torch_threads(n: int | None):
+    """torch's intra-op threads set to ``n`` inside the block (unchanged when None or 0), restored after."""
+    old = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(int(n))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
 
 
 def write_section(path, name: str, body: str, command: str) -> None:

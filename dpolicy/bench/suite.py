@@ -9,7 +9,7 @@ import shutil
 import time
 from pathlib import Path
 
-from dpolicy.bench.report import table
+from dpolicy.bench.report import table, usable_cores
 
 TASKS = ("avoid", "push", "lift")
 IMAGE_TASKS = {"avoid": "avoid_image", "push": "push_image", "lift": "lift_image"}  # state task -> its camera variant
@@ -225,7 +225,7 @@ def image_throughput_section(batch_sizes=(64, 256), steps: int = 15, repeats: in
                      f"{ceiling:,.0f}"])
     # the same machine used as each loop can use it: ours has no loader process, so its step may take every core;
     # the reference's step shares the machine with its loader worker (timed with one thread and with every core)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = usable_cores()
     core_rows = []
     if device.type == "cpu" and cores > 1 and all_cores:
         for batch_size in batch_sizes:

@@ -14,7 +14,6 @@ Ours keeps the uint8 frames on the device and crops them inside the encoder's fo
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import statistics
@@ -24,6 +23,7 @@ import zlib
 import numpy as np
 import torch
 
+from dpolicy.bench.report import torch_threads
 from dpolicy.config import TrainConfig
 from dpolicy.data.robomimic import GZIP_LEVEL, Demo
 from dpolicy.data.windows import WindowDataset
@@ -278,14 +278,3 @@ def compare_images(make_policy, data: WindowDataset, batch_size: int, steps: int
             "reference_wait_share": statistics.median(wait[best]), "reference_threads": best,
             "reference_by_threads": per, "ours_all": ours, "reference_all": ref[best], "reference_wait_all": wait[best]}
 
-
-@contextlib.contextmanager
-def torch_threads(n: int | None):
-    """torch's intra-op threads set to ``n`` inside the block (unchanged when None), restored after."""
-    old = torch.get_num_threads()
-    if n is not None:
-        torch.set_num_threads(int(n))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)

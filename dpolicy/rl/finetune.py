@@ -142,8 +142,9 @@ class DenoisingChain:
         # the environment only ever sees a chunk's first Ta actions: the last step explores those and its
         # likelihood counts only them (noise on the rest would add variance to every ratio and no signal);
         # earlier steps' latents feed the whole chunk, so they explore every entry
-        self.last_mask = torch.zeros(policy.Tp, 1, device=policy.device)
-        self.last_mask[:policy.Ta] = 1.0
+        self.explore = torch.ones(k, policy.Tp, 1, device=policy.device)  # (K', Tp, 1): entries each step explores
+        if k:
+            self.explore[-1, policy.Ta:] = 0.0
 
     @property
     def k(self) -> int:
@@ -163,23 +164,16 @@ class DenoisingChain:
         for j, (t, tn) in enumerate(self.ft):
             mean = self.process.step(fn, x, t, tn, None)
             eps = torch.stack([torch.randn(mean.shape[1:], device=mean.device, generator=g) for g in generators])
-            if j == self.k - 1:
-                eps = eps * self.last_mask
+            eps = eps * self.explore[j]
             x = mean + self.std * eps
             lat.append(x)
             logp.append(-0.5 * (eps ** 2).sum((1, 2)))
         return x, torch.stack(lat, 1), torch.stack(logp, 1)
 
-    def explored(self) -> torch.Tensor:
-        """``(K', Tp, 1)``: which chunk entries each fine-tuned step draws noise for."""
-        m = torch.ones(self.k, *self.last_mask.shape, device=self.last_mask.device)
-        m[-1] = self.last_mask
-        return m
-
     def log_prob(self, cond: torch.Tensor, latents: torch.Tensor, policy=None) -> tuple[torch.Tensor, torch.Tensor]:
         """Log-likelihoods ``(B, K')`` of the recorded latents (constants dropped: they cancel in ratios), and the means."""
         mu = self.means(policy or self.policy, cond, latents[:, :-1])
-        return -0.5 * ((latents[:, 1:] - mu) ** 2 * self.explored()).sum((2, 3)) / self.std ** 2, mu
+        return -0.5 * ((latents[:, 1:] - mu) ** 2 * self.explore).sum((2, 3)) / self.std ** 2, mu
 
 
 @dataclass
