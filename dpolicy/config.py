@@ -556,6 +556,8 @@ class AsyncConfig:
     steps: int | None = None     # sampling steps of a full solve (None: the policy's default)
     mask: str = "soft"           # rtc: soft (frozen prefix + decaying overlap) | hard (frozen prefix only)
     beta: float = 5.0            # rtc: the largest guidance weight
+    overlap: int | None = None   # rtc, soft mask: entries after the frozen prefix pulled towards the current chunk
+                                 # (None: the whole overlap [delay, Tp - horizon), as in the paper)
     decay: float = 0.01          # ensemble: ACT's m in exp(-m i)
     candidates: int = 8          # bid: chunks sampled per inference
     rho: float = 0.9             # bid: weight rho^j of overlap entry j in the coherence distance
@@ -580,6 +582,9 @@ class AsyncConfig:
             raise ConfigError(f"beta={self.beta!r} must be a finite number of at least 0.")
         if not self.decay >= 0:
             raise ConfigError(f"decay={self.decay!r} must be at least 0.")
+        if self.overlap is not None and (isinstance(self.overlap, bool) or not isinstance(self.overlap, int)
+                                         or self.overlap < 1):
+            raise ConfigError(f"overlap={self.overlap!r} must be at least 1 (or None for the whole overlap).")
         if not (isinstance(self.candidates, int) and self.candidates >= 1):
             raise ConfigError(f"candidates={self.candidates!r} must be an integer of at least 1.")
         if not 0 < self.rho <= 1:

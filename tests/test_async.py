@@ -85,6 +85,12 @@ def test_soft_mask_and_guidance_weight():
     assert w[:4].tolist() == [1.0] * 4 and w[8:].tolist() == [0.0] * 8
     assert all(1 > a > b > 0 for a, b in zip(w[4:7], w[5:8]))
     assert rtc_weight(1.0, 5.0) == 5.0 and rtc_weight(0.5, 5.0) == pytest.approx(2.0) and rtc_weight(0.5, 1.0) == 1.0
+    # a guided window shorter than the overlap: decaying over its own entries, nothing after it
+    short = soft_weights(16, 4, 8, overlap=2)
+    assert short[:4].tolist() == [1.0] * 4 and short[6:].tolist() == [0.0] * 10 and 1 > short[4] > short[5] > 0
+    assert torch.equal(soft_weights(16, 4, 8, overlap=10), w)  # longer than the overlap: the overlap
+    with pytest.raises(ConfigError, match="overlap"):
+        AsyncConfig(overlap=0)
 
 
 @pytest.fixture(scope="module")

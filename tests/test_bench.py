@@ -192,10 +192,20 @@ def test_async_section_reports_every_strategy_delay_and_reference(tmp_path):
     for strat in ("naive", "ensemble", "bid", "rtc ("):
         assert f"| {strat}" in body
     assert (tmp_path / "delay.png").stat().st_size > 0
-    assert len([k for k in cells if "|select|" in k]) == 3
+    assert len([k for k in cells if "|select|" in k]) == 5  # three whole-overlap settings, two short windows
+    assert "soft, beta 10, overlap 4" in body  # avoid_flow's Ta = 8: the window of Ta / 2
     again, _ = async_section(tmp_path, log=lambda m: (_ for _ in ()).throw(AssertionError(m)), checkpoints=[ck],
                              episodes=2, select_episodes=2, delays=(0, 4), plot_path=None)
     assert again.rstrip() == body.split("![")[0].rstrip()  # every cell came from the saved results
+
+
+def test_rtc_settings_choice_prefers_the_smoothest_of_the_nearly_best():
+    from dpolicy.bench.asynchronous import choose
+
+    cands = [(0.94, 0.18, "hard", {}), (0.91, 0.06, "window", {}), (0.80, 0.02, "strong", {}), (0.90, 0.09, "soft", {})]
+    assert choose(cands)[2] == "window"  # within 5 points of 0.94, the smallest switch excess
+    assert choose(cands, tolerance=0.0)[2] == "hard"
+    assert choose(cands, tolerance=0.2)[2] == "strong"
 
 
 def test_async_section_adds_rows_planned_from_predicted_observations(tmp_path):
@@ -214,5 +224,5 @@ def test_async_section_adds_rows_planned_from_predicted_observations(tmp_path):
     assert pred and all(v["predicted"] and v["horizon"] == 2 for v in pred)  # max(Ta / 2, d) with Ta = 4
     # RTC's settings are chosen under the rows' own horizon, once from stale and once from predicted observations
     select = {k: v for k, v in cells.items() if "|select" in k}
-    assert len(select) == 6 and all(v["horizon"] == 2 and k.endswith("|hhalf") for k, v in select.items())
-    assert sum(v["predicted"] for v in select.values()) == 3
+    assert len(select) == 10 and all(v["horizon"] == 2 and k.endswith("|hhalf") for k, v in select.items())
+    assert sum(v["predicted"] for v in select.values()) == 5

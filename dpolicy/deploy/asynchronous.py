@@ -20,7 +20,8 @@ How the new chunk is made consistent with the one being executed is the *strateg
   conditioning (see ``ChunkPolicy``) is given the frozen prefix and denoises the rest without guidance). The
   first ``d`` entries (executed from the current chunk while the inference runs) are frozen, the overlap
   ``[d, H - s)`` is pulled towards the current chunk with exponentially decaying weights (``mask=soft``) or
-  left free (``mask=hard``), the rest is free. At each step the predicted clean chunk's weighted error to
+  left free (``mask=hard``), the rest is free; ``overlap`` shortens the guided window to the overlap's first
+  entries, so a chunk replanned often is not held to a plan several replans old. At each step the predicted clean chunk's weighted error to
   the target is back-propagated through the network (a vector-Jacobian product) and added to the step with
   RTC's clipped weight ``min(beta, (1 - tau) / (tau r^2))`` (tau: the paper's time, 0 = noise); the hard
   mask also replaces the frozen entries by the noised target at every step (inpainting), so the delivered
@@ -57,13 +58,14 @@ from dpolicy.config import MASKS, STRATEGIES, AsyncConfig  # noqa: F401  (the se
 from dpolicy.errors import ConfigError
 from dpolicy.policy.history import ObsHistory
 
-def soft_weights(H: int, d: int, s: int) -> torch.Tensor:
+def soft_weights(H: int, d: int, s: int, overlap: int | None = None) -> torch.Tensor:
     """RTC's soft mask over a chunk of ``H``: 1 on the frozen ``[0, d)``, exponentially decaying weights on the
-    overlap ``[d, H - s)``, 0 on the rest."""
+    overlap ``[d, H - s)`` (or only its first ``overlap`` entries), 0 on the rest."""
     w = torch.zeros(H)
     w[:d] = 1.0
-    for j in range(d, max(d, H - s)):
-        c = (H - s - j) / (H - s - d + 1)
+    end = max(d, H - s) if overlap is None else min(max(d, H - s), d + overlap)
+    for j in range(d, end):
+        c = (end - j) / (end - d + 1)
         w[j] = c * (math.exp(c) - 1) / (math.e - 1)
     return w
 
@@ -175,7 +177,7 @@ class ChunkPlanner:
         self.warm_schedule = None
         if cfg.warm is not None:
             self.warm_schedule = warm_schedule(self.process, resolve_timesteps(self.process, timesteps=cfg.warm))
-        self.weights = soft_weights(self.Tp, self.d, self.s) if cfg.mask == "soft" else \
+        self.weights = soft_weights(self.Tp, self.d, self.s, cfg.overlap) if cfg.mask == "soft" else \
             torch.cat([torch.ones(self.d), torch.zeros(self.Tp - self.d)])
         self.evals = 0      # network evaluations (forward passes), summed over slots
         self.backwards = 0  # vector-Jacobian products (rtc)
