@@ -146,3 +146,14 @@ def test_a_finetuned_checkpoint_loads_everywhere_and_runs_under_rti(tmp_path):
     ctrl = Controller(pol, "rti", k=2)
     obs = {"agent_pos": np.zeros(2, np.float32), "agent_vel": np.zeros(2, np.float32)}
     assert ctrl.step(obs).shape == (2,)
+
+
+def test_bench_reads_each_run_at_the_reference_budget_and_wall_clock():
+    from dpolicy.bench.finetune import at, settings
+
+    h = [{"env_steps": 0, "wall_s": 0.0, "success_rate": 0.4}, {"env_steps": 10400, "wall_s": 9.0, "success_rate": 0.5},
+         {"env_steps": 20800, "wall_s": 18.0, "success_rate": 0.7}]
+    assert at(h, "env_steps", 10000)["success_rate"] == 0.5  # the first evaluation at or past the budget
+    assert at(h, "wall_s", 9.0)["success_rate"] == 0.5 and at(h, "wall_s", 9.5)["success_rate"] == 0.7
+    assert at(h, "wall_s", 100.0) is h[-1]  # a run shorter than the reference: its last evaluation
+    assert settings("push", "filtered")["bc_steps"] == 200 and settings("avoid", "ppo")["episodes_per_iter"] == 16

@@ -2,7 +2,9 @@
 seed, wall clock per 1,000 environment steps, and the fine-tuned policy's drift from its base.
 
 Every run starts from the same weak base as ``dpolicy-bench --sections steer`` (``weak_base``), is evaluated on
-the same evaluation seeds, and is cached in the work directory (a rerun does only what is missing).
+the same evaluation seeds, and is cached in the work directory (a rerun does only what is missing). DSRL-NA runs
+from the same base with the steer section's recipe and budget sit in the same table, and every fine-tuning run is
+also read at DSRL's env-step budget and at DSRL's wall clock, so the two families are compared on both.
 """
 
 from __future__ import annotations
@@ -14,15 +16,24 @@ import numpy as np
 
 from dpolicy.bench.report import table
 
-# the bench's recipe (FinetuneConfig fields; everything else is the default): only the last denoising step made
-# Gaussian, 64 episodes per iteration (8 groups of 8), large batches and a small learning rate, which keep PPO's
+# the bench's recipe on push (FinetuneConfig fields; everything else is the default): only the last denoising step
+# made Gaussian, 64 episodes per iteration (8 groups of 8), large batches and a small learning rate, which keep PPO's
 # clip fraction near 0.05 on push's weak base (learning rates 1e-4 and 3e-5 clipped 80-90% and 20-40% of the
 # ratios and did not improve the base in 50,000 steps)
 RECIPE = dict(ft_steps=1, std=0.1, lr=3e-6, episodes_per_iter=64, group=8, batch_size=1024)
+# avoid's and lift's episodes are short and DSRL's budgets small: more, smaller iterations and a larger step
+# (on avoid, PPO at 3e-5 gained 6 points in 10,000 env steps, at 1e-4 16)
+SHORT = dict(ft_steps=1, std=0.1, lr=1e-4, episodes_per_iter=16, group=8, batch_size=256)
+RECIPES = {"push": RECIPE, "avoid": SHORT, "lift": SHORT}
 # success-filtered matching is behaviour cloning on the replay of successes: a BC learning rate and batch
-ALGO_SETTINGS = {"ppo": RECIPE, "grpo": RECIPE, "gspo": RECIPE, "awm": {**RECIPE, "lr": 1e-5},
-                 "filtered": {**RECIPE, "lr": 1e-4, "batch_size": 256, "bc_steps": 200}}
-BUDGETS = {"push": 200000, "avoid": 10000, "lift": 20000}
+ALGO_SETTINGS = {"awm": {"lr": 1e-5}, "filtered": {"lr": 1e-4, "batch_size": 256, "bc_steps": 200}}
+# fine-tuning budgets: push's is the acceptance budget; avoid's and lift's cover DSRL-NA's wall clock at its own
+# budget (its critic updates cost 10-20x more per env step than an iteration here)
+BUDGETS = {"push": 200000, "avoid": 150000, "lift": 200000}
+
+
+def settings(task: str, algo: str) -> dict:
+    return {**RECIPES[task], **ALGO_SETTINGS.get(algo, {})}
 
 
 def _reach(history, level):
@@ -32,19 +43,58 @@ def _reach(history, level):
     return None
 
 
+def at(history, key: str, limit: float) -> dict:
+    """The evaluation at the first point where ``key`` (env_steps or wall_s) reaches ``limit`` (the last one if it
+    never does): success after that much experience or time."""
+    for h in history:
+        if h[key] >= limit:
+            return h
+    return history[-1]
+
+
+def dsrl_runs(work: Path, task: str, base_root: Path, seeds, log=print) -> list[dict]:
+    """DSRL-NA from the same base with the steer section's recipe and budget, one run per seed (cached)."""
+    from dpolicy.bench.steer import BUDGETS as STEER_BUDGETS, DSRL_DEFAULTS, STEER_DEFAULTS
+    from dpolicy.rl.agent import DSRLConfig
+    from dpolicy.rl.train import SteerConfig, steer
+
+    out = []
+    for seed in seeds:
+        run = work / f"{task}_dsrl_na_s{seed}"
+        mfile = run / "metrics.json"
+        if not mfile.exists():
+            cfg = SteerConfig(base=str(base_root), dsrl=DSRLConfig(algo="na", **DSRL_DEFAULTS), **STEER_DEFAULTS,
+                              env_steps=STEER_BUDGETS[task], seed=seed, progress=False)
+            steer(cfg, run, log=lambda s, seed=seed: log(f"[finetune {task} dsrl-na s{seed}] {s}"))
+        out.append(json.loads(mfile.read_text()))
+    return out
+
+
 def finetune_section(work: Path, log=print, tasks=("push",), algos=("ppo", "grpo", "gspo", "awm", "filtered"), seeds=(0, 1, 2),
                      env_steps: int | None = None, eval_every: int | None = None, eval_episodes: int = 50,
-                     figure: Path | None = Path("docs/img/finetune_push.png")) -> tuple[str, dict]:
-    from dpolicy.bench.steer import weak_base
+                     figure: Path | None = Path("docs/img/finetune_push.png"), dsrl: bool = True) -> tuple[str, dict]:
+    from dpolicy.bench.steer import BUDGETS as STEER_BUDGETS, weak_base
     from dpolicy.rl.finetune import FinetuneConfig, finetune
 
     work = Path(work)
-    results, body = {}, []
+    results, body, curves = {}, [], {}
     for task in tasks:
         base_root, base_m = weak_base(work.parent / "steer", task, log)
         budget = env_steps or BUDGETS[task]
-        every = eval_every or max(budget // 10, 1000)
-        rows, curves = [], {}
+        every = eval_every or min(max(budget // 10, 1000), STEER_BUDGETS[task] // 2)
+        ref = dsrl_runs(work, task, base_root, seeds, log) if dsrl else []
+        ref_steps = STEER_BUDGETS[task]
+        ref_wall = float(np.median([m["wall_s"] for m in ref])) if ref else None
+        rows, curves[task] = [], {}
+        for m, seed in zip(ref, seeds):
+            h = m["history"]
+            r90 = _reach(h, 0.9)
+            final = f"{h[-1]['success_rate']:.3f}"
+            rows.append(["DSRL-NA", seed, f"{h[0]['success_rate']:.2f}", final, final, f"{final} ({h[-1]['env_steps']:,})",
+                         f"{max(x['success_rate'] for x in h):.3f}", "-" if r90 is None else f"{r90:,}",
+                         f"{m['wall_s_per_1k_env_steps']:.1f}", "-"])
+            curves[task].setdefault("DSRL-NA", []).append(h)
+            results[f"{task}/dsrl-na/s{seed}"] = m
         for algo in algos:
             for seed in seeds:
                 run = work / f"{task}_{algo}_s{seed}"
@@ -53,50 +103,61 @@ def finetune_section(work: Path, log=print, tasks=("push",), algos=("ppo", "grpo
                     m = json.loads(mfile.read_text())
                 else:
                     cfg = FinetuneConfig(base=str(base_root), algo=algo, env_steps=budget, eval_every=every,
-                                         eval_episodes=eval_episodes, seed=seed, progress=False, **ALGO_SETTINGS[algo])
+                                         eval_episodes=eval_episodes, seed=seed, progress=False, **settings(task, algo))
                     m = finetune(cfg, run, log=lambda s: log(f"[finetune {task} {algo} s{seed}] {s}"))
                 results[f"{task}/{algo}/s{seed}"] = m
                 h = m["history"]
-                curves.setdefault(algo, []).append(h)
+                curves[task].setdefault(algo, []).append(h)
                 r90 = _reach(h, 0.9)
-                rows.append([algo, seed, f"{h[0]['success_rate']:.2f}", f"{h[-1]['success_rate']:.3f}",
+                same_steps, same_wall = at(h, "env_steps", ref_steps), at(h, "wall_s", ref_wall or 0.0)
+                rows.append([algo, seed, f"{h[0]['success_rate']:.2f}",
+                             f"{same_steps['success_rate']:.3f}" if ref else "-",
+                             f"{same_wall['success_rate']:.3f} ({same_wall['env_steps']:,})" if ref else "-",
+                             f"{h[-1]['success_rate']:.3f} ({h[-1]['env_steps']:,})",
                              f"{max(x['success_rate'] for x in h):.3f}", "-" if r90 is None else f"{r90:,}",
                              f"{m['wall_s_per_1000_env_steps']:.1f}", f"{m['drift_mse']:.4f}"])
-        reached = sum(r[5] != "-" for r in rows)
+        mine = [r for r in rows if r[0] != "DSRL-NA"]
+        reached = sum(r[7] != "-" for r in mine)
         body += [f"**{task}** weak base (BC success {base_m['success_rate']:.2f}; the same base as the steer section's "
-                 f"DSRL runs); budget {budget:,} env steps, {eval_episodes} evaluation episodes every {every:,}; recipe "
-                 f"{', '.join(f'{k}={v}' for k, v in RECIPE.items())}"
-                 + "".join(f"; {a}: " + ", ".join(f"{k}={v}" for k, v in ALGO_SETTINGS[a].items() if RECIPE.get(k) != v)
-                           for a in algos if ALGO_SETTINGS[a] != RECIPE)
-                 + f". {reached} of {len(rows)} runs reached 0.90.", "",
-                 table(["method", "seed", "base", "final success", "best", "first env steps at >= 0.90",
-                        "wall s / 1,000 env steps", "drift (action MSE)"], rows), ""]
-        if figure is not None:
-            _plot(curves, figure, task)
-            body += [f"![fine-tuning curves]({figure})", ""]
-    title = "## RL on the denoising chain: fine-tuning the weak bases' own weights (2-core CPU)"
+                 f"DSRL runs); fine-tuning budget {budget:,} env steps, {eval_episodes} evaluation episodes every {every:,}; "
+                 f"recipe {', '.join(f'{k}={v}' for k, v in RECIPES[task].items())}"
+                 + "".join(f"; {a}: " + ", ".join(f"{k}={v}" for k, v in ALGO_SETTINGS[a].items())
+                           for a in algos if a in ALGO_SETTINGS)
+                 + (f". DSRL-NA: the steer section's recipe and budget ({ref_steps:,} env steps, median {ref_wall:.0f} s); "
+                    f"*at DSRL's env steps* is each run's first evaluation at or past {ref_steps:,} env steps, *at DSRL's "
+                    f"wall clock* its first at or past {ref_wall:.0f} s (env steps in brackets)" if ref else "")
+                 + f". {reached} of {len(mine)} fine-tuning runs reached 0.90.", "",
+                 table(["method", "seed", "base", "success at DSRL's env steps", "success at DSRL's wall clock",
+                        "final success (env steps)", "best", "first env steps at >= 0.90", "wall s / 1,000 env steps",
+                        "drift (action MSE)"], rows), ""]
+    if figure is not None:
+        _plot(curves, figure)
+        body += [f"![fine-tuning curves]({figure})", ""]
+    title = "## RL on the denoising chain: fine-tuning the weak bases' own weights, beside DSRL-NA (2-core CPU)"
     return "\n".join([title, ""] + body), results
 
 
-def _plot(curves: dict, path: Path, task: str) -> None:
+def _plot(curves: dict, path: Path) -> None:
+    """Success against env steps per task (one panel each): mean over seeds, band min-max."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 3.6))
-    for algo, runs in curves.items():
-        xs = sorted({h["env_steps"] for run in runs for h in run})
-        ys = np.array([[np.interp(x, [h["env_steps"] for h in run], [h["success_rate"] for h in run]) for x in xs]
-                       for run in runs])
-        ax.plot(xs, ys.mean(0), label=f"{algo} ({len(runs)} seeds)")
-        ax.fill_between(xs, ys.min(0), ys.max(0), alpha=0.15)
-    ax.axhline(0.9, ls="--", color="gray", lw=0.8)
-    ax.set_xlabel("environment steps")
-    ax.set_ylabel("success (50 episodes)")
-    ax.set_title(f"{task}: fine-tuning the weak base (band: min-max over seeds)")
-    ax.set_ylim(0, 1.02)
-    ax.legend(fontsize=8)
+    fig, axes = plt.subplots(1, len(curves), figsize=(5.5 * len(curves), 3.6), squeeze=False)
+    for ax, (task, per) in zip(axes[0], curves.items()):
+        for algo, runs in per.items():
+            xs = sorted({h["env_steps"] for run in runs for h in run})
+            ys = np.array([[np.interp(x, [h["env_steps"] for h in run], [h["success_rate"] for h in run]) for x in xs]
+                           for run in runs])
+            ax.plot(xs, ys.mean(0), label=f"{algo} ({len(runs)} seeds)", ls="--" if algo == "DSRL-NA" else "-")
+            ax.fill_between(xs, ys.min(0), ys.max(0), alpha=0.15)
+        ax.axhline(0.9, ls=":", color="gray", lw=0.8)
+        ax.set_xlabel("environment steps")
+        ax.set_ylabel("success (50 episodes)")
+        ax.set_title(f"{task}: weak base fine-tuned (band: min-max over seeds)", fontsize=9)
+        ax.set_ylim(0, 1.02)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
