@@ -7,6 +7,7 @@ from pathlib import Path
 import sys
 
 import numpy as np
+import pytest
 import torch
 
 from dpolicy.bench import report, suite
@@ -163,6 +164,14 @@ def test_bench_rejects_unknown_section(tmp_path):
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 2 and "nope" in res.stderr.strip().splitlines()[-1]
     assert not (tmp_path / "B.md").exists()
+
+
+@pytest.mark.parametrize("delays", ["1,2", "0,x", "0,-2"])
+def test_bench_rejects_async_delays_without_a_reference_or_not_numbers(tmp_path, delays):
+    res = subprocess.run([sys.executable, "-m", "dpolicy.cli.bench", "--sections", "async", "--async-delays", delays,
+                          "--out", str(tmp_path / "B.md")], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and "--async-delays" in res.stderr.strip().splitlines()[-1]
+    assert "Traceback" not in res.stderr and not (tmp_path / "B.md").exists()
 
 
 def test_steer_report_lists_seeds_and_first_step_reaching_90(tmp_path):

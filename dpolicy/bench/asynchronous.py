@@ -137,6 +137,8 @@ def async_section(work: Path, log=print, checkpoints=None, episodes: int = 200, 
         fits = [d for d in delays if d + max(pol.Ta, d) <= pol.Tp]
         trained = getattr(getattr(pol, "cfg", None), "prefix", 0) >= max(fits)
         hkey = "" if horizon == "Ta" else f"|h{horizon}"
+        # evaluation cells on other seeds or episode counts than the defaults are cells of their own
+        skey = (f"|s{seed}" if seed != 100000 else "") + (f"|n{episodes}" if episodes != 200 else "")
         predictor = forward_model_for(pol, name, work, log, demos=forward_demos)[0] if predict else None
 
         def select(pred: bool):
@@ -153,8 +155,8 @@ def async_section(work: Path, log=print, checkpoints=None, episodes: int = 200, 
 
         chosen = {pred: select(pred) for pred in ((False, True) if predict else (False,)) if "rtc" in strategies}
         refs = {
-            "synchronous chunked": cell(f"{name}|chunked", lambda: _ctrl(evaluate_controller, pol, env_fn, episodes, seed, mode="chunked")),
-            "synchronous RTI (K'=2)": cell(f"{name}|rti2", lambda: _ctrl(evaluate_controller, pol, env_fn, episodes, seed, mode="rti", k=2)),
+            "synchronous chunked": cell(f"{name}|chunked{skey}", lambda: _ctrl(evaluate_controller, pol, env_fn, episodes, seed, mode="chunked")),
+            "synchronous RTI (K'=2)": cell(f"{name}|rti2{skey}", lambda: _ctrl(evaluate_controller, pol, env_fn, episodes, seed, mode="rti", k=2)),
         }
         # (label, strategy, planned from the predicted observation)
         lines = [(st, st, False) for st in strategies]
@@ -167,7 +169,7 @@ def async_section(work: Path, log=print, checkpoints=None, episodes: int = 200, 
                 s_ = horizon_for(horizon, pol.Ta, d) or max(pol.Ta, d)
                 if d + s_ > pol.Tp:
                     continue
-                grid[(label, d)] = cell(f"{name}|{label}|d{d}{hkey}{ckey}", run_async(
+                grid[(label, d)] = cell(f"{name}|{label}|d{d}{hkey}{ckey}{skey}", run_async(
                     pol, env_fn, episodes, seed, predictor=predictor if pred else None, strategy=strat, delay=d, **kw))
         labels = [lb for lb, _, _ in lines]
         curves[name] = {lb: [(d, grid[(lb, d)]["success_rate"], grid[(lb, d)]["success_ci95"]) for d in delays if (lb, d) in grid]

@@ -65,6 +65,19 @@ def _names(option: str, text: str, valid) -> list[str]:
     return names
 
 
+def _delays(text: str) -> tuple[int, ...]:
+    """``--async-delays``: comma-separated whole numbers of control steps, 0 among them (the reference)."""
+    from dpolicy.errors import ConfigError
+
+    try:
+        ds = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise ConfigError(f"--async-delays={text!r} must be comma-separated whole numbers of control steps, e.g. 0,2.") from None
+    if 0 not in ds or min(ds) < 0:
+        raise ConfigError(f"--async-delays={text!r} must include 0 (each strategy's reference) and no negative delay.")
+    return tuple(sorted(set(ds)))
+
+
 def _async_checkpoints(args) -> dict:
     """The async section's checkpoint per task (tasks without one are left out; none at all is an error)."""
     from dpolicy.errors import ConfigError
@@ -92,6 +105,7 @@ def check_args(args, sections: list[str]) -> None:
         _names("--steer-algos", args.steer_algos, ["na", "sac"])
     if "async" in sections:
         _async_checkpoints(args)
+        _delays(args.async_delays)
         _names("--async-strategies", args.async_strategies, list(ASYNC_STRATEGIES))
     if "finetune" in sections:
         _names("--finetune-tasks", args.finetune_tasks, ["avoid", "push", "lift"])
@@ -123,6 +137,9 @@ def main(argv=None) -> int:
     ap.add_argument("--async-strategies", default=",".join(ASYNC_STRATEGIES), help="async section: strategies to run")
     ap.add_argument("--async-predict", action="store_true",
                     help="async section: also naive and rtc planning from forward-predicted observations")
+    ap.add_argument("--async-seed", type=int, default=100000,
+                    help="async section: first evaluation seed (another value checks the figures on other episodes)")
+    ap.add_argument("--async-delays", default="0,1,2,4,6", help="async section: delays d in control steps")
     ap.add_argument("--async-horizon", choices=["Ta", "half"], default="Ta",
                     help="async section: a new inference every max(Ta, d) (Ta) or max(Ta / 2, d) (half) steps")
     ap.add_argument("--finetune-tasks", default="push", help="weak bases for the finetune section: avoid, push, lift")
@@ -239,14 +256,18 @@ def main(argv=None) -> int:
 
         ckpt = _async_checkpoints(args)
         tasks = list(ckpt)
+        delays = _delays(args.async_delays)
         variant = [v for v, on in (("predict", args.async_predict), (f"horizon {args.async_horizon}", args.async_horizon != "Ta"),
-                                   (args.async_checkpoint, args.async_checkpoint != "{task}_flow")) if on]
+                                   (args.async_checkpoint, args.async_checkpoint != "{task}_flow"),
+                                   (f"seeds {args.async_seed}", args.async_seed != 100000),
+                                   (f"d {args.async_delays}", args.async_delays != "0,1,2,4,6")) if on]
         # one picture per section: a variant's plot must not overwrite the plain section's
         stem = "_".join(tasks + [re.sub(r"[^A-Za-z0-9]+", "-", v).strip("-") for v in variant])
         body, _ = async_section(work / "async", log=log, checkpoints=[ckpt[t] for t in tasks],
                                 strategies=_names("--async-strategies", args.async_strategies, list(ASYNC_STRATEGIES)),
                                 predict=args.async_predict, horizon=args.async_horizon,
-                                episodes=args.episodes, plot_path=f"docs/img/async_delay_{stem}.png")
+                                episodes=args.episodes, plot_path=f"docs/img/async_delay_{stem}.png", seed=args.async_seed,
+                                delays=delays)
         write_section(args.out, "async:" + ",".join(tasks) + (":" + ",".join(variant) if variant else ""), body, command)
     if "pusht" in sections:  # with the shipped PushT checkpoints, if any
         from dpolicy.bench.standard import pusht_section
