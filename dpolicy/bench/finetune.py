@@ -73,7 +73,8 @@ def dsrl_runs(work: Path, task: str, base_root: Path, seeds, log=print) -> list[
 
 def finetune_section(work: Path, log=print, tasks=("push",), algos=("ppo", "grpo", "gspo", "awm", "filtered"), seeds=(0, 1, 2),
                      env_steps: int | None = None, eval_every: int | None = None, eval_episodes: int = 50,
-                     figure: Path | None = Path("docs/img/finetune_push.png"), dsrl: bool = True) -> tuple[str, dict]:
+                     figure: Path | None = Path("docs/img/finetune_push.png"), dsrl: bool = True,
+                     rti_tasks=("push",)) -> tuple[str, dict]:
     from dpolicy.bench.steer import BUDGETS as STEER_BUDGETS, weak_base
     from dpolicy.rl.finetune import FinetuneConfig, finetune
 
@@ -113,7 +114,8 @@ def finetune_section(work: Path, log=print, tasks=("push",), algos=("ppo", "grpo
                 same_steps, same_wall = at(h, "env_steps", ref_steps), at(h, "wall_s", ref_wall or 0.0)
                 rows.append([algo, seed, f"{h[0]['success_rate']:.2f}",
                              f"{same_steps['success_rate']:.3f}" if ref else "-",
-                             f"{same_wall['success_rate']:.3f} ({same_wall['env_steps']:,})" if ref else "-",
+                             (f"{same_wall['success_rate']:.3f} ({same_wall['env_steps']:,}"
+                              + (f"; ended at {h[-1]['wall_s']:.0f} s)" if h[-1]["wall_s"] < ref_wall else ")")) if ref else "-",
                              f"{h[-1]['success_rate']:.3f} ({h[-1]['env_steps']:,})",
                              f"{max(x['success_rate'] for x in h):.3f}", "-" if r90 is None else f"{r90:,}",
                              f"{m['wall_s_per_1000_env_steps']:.1f}", f"{m['drift_mse']:.4f}"])
@@ -126,16 +128,40 @@ def finetune_section(work: Path, log=print, tasks=("push",), algos=("ppo", "grpo
                            for a in algos if a in ALGO_SETTINGS)
                  + (f". DSRL-NA: the steer section's recipe and budget ({ref_steps:,} env steps, median {ref_wall:.0f} s); "
                     f"*at DSRL's env steps* is each run's first evaluation at or past {ref_steps:,} env steps, *at DSRL's "
-                    f"wall clock* its first at or past {ref_wall:.0f} s (env steps in brackets)" if ref else "")
+                    f"wall clock* its first at or past {ref_wall:.0f} s, or its last where the whole run took less (env "
+                    f"steps in brackets)" if ref else "")
                  + f". {reached} of {len(mine)} fine-tuning runs reached 0.90.", "",
                  table(["method", "seed", "base", "success at DSRL's env steps", "success at DSRL's wall clock",
                         "final success (env steps)", "best", "first env steps at >= 0.90", "wall s / 1,000 env steps",
                         "drift (action MSE)"], rows), ""]
+        tuned = {k: m for k, m in results.items() if k.startswith(f"{task}/") and "dsrl" not in k}
+        if task in rti_tasks and tuned:
+            key, best = max(tuned.items(), key=lambda kv: kv[1]["history"][-1]["success_rate"])
+            body += [rti_check(work, task, base_root, Path(best["checkpoint"]), key, log), ""]
     if figure is not None:
         _plot(curves, figure)
         body += [f"![fine-tuning curves]({figure})", ""]
     title = "## RL on the denoising chain: fine-tuning the weak bases' own weights, beside DSRL-NA (2-core CPU)"
     return "\n".join([title, ""] + body), results
+
+
+def rti_check(work: Path, task: str, base_root: Path, tuned: Path, key: str, log=print) -> str:
+    """RTI with two evaluations per decision (K'=2 and the two-evaluation timestep list chosen on selection seeds)
+    against chunked execution, on the base and on a fine-tuned checkpoint: does fine-tuning keep RTI's property?
+    Cached in the work directory per checkpoint."""
+    from dpolicy.bench.latency import SPACED, rti_success_section
+
+    store = work / f"{task}_rti.json"
+    cached = json.loads(store.read_text()) if store.exists() else {}
+    if cached.get("tuned") != str(tuned):
+        two = tuple(c for c in SPACED if len(c) == 2)
+        body, _ = rti_success_section([base_root, tuned], episodes=200, n_envs=10, ks=(2,), candidates=two,
+                                      select_episodes=50, latency_episodes=1, log=log)
+        cached = {"tuned": str(tuned), "body": body}
+        store.write_text(json.dumps(cached, indent=1))
+    body = cached["body"].split("\n", 1)[1].lstrip()  # the RTI section's own title dropped
+    return (f"**RTI on the fine-tuned {task} policy** (the run with the best final success, {key}, beside its base; "
+            f"200 episodes per row):\n\n{body}")
 
 
 def _plot(curves: dict, path: Path) -> None:

@@ -52,9 +52,10 @@ def schedule_name(policy, sampler: str | None = None, steps: int | None = None) 
 
 
 def checkpoint_label(checkpoint) -> str:
-    """A checkpoint's display name: its directory, or the run's for a run's ``checkpoints`` root."""
+    """A checkpoint's display name: its directory, or the run's for a run's ``checkpoints`` root (or a fine-tuning
+    run's ``finetuned``)."""
     p = Path(str(checkpoint))
-    return p.parent.name if p.name in ("checkpoints", "model", "latest") else p.name
+    return p.parent.name if p.name in ("checkpoints", "model", "latest", "finetuned") else p.name
 
 
 class DiffusersDDIMLoop:
