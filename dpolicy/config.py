@@ -629,6 +629,7 @@ class DeployConfig:
     horizon: int | None = None  # actions executed per chunk (None: max(Ta, delay))
     mask: str = "soft"  # rtc: soft | hard
     beta: float = 5.0  # rtc: the largest guidance weight
+    overlap: int | None = None  # rtc, soft mask: entries after the frozen prefix that are guided (None: the whole overlap)
     guidance: str = "vjp"  # rtc: vjp (through the network) | direct (on the predicted clean chunk) | trained (policy.prefix)
     candidates: int = 8  # bid: chunks sampled per inference
     predict: str | None = None  # a forward model dir, or demos (.hdf5) to fit one on: the batched evaluation plans
@@ -652,7 +653,8 @@ class DeployConfig:
 
     def async_config(self):
         return AsyncConfig(strategy=self.strategy, delay=self.delay, horizon=self.horizon, steps=self.steps, mask=self.mask,
-                           beta=self.beta, guidance=self.guidance, candidates=self.candidates, warm=self.timesteps)
+                           beta=self.beta, overlap=self.overlap, guidance=self.guidance, candidates=self.candidates,
+                           warm=self.timesteps)
 
 
 @dataclass
