@@ -157,3 +157,14 @@ def test_bench_reads_each_run_at_the_reference_budget_and_wall_clock():
     assert at(h, "wall_s", 9.0)["success_rate"] == 0.5 and at(h, "wall_s", 9.5)["success_rate"] == 0.7
     assert at(h, "wall_s", 100.0) is h[-1]  # a run shorter than the reference: its last evaluation
     assert settings("push", "filtered")["bc_steps"] == 200 and settings("avoid", "ppo")["episodes_per_iter"] == 16
+
+
+def test_bench_verdict_names_the_family_with_the_higher_median():
+    from dpolicy.bench.finetune import _verdict
+
+    ref = [{"history": [{"success_rate": s}]} for s in (0.2, 0.3, 0.1)]
+    rows = [["ppo", 0, "0.4", "0.500", "0.700 (1,000)"], ["ppo", 1, "0.4", "0.600", "0.900 (1,000)"],
+            ["grpo", 0, "0.4", "0.100", "0.100 (1,000)"]]
+    line = _verdict(ref, rows, ["ppo", "grpo"], 10000, 300.0)
+    assert "10,000 env steps: DSRL-NA 0.20, best fine-tuning (ppo) 0.55 -> ppo" in line
+    assert "300 s of wall clock: DSRL-NA 0.20, best fine-tuning (ppo) 0.80 -> ppo" in line

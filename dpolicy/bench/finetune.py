@@ -137,6 +137,8 @@ def finetune_section(work: Path, log=print, tasks=("push",), algos=("ppo", "grpo
                  table(["method", "seed", "base", "success at DSRL's env steps", "success at DSRL's wall clock",
                         "final success (env steps)", "best", "first env steps at >= 0.90", "wall s / 1,000 env steps",
                         "drift (action MSE)"], rows), ""]
+        if ref and algos:
+            body += [_verdict(ref, rows, algos, ref_steps, ref_wall), ""]
         tuned = {k: m for k, m in results.items() if k.startswith(f"{task}/") and "dsrl" not in k}
         if task in rti_tasks and tuned:
             key, best = max(tuned.items(), key=lambda kv: kv[1]["history"][-1]["success_rate"])
@@ -146,6 +148,20 @@ def finetune_section(work: Path, log=print, tasks=("push",), algos=("ppo", "grpo
         body += [f"![fine-tuning curves]({figure})", ""]
     title = "## RL on the denoising chain: fine-tuning the weak bases' own weights, beside DSRL-NA (2-core CPU)"
     return "\n".join([title, ""] + body), results
+
+
+def _verdict(ref: list, rows: list, algos, ref_steps: int, ref_wall: float) -> str:
+    """One sentence per comparison: the median success over seeds of DSRL-NA and of the best fine-tuning method, at
+    DSRL's env steps and at DSRL's wall clock."""
+    dsrl = float(np.median([m["history"][-1]["success_rate"] for m in ref]))
+    med = lambda algo, col: float(np.median([float(r[col].split()[0]) for r in rows if r[0] == algo]))  # noqa: E731
+    parts = []
+    for col, what in ((3, f"{ref_steps:,} env steps"), (4, f"{ref_wall:.0f} s of wall clock")):
+        best = max(algos, key=lambda a: med(a, col))
+        m = med(best, col)
+        win = "DSRL-NA" if dsrl > m else best if m > dsrl else "neither"
+        parts.append(f"at {what}: DSRL-NA {dsrl:.2f}, best fine-tuning ({best}) {m:.2f} -> {win}")
+    return "Median success over seeds, " + "; ".join(parts) + "."
 
 
 def rti_check(work: Path, task: str, base_root: Path, tuned: Path, key: str, log=print) -> str:
