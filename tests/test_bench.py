@@ -208,6 +208,14 @@ def test_async_section_reports_every_strategy_delay_and_reference(tmp_path):
     assert again.rstrip() == body.split("![")[0].rstrip()  # every cell came from the saved results
 
 
+def test_the_bench_command_repeats_the_async_sections_defaults():
+    from dpolicy.bench import asynchronous
+    from dpolicy.cli import bench
+
+    assert bench.ASYNC_STRATEGIES == asynchronous.STRATEGIES and bench.ASYNC_DELAYS == asynchronous.DELAYS
+    assert bench.ASYNC_SEED == asynchronous.SEED
+
+
 def test_rtc_settings_choice_prefers_the_smoothest_of_the_nearly_best():
     from dpolicy.bench.asynchronous import choose
 

@@ -162,9 +162,7 @@ def test_bench_reads_each_run_at_the_reference_budget_and_wall_clock():
 def test_bench_verdict_names_the_family_with_the_higher_median():
     from dpolicy.bench.finetune import _verdict
 
-    ref = [{"history": [{"success_rate": s}]} for s in (0.2, 0.3, 0.1)]
-    rows = [["ppo", 0, "0.4", "0.500", "0.700 (1,000)"], ["ppo", 1, "0.4", "0.600", "0.900 (1,000)"],
-            ["grpo", 0, "0.4", "0.100", "0.100 (1,000)"]]
-    line = _verdict(ref, rows, ["ppo", "grpo"], 10000, 300.0)
+    reads = {"ppo": [(0.5, 0.7), (0.6, 0.9)], "grpo": [(0.1, 0.1)]}
+    line = _verdict(0.2, reads, 10000, 300.0)
     assert "10,000 env steps: DSRL-NA 0.20, best fine-tuning (ppo) 0.55 -> ppo" in line
     assert "300 s of wall clock: DSRL-NA 0.20, best fine-tuning (ppo) 0.80 -> ppo" in line

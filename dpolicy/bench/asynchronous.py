@@ -23,6 +23,8 @@ from dpolicy.bench.report import table
 DELAYS = (0, 1, 2, 4, 6)
 STRATEGIES = ("naive", "ensemble", "bid", "rtc")
 RTC_CHOICES = ({"mask": "soft", "beta": 5.0}, {"mask": "soft", "beta": 1.0}, {"mask": "hard", "beta": 5.0})
+TRAINED = {"mask": "hard", "guidance": "trained"}  # for checkpoints trained with policy.prefix >= every delay
+SEED, EPISODES = 100000, 200  # the evaluation cells' first seed and episode count by default
 SELECT_TOLERANCE = 0.05  # settings within this much of the best selection success count as tied; the smoothest wins
 
 
@@ -39,7 +41,6 @@ def choose(candidates: list[tuple[float, float, str, dict]], tolerance: float = 
     selection's noise should not buy a rougher one), ties by success."""
     best = max(c[0] for c in candidates)
     return min((c for c in candidates if c[0] >= best - tolerance - 1e-9), key=lambda c: (c[1], -c[0]))
-TRAINED = {"mask": "hard", "guidance": "trained"}  # for checkpoints trained with policy.prefix >= every delay
 
 
 def _tag(choice: dict) -> str:
@@ -89,8 +90,8 @@ def horizon_for(rule: str, Ta: int, d: int) -> int | None:
     return None if rule == "Ta" else max(Ta // 2, d, 1)
 
 
-def async_section(work: Path, log=print, checkpoints=None, episodes: int = 200, select_episodes: int = 100,
-                  delays=DELAYS, seed: int = 100000, select_seed: int = 0, plot_path="docs/img/async_delay.png",
+def async_section(work: Path, log=print, checkpoints=None, episodes: int = EPISODES, select_episodes: int = 100,
+                  delays=DELAYS, seed: int = SEED, select_seed: int = 0, plot_path="docs/img/async_delay.png",
                   strategies=STRATEGIES, predict: bool = False, horizon: str = "Ta", forward_demos: int = 100):
     import torch
 
@@ -138,7 +139,7 @@ def async_section(work: Path, log=print, checkpoints=None, episodes: int = 200, 
         trained = getattr(getattr(pol, "cfg", None), "prefix", 0) >= max(fits)
         hkey = "" if horizon == "Ta" else f"|h{horizon}"
         # evaluation cells on other seeds or episode counts than the defaults are cells of their own
-        skey = (f"|s{seed}" if seed != 100000 else "") + (f"|n{episodes}" if episodes != 200 else "")
+        skey = (f"|s{seed}" if seed != SEED else "") + (f"|n{episodes}" if episodes != EPISODES else "")
         predictor = forward_model_for(pol, name, work, log, demos=forward_demos)[0] if predict else None
 
         def select(pred: bool):

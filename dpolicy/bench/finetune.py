@@ -92,6 +92,8 @@ def finetune_section(work: Path, log=print, tasks=("push",), algos=("ppo", "grpo
         ref_steps = STEER_BUDGETS[task]
         ref_wall = float(np.median([m["wall_s"] for m in ref])) if ref else None
         rows, curves[task] = [], {}
+        reads: dict = {}  # algo -> [(success at DSRL's env steps, at its wall clock)] per seed
+        reached, tuned = 0, {}
         for m, seed in zip(ref, ref_seeds):
             h = m["history"]
             r90 = _reach(h, 0.9)
@@ -111,11 +113,13 @@ def finetune_section(work: Path, log=print, tasks=("push",), algos=("ppo", "grpo
                     cfg = FinetuneConfig(base=str(base_root), algo=algo, env_steps=budget, eval_every=every,
                                          eval_episodes=eval_episodes, seed=seed, progress=False, **settings(task, algo))
                     m = finetune(cfg, run, log=lambda s: log(f"[finetune {task} {algo} s{seed}] {s}"))
-                results[f"{task}/{algo}/s{seed}"] = m
+                results[f"{task}/{algo}/s{seed}"] = tuned[f"{task}/{algo}/s{seed}"] = m
                 h = m["history"]
                 curves[task].setdefault(algo, []).append(h)
                 r90 = _reach(h, 0.9)
+                reached += r90 is not None
                 same_steps, same_wall = at(h, "env_steps", ref_steps), at(h, "wall_s", ref_wall or 0.0)
+                reads.setdefault(algo, []).append((same_steps["success_rate"], same_wall["success_rate"]))
                 rows.append([algo, seed, f"{h[0]['success_rate']:.2f}",
                              f"{same_steps['success_rate']:.3f}" if ref else "-",
                              (f"{same_wall['success_rate']:.3f} ({same_wall['env_steps']:,}"
@@ -123,8 +127,6 @@ def finetune_section(work: Path, log=print, tasks=("push",), algos=("ppo", "grpo
                              f"{h[-1]['success_rate']:.3f} ({h[-1]['env_steps']:,})",
                              f"{max(x['success_rate'] for x in h):.3f}", "-" if r90 is None else f"{r90:,}",
                              f"{m['wall_s_per_1000_env_steps']:.1f}", f"{m['drift_mse']:.4f}"])
-        mine = [r for r in rows if r[0] != "DSRL-NA"]
-        reached = sum(r[7] != "-" for r in mine)
         body += [f"**{task}** weak base (BC success {base_m['success_rate']:.2f}; the same base as the steer section's "
                  f"DSRL runs); fine-tuning budget {budget:,} env steps, {eval_episodes} evaluation episodes every {every:,}; "
                  f"recipe {', '.join(f'{k}={v}' for k, v in RECIPES[task].items())}"
@@ -134,13 +136,13 @@ def finetune_section(work: Path, log=print, tasks=("push",), algos=("ppo", "grpo
                     f"*at DSRL's env steps* is each run's first evaluation at or past {ref_steps:,} env steps, *at DSRL's "
                     f"wall clock* its first at or past {ref_wall:.0f} s, or its last where the whole run took less (env "
                     f"steps in brackets)" if ref else "")
-                 + f". {reached} of {len(mine)} fine-tuning runs reached 0.90.", "",
+                 + f". {reached} of {len(tuned)} fine-tuning runs reached 0.90.", "",
                  table(["method", "seed", "base", "success at DSRL's env steps", "success at DSRL's wall clock",
                         "final success (env steps)", "best", "first env steps at >= 0.90", "wall s / 1,000 env steps",
                         "drift (action MSE)"], rows), ""]
-        if ref and algos:
-            body += [_verdict(ref, rows, algos, ref_steps, ref_wall), ""]
-        tuned = {k: m for k, m in results.items() if k.startswith(f"{task}/") and "dsrl" not in k}
+        if ref and reads:
+            dsrl_median = float(np.median([m["history"][-1]["success_rate"] for m in ref]))
+            body += [_verdict(dsrl_median, reads, ref_steps, ref_wall), ""]
         if task in rti_tasks and tuned:
             key, best = max(tuned.items(), key=lambda kv: kv[1]["history"][-1]["success_rate"])
             body += [rti_check(work, task, base_root, Path(best["checkpoint"]), key, log), ""]
@@ -151,15 +153,14 @@ def finetune_section(work: Path, log=print, tasks=("push",), algos=("ppo", "grpo
     return "\n".join([title, ""] + body), results
 
 
-def _verdict(ref: list, rows: list, algos, ref_steps: int, ref_wall: float) -> str:
-    """One sentence per comparison: the median success over seeds of DSRL-NA and of the best fine-tuning method, at
-    DSRL's env steps and at DSRL's wall clock."""
-    dsrl = float(np.median([m["history"][-1]["success_rate"] for m in ref]))
-    med = lambda algo, col: float(np.median([float(r[col].split()[0]) for r in rows if r[0] == algo]))  # noqa: E731
+def _verdict(dsrl: float, reads: dict, ref_steps: int, ref_wall: float) -> str:
+    """One sentence per comparison: DSRL-NA's median success over seeds (``dsrl``) and the best fine-tuning method's
+    (``reads``: algo -> [(success at DSRL's env steps, success at its wall clock)] per seed), at each of the two."""
     parts = []
-    for col, what in ((3, f"{ref_steps:,} env steps"), (4, f"{ref_wall:.0f} s of wall clock")):
-        best = max(algos, key=lambda a: med(a, col))
-        m = med(best, col)
+    for col, what in ((0, f"{ref_steps:,} env steps"), (1, f"{ref_wall:.0f} s of wall clock")):
+        med = {algo: float(np.median([r[col] for r in rs])) for algo, rs in reads.items()}
+        best = max(med, key=med.get)
+        m = med[best]
         win = "DSRL-NA" if dsrl > m else best if m > dsrl else "neither"
         parts.append(f"at {what}: DSRL-NA {dsrl:.2f}, best fine-tuning ({best}) {m:.2f} -> {win}")
     return "Median success over seeds, " + "; ".join(parts) + "."

@@ -39,6 +39,7 @@ from pathlib import Path
 
 
 ASYNC_STRATEGIES = ("naive", "ensemble", "bid", "rtc")
+ASYNC_DELAYS, ASYNC_SEED = (0, 1, 2, 4, 6), 100000  # the async section's defaults (dpolicy.bench.asynchronous)
 SECTIONS = ("envs", "throughput", "image-throughput", "bc", "image", "image-rti", "steer", "headroom", "rti", "latency", "gpu-latency", "compose",
             "drive", "robosuite", "pusht", "peers", "reliability", "rollouts", "async", "finetune")
 
@@ -137,9 +138,9 @@ def main(argv=None) -> int:
     ap.add_argument("--async-strategies", default=",".join(ASYNC_STRATEGIES), help="async section: strategies to run")
     ap.add_argument("--async-predict", action="store_true",
                     help="async section: also naive and rtc planning from forward-predicted observations")
-    ap.add_argument("--async-seed", type=int, default=100000,
+    ap.add_argument("--async-seed", type=int, default=ASYNC_SEED,
                     help="async section: first evaluation seed (another value checks the figures on other episodes)")
-    ap.add_argument("--async-delays", default="0,1,2,4,6", help="async section: delays d in control steps")
+    ap.add_argument("--async-delays", default=",".join(map(str, ASYNC_DELAYS)), help="async section: delays d in control steps")
     ap.add_argument("--async-horizon", choices=["Ta", "half"], default="Ta",
                     help="async section: a new inference every max(Ta, d) (Ta) or max(Ta / 2, d) (half) steps")
     ap.add_argument("--finetune-tasks", default="push", help="weak bases for the finetune section: avoid, push, lift")
@@ -259,8 +260,8 @@ def main(argv=None) -> int:
         delays = _delays(args.async_delays)
         variant = [v for v, on in (("predict", args.async_predict), (f"horizon {args.async_horizon}", args.async_horizon != "Ta"),
                                    (args.async_checkpoint, args.async_checkpoint != "{task}_flow"),
-                                   (f"seeds {args.async_seed}", args.async_seed != 100000),
-                                   (f"d {args.async_delays}", args.async_delays != "0,1,2,4,6")) if on]
+                                   (f"seeds {args.async_seed}", args.async_seed != ASYNC_SEED),
+                                   (f"d {','.join(map(str, delays))}", delays != ASYNC_DELAYS)) if on]
         # one picture per section: a variant's plot must not overwrite the plain section's
         stem = "_".join(tasks + [re.sub(r"[^A-Za-z0-9]+", "-", v).strip("-") for v in variant])
         body, _ = async_section(work / "async", log=log, checkpoints=[ckpt[t] for t in tasks],

@@ -21,8 +21,9 @@ How the new chunk is made consistent with the one being executed is the *strateg
   first ``d`` entries (executed from the current chunk while the inference runs) are frozen, the overlap
   ``[d, H - s)`` is pulled towards the current chunk with exponentially decaying weights (``mask=soft``) or
   left free (``mask=hard``), the rest is free; ``overlap`` shortens the guided window to the overlap's first
-  entries, so a chunk replanned often is not held to a plan several replans old. At each step the predicted clean chunk's weighted error to
-  the target is back-propagated through the network (a vector-Jacobian product) and added to the step with
+  entries, so a chunk replanned often is not held to a plan several replans old. At each step the predicted
+  clean chunk's weighted error to the target is back-propagated through the network (a vector-Jacobian
+  product) and added to the step with
   RTC's clipped weight ``min(beta, (1 - tau) / (tau r^2))`` (tau: the paper's time, 0 = noise); the hard
   mask also replaces the frozen entries by the noised target at every step (inpainting), so the delivered
   chunk's frozen prefix is the committed actions exactly.
