@@ -103,6 +103,32 @@ def test_reference_image_sample_is_a_float_crop_of_the_window_inside_the_frame()
     assert host.compressed_bytes_per_frame < data.image_bytes_per_frame
 
 
+@pytest.mark.parametrize("backend", ["imagecodecs", "Pillow"])
+def test_jpeg2k_reference_store_decodes_close_to_the_frame_and_crops_like_zlib(backend):
+    if backend == "imagecodecs":
+        pytest.importorskip("imagecodecs")
+    data = WindowDataset(synthetic_image_demos(2, 12, size=20), ["robot0_eef_pos", "agentview_image"], 2, 4)
+    host = ImageHostWindows(data, crop=0, codec="jpeg2k")
+    host.codec.backend = backend
+    host.frames = {k: [host.codec.encode(np.ascontiguousarray(f)) for f in data.obs[k].cpu().numpy()] for k in host.shapes}
+    assert host.compressed_bytes_per_frame < data.image_bytes_per_frame
+    obs, _ = data.gather(torch.arange(len(host)))
+    for i in (0, 5, len(host) - 1):
+        got = host[i]["obs"]["agentview_image"] * 255.0
+        want = obs["agentview_image"][i].float()
+        assert got.shape == want.shape
+        psnr = 10 * torch.log10(255.0 ** 2 / ((got - want) ** 2).mean().clamp_min(1e-9))
+        assert psnr > 40, f"{backend} decodes frame {i} at {psnr:.1f} dB"  # lossy at a 50 dB target, not garbage
+    cropped = ImageHostWindows(data, crop=12, codec="jpeg2k")
+    assert cropped[3]["obs"]["agentview_image"].shape == (2, 12, 12, 3)
+
+
+def test_unknown_reference_frame_store_is_named():
+    data = WindowDataset(synthetic_image_demos(1, 6, size=8), ["agentview_image"], 2, 4)
+    with pytest.raises(ValueError, match="unknown frame codec 'png'"):
+        ImageHostWindows(data, crop=0, codec="png")
+
+
 def test_reference_and_ours_feed_the_same_inputs_to_the_same_network():
     data = WindowDataset(synthetic_image_demos(2, 12, size=16), ["robot0_eef_pos", "agentview_image", "robot0_eye_in_hand_image"], 2, 4)
     ours = small_image_policy(data, crop=0)
@@ -150,13 +176,16 @@ def test_compare_images_times_both_loops_and_the_loader_wait():
 
 def test_image_throughput_section_reports_both_loops_and_the_memory():
     body = suite.image_throughput_section(batch_sizes=(4,), steps=1, repeats=1, n_demos=2, length=10, log=lambda *_: None)
-    row = next(line for line in body.splitlines() if line.startswith("| 4 |"))
-    assert row.count("|") == 9 and "x |" in row and "agentview_image" in body
-    assert ("sets the pace" in body) != ("is input-bound" in body)
+    for codec in ("zlib", "jpeg2k"):  # one row per reference frame store
+        row = next(line for line in body.splitlines() if line.startswith(f"| {codec} | 4 |"))
+        assert row.count("|") == 10 and "x |" in row
+    assert "agentview_image" in body and "Jpeg2k(level=50)" in body
+    assert "in the `zlib` store" in body and "in the `jpeg2k` store" in body
     assert "uint8" in body and "float32 they would take" in body
-    if report.usable_cores() > 1:  # the whole machine as each loop can use it: a second table, one row per batch
-        cores = [line for line in body.split("using the whole machine")[1].splitlines() if line.startswith("| 4 |")]
-        assert len(cores) == 1 and cores[0].count("|") == 7
+    if report.usable_cores() > 1:  # the whole machine as each loop can use it: a second table, one row per store and batch
+        cores = [line for line in body.split("using the whole machine")[1].splitlines() if line.startswith("| ")
+                 and "| 4 |" in line]
+        assert len(cores) == 2 and all(c.count("|") == 8 for c in cores)
 
 
 def test_bench_rejects_unknown_section(tmp_path):

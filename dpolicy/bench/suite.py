@@ -188,14 +188,14 @@ def throughput_section(task: str = "avoid", batch_size: int = 256, steps: int = 
 
 
 def image_throughput_section(batch_sizes=(64, 256), steps: int = 15, repeats: int = 3, n_demos: int = 50, length: int = 100,
-                             log=print, all_cores: bool = True) -> str:
-    """``throughput_section`` for a policy that reads two 84x84 cameras, on synthetic lift_image-shaped demos."""
+                             log=print, all_cores: bool = True, codecs=("zlib", "jpeg2k")) -> str:
+    """``throughput_section`` for a policy that reads two 84x84 cameras, on synthetic lift_image-shaped demos, against
+    the reference with each frame store of ``codecs``."""
     import torch
 
     from dpolicy.bench.throughput import (CAMERAS, PROPRIO, ImageHostWindows, compare_images, host_batch_rate, image_memory,
                                           synthetic_image_demos)
     from dpolicy.config import PolicyConfig
-    from dpolicy.data.robomimic import GZIP_LEVEL
     from dpolicy.data.windows import WindowDataset
     from dpolicy.train.bc import build_policy
     from dpolicy.utils import resolve_device
@@ -209,76 +209,80 @@ def image_throughput_section(batch_sizes=(64, 256), steps: int = 15, repeats: in
         return build_policy(cfg, data)
 
     policy = make()
-    windows = ImageHostWindows(data, cfg.vision.crop)
     mem = image_memory(data)
     n_steps = steps if device.type == "cpu" else 10 * steps
-    rows, waits = [], []
-    for batch_size in batch_sizes:
-        r = compare_images(make, data, batch_size, n_steps, repeats, compile=device.type == "cuda", windows=windows)
-        ceiling = host_batch_rate(windows, batch_size)
-        log(f"[image-throughput] batch {batch_size}: ours {r['ours_samples_per_s']:.0f}/s, reference "
-            f"{r['reference_samples_per_s']:.0f}/s, ratio {r['ratio']:.2f}, reference waits {r['reference_wait_share']:.0%}, "
-            f"its loader alone {ceiling:.0f}/s")
-        waits.append(r["reference_wait_share"])
-        rows.append([batch_size, n_steps, f"{r['reference_samples_per_s']:,.0f}", f"{r['ours_samples_per_s']:,.0f}",
-                     f"{r['ratio']:.2f}x", f"{r['reference_wait_share']:.0%}", f"{1 - r['reference_wait_share']:.0%}",
-                     f"{ceiling:,.0f}"])
-    # the same machine used as each loop can use it: ours has no loader process, so its step may take every core;
-    # the reference's step shares the machine with its loader worker (timed with one thread and with every core)
     cores = usable_cores()
-    core_rows = []
-    if device.type == "cpu" and cores > 1 and all_cores:
+    rows, core_rows, waits, stores = [], [], [], {}
+    for codec in codecs:
+        t0 = time.perf_counter()
+        windows = ImageHostWindows(data, cfg.vision.crop, codec=codec)
+        stores[codec] = windows
+        log(f"[image-throughput] {codec}: {windows.compressed_bytes_per_frame:,.0f} bytes per step compressed, "
+            f"encoded in {time.perf_counter() - t0:.0f} s")
         for batch_size in batch_sizes:
-            r = compare_images(make, data, batch_size, n_steps, repeats, windows=windows, threads=cores,
-                               reference_threads=(1, cores))
-            by = r["reference_by_threads"]
-            log(f"[image-throughput] every core, batch {batch_size}: ours {r['ours_samples_per_s']:.0f}/s, reference "
-                f"{by[1]:.0f}/s (1 thread) / {by[cores]:.0f}/s ({cores} threads), ratio {r['ratio']:.2f}")
-            core_rows.append([batch_size, f"{r['ours_samples_per_s']:,.0f}", f"{by[1]:,.0f}", f"{by[cores]:,.0f}",
-                              f"{r['ratio']:.2f}x", f"{r['reference_wait_share']:.0%}"])
+            r = compare_images(make, data, batch_size, n_steps, repeats, compile=device.type == "cuda", windows=windows)
+            ceiling = host_batch_rate(windows, batch_size)
+            log(f"[image-throughput] {codec}, batch {batch_size}: ours {r['ours_samples_per_s']:.0f}/s, reference "
+                f"{r['reference_samples_per_s']:.0f}/s, ratio {r['ratio']:.2f}, reference waits {r['reference_wait_share']:.0%}, "
+                f"its loader alone {ceiling:.0f}/s")
+            waits.append(r["reference_wait_share"])
+            rows.append([codec, batch_size, n_steps, f"{r['reference_samples_per_s']:,.0f}", f"{r['ours_samples_per_s']:,.0f}",
+                         f"{r['ratio']:.2f}x", f"{r['reference_wait_share']:.0%}", f"{1 - r['reference_wait_share']:.0%}",
+                         f"{ceiling:,.0f}"])
+        # the same machine used as each loop can use it: ours has no loader process, so its step may take every core;
+        # the reference's step shares the machine with its loader worker (timed with one thread and with every core)
+        if device.type == "cpu" and cores > 1 and all_cores:
+            for batch_size in batch_sizes:
+                r = compare_images(make, data, batch_size, n_steps, repeats, windows=windows, threads=cores,
+                                   reference_threads=(1, cores))
+                by = r["reference_by_threads"]
+                log(f"[image-throughput] {codec}, every core, batch {batch_size}: ours {r['ours_samples_per_s']:.0f}/s, "
+                    f"reference {by[1]:.0f}/s (1 thread) / {by[cores]:.0f}/s ({cores} threads), ratio {r['ratio']:.2f}")
+                core_rows.append([codec, batch_size, f"{r['ours_samples_per_s']:,.0f}", f"{by[1]:,.0f}", f"{by[cores]:,.0f}",
+                                  f"{r['ratio']:.2f}x", f"{r['reference_wait_share']:.0%}"])
     h, w, c = data.image_shapes[CAMERAS[0]]
     crop = cfg.vision.crop
     body = f"## Training throughput with cameras: our loop vs a Chi et al.-style DataLoader loop ({device.type})\n\n"
     body += (f"{n_demos} synthetic demos x {length} steps shaped like lift_image: cameras {', '.join(f'`{k}`' for k in CAMERAS)} "
              f"({h}x{w}x{c} uint8) and a {sum(PROPRIO.values())}-D proprio vector; To={cfg.To}, Tp={cfg.Tp}. Frames are a "
-             f"colour ramp with a moving block and a sparse dither, so they compress "
-             f"({mem['bytes_per_frame'] / windows.compressed_bytes_per_frame:.1f}x) where uniform noise would be stored "
-             f"raw and decode at copy speed. Policy: {policy.encoder.describe()}, {cfg.net.type} denoiser, "
+             f"colour ramp with a moving block and a sparse dither, so they compress where uniform noise would be "
+             f"stored raw and decode at copy speed. Policy: {policy.encoder.describe()}, {cfg.net.type} denoiser, "
              f"{sum(p.numel() for p in policy.parameters()):,} parameters in all; the same network, batch size, "
              f"optimizer and EMA in both loops.\n\n"
-             f"Reference (Diffusion Policy / robomimic style): every frame is held as its own zlib stream at level "
-             f"{GZIP_LEVEL} (the codec and level of `write_dataset`'s one-frame gzip chunks, read from memory, so no "
-             f"file or HDF5 cost); a `Dataset.__getitem__` decodes the window's frames, converts them to float32 in "
-             f"[0, 1] and crops each {h} -> {crop} at a random place in numpy; a `DataLoader` (shuffle, "
+             f"Reference (Diffusion Policy / robomimic style): every frame is held compressed on its own, read from "
+             f"memory (no file or HDF5 cost); a `Dataset.__getitem__` decodes the window's frames, converts them to "
+             f"float32 in [0, 1] and crops each {h} -> {crop} at a random place in numpy; a `DataLoader` (shuffle, "
              f"num_workers=1, persistent worker) collates and each batch is copied to the device; the policy reads "
-             f"the {crop}x{crop} frames (scaled back to 0..255) with `vision.crop=0`. Ours: the `Trainer` step on a "
-             f"`WindowDataset` with the uint8 frames resident on the device, cropped {h} -> {crop} inside the "
-             f"encoder. Medians of {repeats} alternating repeats in one process; the loader wait is the time the "
-             f"training loop spends blocked on the next batch, the rest is copy and training step. The last column "
-             f"is the rate at which one process builds and collates the reference's batches with no training: the "
-             f"most its one-worker loop can reach.\n\n")
-    body += table(["batch", "timed steps", "reference samples/s", "ours samples/s", "ratio", "reference: waiting for loader",
-                   "reference: copy + step", "reference loader alone (samples/s)"], rows)
+             f"the {crop}x{crop} frames (scaled back to 0..255) with `vision.crop=0`. Frame stores: "
+             + "; ".join(f"`{k}`: {v.codec.description}" for k, v in stores.items())
+             + f". Ours: the `Trainer` step on a `WindowDataset` with the uint8 frames resident on the device, "
+             f"cropped {h} -> {crop} inside the encoder. Medians of {repeats} alternating repeats in one process; the "
+             f"loader wait is the time the training loop spends blocked on the next batch, the rest is copy and "
+             f"training step. The last column is the rate at which one process builds and collates the reference's "
+             f"batches with no training: the most its one-worker loop can reach.\n\n")
+    body += table(["reference frame store", "batch", "timed steps", "reference samples/s", "ours samples/s", "ratio",
+                   "reference: waiting for loader", "reference: copy + step", "reference loader alone (samples/s)"], rows)
     lo, hi = min(waits), max(waits)
     span = f"{lo:.0%}" if f"{lo:.0%}" == f"{hi:.0%}" else f"{lo:.0%}-{hi:.0%}"
     if hi < 0.25:
-        body += (f"\n\nOn this {device.type} the training step, not the loader, sets the pace: the reference waits for its "
-                 f"loader {span} of the time, its worker building batches on another core while the step runs. A "
-                 f"step faster than the loader-alone rate would leave the reference input-bound at that rate; ours "
-                 f"has no per-sample host stage.")
+        body += (f"\n\nOn this {device.type} the training step, not the loader, sets the pace with every frame store: the "
+                 f"reference waits for its loader {span} of the time, its worker building batches on another core while "
+                 f"the step runs. A step faster than the loader-alone rate would leave the reference input-bound at "
+                 f"that rate; ours has no per-sample host stage.")
     else:
-        body += (f"\n\nThe reference is input-bound on this {device.type}: it waits for its loader {span} of the time, "
-                 f"so it trains at most at the loader-alone rate; ours has no per-sample host stage.")
+        body += (f"\n\nThe reference waits for its loader {span} of the time on this {device.type} (by frame store and "
+                 f"batch, in the table): where that share is large it is input-bound and trains at most at the "
+                 f"loader-alone rate; ours has no per-sample host stage.")
     if core_rows:
         body += (f"\n\nThe same loops using the whole machine ({cores} cores) as each can: ours with {cores} torch threads "
                  f"(it has no loader process); the reference's training process with 1 and with {cores} threads beside "
                  f"its loader worker, the faster counted. Medians of {repeats} alternating repeats.\n\n")
-        body += table(["batch", f"ours samples/s ({cores} threads)", "reference samples/s (1 thread + worker)",
-                       f"reference samples/s ({cores} threads + worker)", "ratio (vs the faster reference)",
-                       "reference: waiting for loader"], core_rows)
+        body += table(["reference frame store", "batch", f"ours samples/s ({cores} threads)",
+                       "reference samples/s (1 thread + worker)", f"reference samples/s ({cores} threads + worker)",
+                       "ratio (vs the faster reference)", "reference: waiting for loader"], core_rows)
     body += (f"\n\nImage bytes per step (both cameras): {mem['bytes_per_frame']:,} as uint8, "
-             f"{windows.compressed_bytes_per_frame:,.0f} compressed (the reference's store), "
-             f"{4 * mem['bytes_per_frame']:,} as float32. Resident image windows of ours on the {device.type}: "
+             + ", ".join(f"{v.compressed_bytes_per_frame:,.0f} in the `{k}` store" for k, v in stores.items())
+             + f", {4 * mem['bytes_per_frame']:,} as float32. Resident image windows of ours on the {device.type}: "
              f"{mem['resident_uint8'] / 2**20:,.0f} MiB uint8 for {len(data):,} steps; as float32 they would take "
              f"{mem['as_float32'] / 2**20:,.0f} MiB.")
     return body

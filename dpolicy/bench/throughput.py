@@ -9,13 +9,17 @@ network, batch size, optimizer and EMA; the timings alternate in one process and
 For policies that read cameras the reference is the image pipeline of Diffusion Policy and robomimic:
 every frame is stored compressed and decoded, converted to float32 and randomly cropped per sample
 on the host (``ImageHostWindows``), and the policy reads the pre-cropped frames (``vision.crop=0``).
-Ours keeps the uint8 frames on the device and crops them inside the encoder's forward.
+Frames are stored either as zlib streams (robomimic's HDF5 files, gzip-chunked one frame per chunk) or
+as JPEG 2000 codestreams at a 50 dB quality target (Diffusion Policy's replay buffer for robomimic
+image datasets, ``Jpeg2k(level=50)`` one frame per chunk). Ours keeps the uint8 frames on the device
+and crops them inside the encoder's forward.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import io
 import statistics
 import time
 import zlib
@@ -58,22 +62,87 @@ class HostWindows(torch.utils.data.Dataset):
         return {"obs": {k: torch.from_numpy(v[oi]) for k, v in self.obs.items()}, "action": torch.from_numpy(self.actions[ai])}
 
 
+# Diffusion Policy stores robomimic camera frames with ``Jpeg2k(level=50)``: OpenJPEG at a fixed quality of 50 dB PSNR
+JPEG2K_PSNR = 50
+CODECS = ("zlib", "jpeg2k")
+
+
+class ZlibFrames:
+    """Frames as zlib streams at ``level`` (the codec and level of ``write_dataset``'s one-frame gzip chunks)."""
+
+    def __init__(self, level: int = GZIP_LEVEL):
+        self.level = int(level)
+        self.description = f"its own zlib stream at level {self.level} (the codec and level of `write_dataset`'s one-frame gzip chunks)"
+
+    def encode(self, frame: np.ndarray) -> bytes:
+        return zlib.compress(frame.tobytes(), self.level)
+
+    def decode(self, blob: bytes, shape) -> np.ndarray:
+        return np.frombuffer(zlib.decompress(blob), np.uint8).reshape(shape)
+
+
+class Jpeg2kFrames:
+    """Frames as JPEG 2000 codestreams at a fixed quality of ``psnr`` dB, as Diffusion Policy stores robomimic images;
+    decoded with imagecodecs (the library Diffusion Policy uses) when it is installed, else with Pillow's OpenJPEG."""
+
+    def __init__(self, psnr: float = JPEG2K_PSNR):
+        self.psnr = float(psnr)
+        try:
+            import imagecodecs  # noqa: F401
+            self.backend = "imagecodecs"
+        except ImportError:
+            self.backend = "Pillow"
+        self.description = (f"its own JPEG 2000 codestream at a {self.psnr:g} dB quality target (Diffusion Policy's "
+                            f"`Jpeg2k(level={self.psnr:g})` for robomimic image datasets; OpenJPEG through {self.backend})")
+
+    def encode(self, frame: np.ndarray) -> bytes:
+        if self.backend == "imagecodecs":
+            import imagecodecs
+
+            return bytes(imagecodecs.jpeg2k_encode(frame, level=self.psnr))
+        from PIL import Image
+
+        out = io.BytesIO()
+        Image.fromarray(frame.squeeze(-1) if frame.shape[-1] == 1 else frame).save(
+            out, format="JPEG2000", quality_mode="dB", quality_layers=[self.psnr], no_jp2=True)
+        return out.getvalue()
+
+    def decode(self, blob: bytes, shape) -> np.ndarray:
+        if self.backend == "imagecodecs":
+            import imagecodecs
+
+            return np.asarray(imagecodecs.jpeg2k_decode(blob)).reshape(shape)
+        from PIL import Image
+
+        return np.asarray(Image.open(io.BytesIO(blob))).reshape(shape)
+
+
+def frame_codec(name: str):
+    """The reference's frame store by name (``CODECS``)."""
+    if name == "zlib":
+        return ZlibFrames()
+    if name == "jpeg2k":
+        return Jpeg2kFrames()
+    raise ValueError(f"unknown frame codec {name!r}; choose one of {', '.join(CODECS)}.")
+
+
 class ImageHostWindows(HostWindows):
     """Image windows built per sample on the host, as Diffusion Policy's and robomimic's datasets build them.
 
-    Every camera frame is held as its own zlib stream (deflate at level 4: the codec and level of the
-    one-frame gzip chunks ``write_dataset`` writes, read from memory, so no file-system or HDF5 cost is
-    added to the reference). ``__getitem__`` decodes the window's frames, converts them to float32 in
-    [0, 1] and crops each to ``crop`` x ``crop`` at a random place (``crop=0``: whole frames), giving
-    ``(To, crop, crop, C)`` per camera: the layout the image encoder reads, so no transpose is needed.
+    Every camera frame is held compressed on its own (``codec``: zlib streams as in robomimic's HDF5 files, or
+    JPEG 2000 as in Diffusion Policy's replay buffer), read from memory, so no file-system or HDF5 cost is added
+    to the reference. ``__getitem__`` decodes the window's frames, converts them to float32 in [0, 1] and crops
+    each to ``crop`` x ``crop`` at a random place (``crop=0``: whole frames), giving ``(To, crop, crop, C)`` per
+    camera: the layout the image encoder reads, so no transpose is needed.
     """
 
-    def __init__(self, data: WindowDataset, crop: int, level: int = GZIP_LEVEL):
+    def __init__(self, data: WindowDataset, crop: int, codec: str = "zlib"):
         super().__init__(data)
         self.shapes = dict(data.image_shapes)
         for k in self.shapes:
             del self.obs[k]
-        self.frames = {k: [zlib.compress(f.tobytes(), level) for f in data.obs[k].cpu().numpy()] for k in self.shapes}
+        self.codec = frame_codec(codec)
+        self.frames = {k: [self.codec.encode(np.ascontiguousarray(f)) for f in data.obs[k].cpu().numpy()] for k in self.shapes}
         self.crop = int(crop)
         self._seed, self._rng = None, None
 
@@ -95,8 +164,7 @@ class ImageHostWindows(HostWindows):
         obs = {k: torch.from_numpy(v[oi]) for k, v in self.obs.items()}
         rng = self.generator()
         for k, (h, w, c) in self.shapes.items():
-            frames = [np.frombuffer(zlib.decompress(self.frames[k][j]), np.uint8).reshape(h, w, c).astype(np.float32) / 255.0
-                      for j in oi]
+            frames = [self.codec.decode(self.frames[k][j], (h, w, c)).astype(np.float32) / 255.0 for j in oi]
             if self.crop:
                 s = self.crop
                 tops, lefts = rng.integers(0, h - s + 1, len(frames)), rng.integers(0, w - s + 1, len(frames))
