@@ -225,15 +225,19 @@ def test_async_section_reports_every_strategy_delay_and_reference(tmp_path):
 
     ck = Path(__file__).resolve().parents[1] / "checkpoints" / "avoid_flow"
     body, cells = async_section(tmp_path, log=lambda m: None, checkpoints=[ck], episodes=2, select_episodes=2,
-                                delays=(0, 4), plot_path=str(tmp_path / "delay.png"))
-    assert "| d = 0 | d = 4 |" in body and "synchronous chunked" in body and "synchronous RTI" in body
+                                delays=(0, 4), plot_path=str(tmp_path / "delay.png"), rti_select_episodes=2)
+    assert "| d = 0 | d = 4 |" in body and "synchronous chunked" in body and "synchronous RTI (K'=2)" in body
+    # RTI's two-evaluation list, chosen among the RTI section's candidates, has its own reference row
+    picked = cells["avoid_flow|rti-select|n2"]
+    assert len(picked["scores"]) == 5 and picked["success_rate"] == max(picked["scores"].values())
+    assert f"| synchronous RTI {picked['timesteps']} (selected) |" in body
     for strat in ("naive", "ensemble", "bid", "rtc ("):
         assert f"| {strat}" in body
     assert (tmp_path / "delay.png").stat().st_size > 0
     assert len([k for k in cells if "|select|" in k]) == 5  # three whole-overlap settings, two short windows
     assert "soft, beta 10, overlap 4" in body  # avoid_flow's Ta = 8: the window of Ta / 2
     again, _ = async_section(tmp_path, log=lambda m: (_ for _ in ()).throw(AssertionError(m)), checkpoints=[ck],
-                             episodes=2, select_episodes=2, delays=(0, 4), plot_path=None)
+                             episodes=2, select_episodes=2, delays=(0, 4), plot_path=None, rti_select_episodes=2)
     assert again.rstrip() == body.split("![")[0].rstrip()  # every cell came from the saved results
 
 
@@ -260,7 +264,7 @@ def test_async_section_adds_rows_planned_from_predicted_observations(tmp_path):
     ck = Path(__file__).resolve().parents[1] / "checkpoints" / "push_flow"
     body, cells = async_section(tmp_path, log=lambda m: None, checkpoints=[ck], episodes=2, select_episodes=2,
                                 delays=(0, 2), strategies=("naive", "rtc"), predict=True, horizon="half",
-                                forward_demos=3, plot_path=None)
+                                forward_demos=3, plot_path=None, rti_select_episodes=2)
     for row in ("| naive |", "| rtc (", "| naive + predicted obs |", "| rtc + predicted obs ("):
         assert row in body, row
     assert "ensemble" not in body and "bid" not in body

@@ -92,9 +92,11 @@ def horizon_for(rule: str, Ta: int, d: int) -> int | None:
 
 def async_section(work: Path, log=print, checkpoints=None, episodes: int = EPISODES, select_episodes: int = 100,
                   delays=DELAYS, seed: int = SEED, select_seed: int = 0, plot_path="docs/img/async_delay.png",
-                  strategies=STRATEGIES, predict: bool = False, horizon: str = "Ta", forward_demos: int = 100):
+                  strategies=STRATEGIES, predict: bool = False, horizon: str = "Ta", forward_demos: int = 100,
+                  rti_select_episodes: int = 50):
     import torch
 
+    from dpolicy.bench.latency import default_discrete
     from dpolicy.deploy import evaluate_controller
     from dpolicy.deploy.asynchronous import AsyncConfig, evaluate_async
     from dpolicy.policy import load_policy
@@ -155,9 +157,16 @@ def async_section(work: Path, log=print, checkpoints=None, episodes: int = EPISO
             return sel + [choose(sel)]
 
         chosen = {pred: select(pred) for pred in ((False, True) if predict else (False,)) if "rtc" in strategies}
+        # RTI's two-evaluation timestep list, chosen as the RTI section chooses it (on its selection seeds)
+        sel_rti = cell(f"{name}|rti-select" + (f"|n{rti_select_episodes}" if rti_select_episodes != 50 else ""),
+                       lambda: _select_rti(pol, env_fn, rti_select_episodes, log))
+        rti_ts = sel_rti["timesteps"]
         refs = {
             "synchronous chunked": cell(f"{name}|chunked{skey}", lambda: _ctrl(evaluate_controller, pol, env_fn, episodes, seed, mode="chunked")),
             "synchronous RTI (K'=2)": cell(f"{name}|rti2{skey}", lambda: _ctrl(evaluate_controller, pol, env_fn, episodes, seed, mode="rti", k=2)),
+            f"synchronous RTI {rti_ts} (selected)": cell(f"{name}|rti{rti_ts}{skey}", lambda: _ctrl(
+                evaluate_controller, pol, env_fn, episodes, seed, mode="rti", timesteps=rti_ts,
+                discrete=default_discrete(pol))),
         }
         # (label, strategy, planned from the predicted observation)
         lines = [(st, st, False) for st in strategies]
@@ -228,11 +237,25 @@ def async_section(work: Path, log=print, checkpoints=None, episodes: int = EPISO
             f"advances while the policy computes (injected, deterministic); a new inference every {every} steps; the "
             "first chunk of an episode is computed before the robot moves. Strategies: naive switching, ACT's temporal "
             "ensembling (m = 0.01), BID's backward coherence over 8 candidates, RTC guided inpainting. Synchronous rows "
-            "have no delay (the world waits for the policy)."
+            "have no delay (the world waits for the policy); `synchronous RTI [a, 0] (selected)` enters RTI's schedule "
+            "at timestep a with two network evaluations per decision, the list chosen as the RTI section chooses it "
+            f"(among [1, 0] (= K'=2), [10, 0], [20, 0], [30, 0], [50, 0], on {rti_select_episodes} episodes from seed "
+            "300000)."
             + (" `+ predicted obs`: the chunk is planned from the observation a learned forward model predicts for the "
                "step it takes over at, rolled through the committed actions (dpolicy.deploy.forward)." if predict else ""))
     title = "## Deployment under inference delay: asynchronous execution, success against delay (2-core CPU)"
     return "\n".join([title, "", head, ""] + body), done
+
+
+def _select_rti(pol, env_fn, episodes: int, log) -> dict:
+    """The two-evaluation RTI timestep list ``select_timesteps`` picks for ``pol`` (the RTI section's candidates and
+    selection seeds), as a cell: ``{"timesteps", "scores", "success_rate"}`` (its selection success)."""
+    from dpolicy.bench.latency import SPACED, default_discrete, select_timesteps
+
+    two = [ts for ts in SPACED if len(ts) == 2]
+    best, scores = select_timesteps(pol, env_fn, candidates=two, episodes=episodes, discrete=default_discrete(pol),
+                                    log=lambda m: log(f"async: {m}"))
+    return {"timesteps": best, "scores": scores, "success_rate": scores[str(best)]}
 
 
 def _ctrl(fn, pol, env_fn, episodes, seed, **kw) -> dict:
@@ -257,7 +280,7 @@ def _plot(curves: dict, delays, path) -> None:
             ax.plot(ds, [p[1] for p in pts], marker="o", label=strat)
             ax.fill_between(ds, [p[2][0] for p in pts], [p[2][1] for p in pts], alpha=0.15)
         for k, v in c["refs"].items():
-            ax.axhline(v, ls="--", lw=0.8, color="gray" if "chunked" in k else "black", label=k)
+            ax.axhline(v, ls=":" if "selected" in k else "--", lw=0.8, color="gray" if "chunked" in k else "black", label=k)
         ax.set_title(name)
         ax.set_xlabel("delay d (control steps)")
         ax.set_xticks(list(delays))
