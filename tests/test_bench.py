@@ -264,15 +264,18 @@ def test_async_section_adds_rows_planned_from_predicted_observations(tmp_path):
     ck = Path(__file__).resolve().parents[1] / "checkpoints" / "push_flow"
     body, cells = async_section(tmp_path, log=lambda m: None, checkpoints=[ck], episodes=2, select_episodes=2,
                                 delays=(0, 2), strategies=("naive", "rtc"), predict=True, horizon="half",
-                                forward_demos=3, plot_path=None, rti_select_episodes=2)
+                                forward_demos=3, forward_steps=50, plot_path=None, rti_select_episodes=2)
     for row in ("| naive |", "| rtc (", "| naive + predicted obs |", "| rtc + predicted obs ("):
         assert row in body, row
     assert "ensemble" not in body and "bid" not in body
-    assert "rtc + predicted obs at d = Ta/2 = 2" in body and "Forward model: fitted on" in body
-    assert (tmp_path / "forward_push_flow" / "forward.json").exists()
+    assert "rtc + predicted obs at d = Ta/2 = 2" in body
+    assert (tmp_path / "forward_push_flow_fm3d50s" / "forward.json").exists()
+    assert "fitted for 50 steps on" in body
     pred = [v for k, v in cells.items() if "predicted" in k]
     assert pred and all(v["predicted"] and v["horizon"] == 2 for v in pred)  # max(Ta / 2, d) with Ta = 4
+    # a cell planned from predictions names the forward model's recipe, so another model cannot reuse it
+    assert all(k.endswith("|fm3d50s") for k in cells if "predicted" in k)
     # RTC's settings are chosen under the rows' own horizon, once from stale and once from predicted observations
     select = {k: v for k, v in cells.items() if "|select" in k}
-    assert len(select) == 10 and all(v["horizon"] == 2 and k.endswith("|hhalf") for k, v in select.items())
+    assert len(select) == 10 and all(v["horizon"] == 2 and k.split("|")[4] == "hhalf" for k, v in select.items())
     assert sum(v["predicted"] for v in select.values()) == 5

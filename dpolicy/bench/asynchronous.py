@@ -60,28 +60,38 @@ def _fmt(r) -> str:
     return f"{r['success_rate']:.3f} [{lo:.2f}, {hi:.2f}]"
 
 
-def forward_model_for(pol, name: str, work: Path, log=print, demos: int = 100, seed: int = 500000):
-    """The task's forward model, fitted on ``demos`` scripted demonstrations (seeds far from every evaluation seed)
-    and cached in ``work``; returns the model and its fit statistics."""
+FORWARD_DEMOS, FORWARD_STEPS = 1000, 20_000  # the forward model's scripted demonstrations and fitting steps
+
+
+def forward_model_for(pol, name: str, work: Path, log=print, demos: int = FORWARD_DEMOS, seed: int = 500000,
+                      steps: int = FORWARD_STEPS):
+    """The task's forward model, fitted for ``steps`` steps on ``demos`` scripted demonstrations (seeds far from every
+    evaluation seed) and cached in ``work`` under its recipe; returns the model and its fit statistics."""
     from dpolicy.data.collect import collect_demos
     from dpolicy.data.robomimic import read_dataset
     from dpolicy.deploy.forward import ForwardModel, fit_forward_model
 
-    out, stats_file = work / f"forward_{name}", work / f"forward_{name}.json"
+    tag = forward_tag(demos, steps)
+    out, stats_file = work / f"forward_{name}_{tag}", work / f"forward_{name}_{tag}.json"
     if (out / "forward.json").exists() and stats_file.exists():
         return ForwardModel.load(out), json.loads(stats_file.read_text())
     task = str(pol.metadata.get("task") or name.split("_")[0])
-    path = work / f"forward_{name}_demos.hdf5"
+    path = work / f"forward_{name}_demos{demos}.hdf5"
     if not path.exists():
         collect_demos(task, demos, path, seed=seed, progress=False,
                       env_kwargs=(pol.metadata.get("env_args") or {}).get("env_kwargs"))
-    model, st = fit_forward_model(read_dataset(path, pol.obs_keys), pol.obs_keys)
+    model, st = fit_forward_model(read_dataset(path, pol.obs_keys), pol.obs_keys, steps=steps)
     model.save(out)
-    st["demos"], st["task"] = demos, task
+    st["demos"], st["task"], st["steps"] = demos, task, steps
     stats_file.write_text(json.dumps(st, indent=1))
     log(f"async: forward model for {name}: {st['transitions']} transitions, val rmse / delta std "
         f"{max(r / max(s, 1e-9) for r, s in zip(st['val_rmse'], st['val_delta_std'])):.3f} at most")
     return model, st
+
+
+def forward_tag(demos: int, steps: int) -> str:
+    """The forward model's recipe in its cache names and in the keys of the cells planned from its predictions."""
+    return f"fm{demos}d{steps}s"
 
 
 def horizon_for(rule: str, Ta: int, d: int) -> int | None:
@@ -92,8 +102,8 @@ def horizon_for(rule: str, Ta: int, d: int) -> int | None:
 
 def async_section(work: Path, log=print, checkpoints=None, episodes: int = EPISODES, select_episodes: int = 100,
                   delays=DELAYS, seed: int = SEED, select_seed: int = 0, plot_path="docs/img/async_delay.png",
-                  strategies=STRATEGIES, predict: bool = False, horizon: str = "Ta", forward_demos: int = 100,
-                  rti_select_episodes: int = 50):
+                  strategies=STRATEGIES, predict: bool = False, horizon: str = "Ta", forward_demos: int = FORWARD_DEMOS,
+                  forward_steps: int = FORWARD_STEPS, rti_select_episodes: int = 50):
     import torch
 
     from dpolicy.bench.latency import default_discrete
@@ -142,7 +152,8 @@ def async_section(work: Path, log=print, checkpoints=None, episodes: int = EPISO
         hkey = "" if horizon == "Ta" else f"|h{horizon}"
         # evaluation cells on other seeds or episode counts than the defaults are cells of their own
         skey = (f"|s{seed}" if seed != SEED else "") + (f"|n{episodes}" if episodes != EPISODES else "")
-        predictor = forward_model_for(pol, name, work, log, demos=forward_demos)[0] if predict else None
+        predictor, fstats = forward_model_for(pol, name, work, log, demos=forward_demos, steps=forward_steps) if predict else (None, None)
+        fkey = f"|{forward_tag(forward_demos, forward_steps)}"  # cells planned from predictions name the model's recipe
 
         def select(pred: bool):
             """RTC's settings, chosen on selection seeds at d = Ta / 2 under the rows' own replanning horizon and
@@ -150,7 +161,7 @@ def async_section(work: Path, log=print, checkpoints=None, episodes: int = EPISO
             sel = []
             for choice in rtc_choices(pol.Ta) + ((TRAINED,) if trained else ()):
                 tag = _tag(choice)
-                r = cell(f"{name}|select{'+predicted' if pred else ''}|{tag}|d{half}{hkey}", run_async(
+                r = cell(f"{name}|select{'+predicted' if pred else ''}|{tag}|d{half}{hkey}{fkey if pred else ''}", run_async(
                     pol, env_fn, select_episodes, select_seed, predictor=predictor if pred else None, strategy="rtc",
                     delay=half, **choice))
                 sel.append((r["success_rate"], _excess(r), tag, choice))
@@ -179,7 +190,7 @@ def async_section(work: Path, log=print, checkpoints=None, episodes: int = EPISO
                 s_ = horizon_for(horizon, pol.Ta, d) or max(pol.Ta, d)
                 if d + s_ > pol.Tp:
                     continue
-                grid[(label, d)] = cell(f"{name}|{label}|d{d}{hkey}{ckey}{skey}", run_async(
+                grid[(label, d)] = cell(f"{name}|{label}|d{d}{hkey}{ckey}{skey}{fkey if pred else ''}", run_async(
                     pol, env_fn, episodes, seed, predictor=predictor if pred else None, strategy=strat, delay=d, **kw))
         labels = [lb for lb, _, _ in lines]
         curves[name] = {lb: [(d, grid[(lb, d)]["success_rate"], grid[(lb, d)]["success_ci95"]) for d in delays if (lb, d) in grid]
@@ -216,10 +227,11 @@ def async_section(work: Path, log=print, checkpoints=None, episodes: int = EPISO
                           f"{100 * (rh - nh):+.1f} points; its mean jump at switches is {ratio:.2f}x naive switching's "
                           f"(without predicted obs), and {added}.")
         if predictor is not None:
-            st = json.loads((work / f"forward_{name}.json").read_text())
+            st = fstats
             worst = max(r / max(v, 1e-9) for r, v in zip(st["val_rmse"], st["val_delta_std"]) if v > 0)
-            checks.append(f"Forward model: fitted on {st['transitions']:,} transitions of {st['demos']} scripted demos; "
-                          f"held-out one-step error at most {worst:.2f} of the per-step change's spread (per dimension).")
+            checks.append(f"Forward model: fitted for {st['steps']:,} steps on {st['transitions']:,} transitions of "
+                          f"{st['demos']} scripted demos; held-out one-step error at most {worst:.2f} of the per-step "
+                          f"change's spread (per dimension).")
         sel_txt = "; ".join(("planning from predicted observations: " if pred else "") + ", ".join(
             f"{tag}: {s:.3f} ({e:+.3f})" for s, e, tag, _ in sel[:-1]) for pred, sel in chosen.items())
         body += [f"**{name}** (Ta = {pol.Ta}, Tp = {pol.Tp}; RTC settings chosen on {select_episodes} selection episodes at "

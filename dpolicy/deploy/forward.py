@@ -107,7 +107,7 @@ class ForwardModel(nn.Module):
                               f"policy reads {policy.obs_keys} ({policy.obs_dims}, actions {policy.action_dim}).")
 
 
-def fit_forward_model(demos, keys: Sequence[str], steps: int = 3000, batch_size: int = 256, lr: float = 1e-3,
+def fit_forward_model(demos, keys: Sequence[str], steps: int = 20_000, batch_size: int = 256, lr: float = 1e-3,
                       hidden: int = 256, seed: int = 0, log=None) -> tuple[ForwardModel, dict]:
     """Fit ``ForwardModel`` on the transitions of ``demos`` (``Demo`` objects with ``obs[k]`` (T, d_k) and
     ``actions`` (T, Da)); a tenth of the transitions are held out. Returns the model and
