@@ -279,3 +279,12 @@ def test_async_section_adds_rows_planned_from_predicted_observations(tmp_path):
     select = {k: v for k, v in cells.items() if "|select" in k}
     assert len(select) == 10 and all(v["horizon"] == 2 and k.split("|")[4] == "hhalf" for k, v in select.items())
     assert sum(v["predicted"] for v in select.values()) == 5
+
+
+def test_forward_model_error_ignores_observations_that_do_not_change():
+    from dpolicy.bench.asynchronous import worst_error
+
+    # push's goal never moves: float noise in its held-out error must not read as a 1.7x error
+    stats = {"val_rmse": [0.002, 0.001, 1.7e-9, 0.0], "val_delta_std": [0.01, 0.004, 0.0, 1e-12]}
+    assert worst_error(stats) == pytest.approx(0.25)
+    assert worst_error({"val_rmse": [1e-9], "val_delta_std": [0.0]}) == 0.0

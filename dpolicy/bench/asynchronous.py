@@ -85,8 +85,14 @@ def forward_model_for(pol, name: str, work: Path, log=print, demos: int = FORWAR
     st["demos"], st["task"], st["steps"] = demos, task, steps
     stats_file.write_text(json.dumps(st, indent=1))
     log(f"async: forward model for {name}: {st['transitions']} transitions, val rmse / delta std "
-        f"{max(r / max(s, 1e-9) for r, s in zip(st['val_rmse'], st['val_delta_std'])):.3f} at most")
+        f"{worst_error(st):.3f} at most")
     return model, st
+
+
+def worst_error(stats: dict) -> float:
+    """The forward model's largest held-out one-step error relative to the spread of the per-step change, over the
+    dimensions that change (a constant observation such as push's goal has no spread to compare with)."""
+    return max((r / v for r, v in zip(stats["val_rmse"], stats["val_delta_std"]) if v > 1e-6), default=0.0)
 
 
 def forward_tag(demos: int, steps: int) -> str:
@@ -228,7 +234,7 @@ def async_section(work: Path, log=print, checkpoints=None, episodes: int = EPISO
                           f"(without predicted obs), and {added}.")
         if predictor is not None:
             st = fstats
-            worst = max(r / max(v, 1e-9) for r, v in zip(st["val_rmse"], st["val_delta_std"]) if v > 0)
+            worst = worst_error(st)
             checks.append(f"Forward model: fitted for {st['steps']:,} steps on {st['transitions']:,} transitions of "
                           f"{st['demos']} scripted demos; held-out one-step error at most {worst:.2f} of the per-step "
                           f"change's spread (per dimension).")
