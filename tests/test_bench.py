@@ -2,6 +2,7 @@
 reference training loops (state and image) train the same model on the same inputs as ours, and
 bad options exit with one line."""
 
+import json
 import subprocess
 from pathlib import Path
 import sys
@@ -288,3 +289,16 @@ def test_forward_model_error_ignores_observations_that_do_not_change():
     stats = {"val_rmse": [0.002, 0.001, 1.7e-9, 0.0], "val_delta_std": [0.01, 0.004, 0.0, 1e-12]}
     assert worst_error(stats) == pytest.approx(0.25)
     assert worst_error({"val_rmse": [1e-9], "val_delta_std": [0.0]}) == 0.0
+
+
+def test_async_cells_written_by_another_run_are_kept(tmp_path):
+    from dpolicy.bench.asynchronous import _add_cell
+
+    store = tmp_path / "async_push_flow.json"
+    _add_cell(store, "push_flow|naive|d0", {"success_rate": 0.9})
+    # another bench process adds a cell to the same store after this one loaded it
+    other = json.loads(store.read_text()) | {"push_flow|rtc|d2": {"success_rate": 0.8}}
+    store.write_text(json.dumps(other))
+    _add_cell(store, "push_flow|naive|d2", {"success_rate": 0.7})
+    assert set(json.loads(store.read_text())) == {"push_flow|naive|d0", "push_flow|rtc|d2", "push_flow|naive|d2"}
+    assert [p.name for p in tmp_path.iterdir()] == [store.name]  # no temporary file left behind

@@ -15,6 +15,7 @@ within chunks, such as lift's gripper, has that much at any step).
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -132,8 +133,7 @@ def async_section(work: Path, log=print, checkpoints=None, episodes: int = EPISO
             t0 = time.perf_counter()
             done[key] = fn()
             done[key]["wall_s"] = time.perf_counter() - t0
-            mine = {k: v for k, v in done.items() if stores[k.split("|")[0]] == store}
-            store.write_text(json.dumps(mine, indent=1))
+            _add_cell(store, key, done[key])
             log(f"async: {key}: success {done[key]['success_rate']:.3f} ({done[key]['wall_s']:.0f} s)")
         return done[key]
 
@@ -263,6 +263,16 @@ def async_section(work: Path, log=print, checkpoints=None, episodes: int = EPISO
                "step it takes over at, rolled through the committed actions (dpolicy.deploy.forward)." if predict else ""))
     title = "## Deployment under inference delay: asynchronous execution, success against delay (2-core CPU)"
     return "\n".join([title, "", head, ""] + body), done
+
+
+def _add_cell(store: Path, key: str, value: dict) -> None:
+    """Add one finished cell to ``store``, keeping every cell already there: the file is read again just before the
+    write (another bench process may have added cells since this one started) and replaced atomically."""
+    cells = json.loads(store.read_text()) if store.exists() else {}
+    cells[key] = value
+    tmp = store.with_name(f".{store.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(cells, indent=1))
+    os.replace(tmp, store)
 
 
 def _select_rti(pol, env_fn, episodes: int, log) -> dict:
