@@ -61,18 +61,20 @@ def _fmt(r) -> str:
     return f"{r['success_rate']:.3f} [{lo:.2f}, {hi:.2f}]"
 
 
-FORWARD_DEMOS, FORWARD_STEPS = 1000, 20_000  # the forward model's scripted demonstrations and fitting steps
+# the forward model's scripted demonstrations, fitting steps and episodes of the policy itself
+FORWARD_DEMOS, FORWARD_STEPS, FORWARD_ROLLOUTS = 1000, 20_000, 0
 
 
 def forward_model_for(pol, name: str, work: Path, log=print, demos: int = FORWARD_DEMOS, seed: int = 500000,
-                      steps: int = FORWARD_STEPS):
+                      steps: int = FORWARD_STEPS, rollouts: int = FORWARD_ROLLOUTS, rollout_seed: int = 600000):
     """The task's forward model, fitted for ``steps`` steps on ``demos`` scripted demonstrations (seeds far from every
-    evaluation seed) and cached in ``work`` under its recipe; returns the model and its fit statistics."""
+    evaluation seed) and ``rollouts`` episodes of the policy itself (synchronous chunked execution, seeds
+    ``rollout_seed`` on), cached in ``work`` under its recipe; returns the model and its fit statistics."""
     from dpolicy.data.collect import collect_demos
     from dpolicy.data.robomimic import read_dataset
-    from dpolicy.deploy.forward import ForwardModel, fit_forward_model
+    from dpolicy.deploy.forward import ForwardModel, fit_forward_model, record_rollouts
 
-    tag = forward_tag(demos, steps)
+    tag = forward_tag(demos, steps, rollouts)
     out, stats_file = work / f"forward_{name}_{tag}", work / f"forward_{name}_{tag}.json"
     if (out / "forward.json").exists() and stats_file.exists():
         return ForwardModel.load(out), json.loads(stats_file.read_text())
@@ -81,9 +83,14 @@ def forward_model_for(pol, name: str, work: Path, log=print, demos: int = FORWAR
     if not path.exists():
         collect_demos(task, demos, path, seed=seed, progress=False,
                       env_kwargs=(pol.metadata.get("env_args") or {}).get("env_kwargs"))
-    model, st = fit_forward_model(read_dataset(path, pol.obs_keys), pol.obs_keys, steps=steps)
+    data = read_dataset(path, pol.obs_keys)
+    if rollouts:
+        from dpolicy.tasks import env_factory_for
+
+        data = data + record_rollouts(pol, env_factory_for(pol), rollouts, seed=rollout_seed)
+    model, st = fit_forward_model(data, pol.obs_keys, steps=steps)
     model.save(out)
-    st["demos"], st["task"], st["steps"] = demos, task, steps
+    st["demos"], st["task"], st["steps"], st["rollouts"] = demos, task, steps, rollouts
     stats_file.write_text(json.dumps(st, indent=1))
     log(f"async: forward model for {name}: {st['transitions']} transitions, val rmse / delta std "
         f"{worst_error(st):.3f} at most")
@@ -96,9 +103,9 @@ def worst_error(stats: dict) -> float:
     return max((r / v for r, v in zip(stats["val_rmse"], stats["val_delta_std"]) if v > 1e-6), default=0.0)
 
 
-def forward_tag(demos: int, steps: int) -> str:
+def forward_tag(demos: int, steps: int, rollouts: int = 0) -> str:
     """The forward model's recipe in its cache names and in the keys of the cells planned from its predictions."""
-    return f"fm{demos}d{steps}s"
+    return f"fm{demos}d{steps}s" + (f"{rollouts}r" if rollouts else "")
 
 
 def horizon_for(rule: str, Ta: int, d: int) -> int | None:
@@ -110,7 +117,7 @@ def horizon_for(rule: str, Ta: int, d: int) -> int | None:
 def async_section(work: Path, log=print, checkpoints=None, episodes: int = EPISODES, select_episodes: int = 100,
                   delays=DELAYS, seed: int = SEED, select_seed: int = 0, plot_path="docs/img/async_delay.png",
                   strategies=STRATEGIES, predict: bool = False, horizon: str = "Ta", forward_demos: int = FORWARD_DEMOS,
-                  forward_steps: int = FORWARD_STEPS, rti_select_episodes: int = 50):
+                  forward_steps: int = FORWARD_STEPS, forward_rollouts: int = FORWARD_ROLLOUTS, rti_select_episodes: int = 50):
     import torch
 
     from dpolicy.bench.latency import default_discrete
@@ -158,8 +165,9 @@ def async_section(work: Path, log=print, checkpoints=None, episodes: int = EPISO
         hkey = "" if horizon == "Ta" else f"|h{horizon}"
         # evaluation cells on other seeds or episode counts than the defaults are cells of their own
         skey = (f"|s{seed}" if seed != SEED else "") + (f"|n{episodes}" if episodes != EPISODES else "")
-        predictor, fstats = forward_model_for(pol, name, work, log, demos=forward_demos, steps=forward_steps) if predict else (None, None)
-        fkey = f"|{forward_tag(forward_demos, forward_steps)}"  # cells planned from predictions name the model's recipe
+        predictor, fstats = (forward_model_for(pol, name, work, log, demos=forward_demos, steps=forward_steps,
+                                               rollouts=forward_rollouts) if predict else (None, None))
+        fkey = f"|{forward_tag(forward_demos, forward_steps, forward_rollouts)}"  # cells planned from predictions name the model's recipe
 
         def select(pred: bool):
             """RTC's settings, chosen on selection seeds at d = Ta / 2 under the rows' own replanning horizon and
@@ -235,8 +243,9 @@ def async_section(work: Path, log=print, checkpoints=None, episodes: int = EPISO
         if predictor is not None:
             st = fstats
             worst = worst_error(st)
+            own = f" and {st['rollouts']} episodes of the policy itself" if st.get("rollouts") else ""
             checks.append(f"Forward model: fitted for {st['steps']:,} steps on {st['transitions']:,} transitions of "
-                          f"{st['demos']} scripted demos; held-out one-step error at most {worst:.2f} of the per-step "
+                          f"{st['demos']} scripted demos{own}; held-out one-step error at most {worst:.2f} of the per-step "
                           f"change's spread (per dimension).")
         sel_txt = "; ".join(("planning from predicted observations: " if pred else "") + ", ".join(
             f"{tag}: {s:.3f} ({e:+.3f})" for s, e, tag, _ in sel[:-1]) for pred, sel in chosen.items())
