@@ -247,7 +247,7 @@ def test_the_bench_command_repeats_the_async_sections_defaults():
     from dpolicy.cli import bench
 
     assert bench.ASYNC_STRATEGIES == asynchronous.STRATEGIES and bench.ASYNC_DELAYS == asynchronous.DELAYS
-    assert bench.ASYNC_SEED == asynchronous.SEED
+    assert bench.ASYNC_SEED == asynchronous.SEED and bench.ASYNC_FORWARD_ROLLOUTS == asynchronous.FORWARD_ROLLOUTS
 
 
 def test_rtc_settings_choice_prefers_the_smoothest_of_the_nearly_best():

@@ -39,7 +39,8 @@ from pathlib import Path
 
 
 ASYNC_STRATEGIES = ("naive", "ensemble", "bid", "rtc")
-ASYNC_DELAYS, ASYNC_SEED = (0, 1, 2, 4, 6), 100000  # the async section's defaults (dpolicy.bench.asynchronous)
+# the async section's defaults (dpolicy.bench.asynchronous)
+ASYNC_DELAYS, ASYNC_SEED, ASYNC_FORWARD_ROLLOUTS = (0, 1, 2, 4, 6), 100000, 0
 SECTIONS = ("envs", "throughput", "image-throughput", "bc", "image", "image-rti", "steer", "headroom", "rti", "latency", "gpu-latency", "compose",
             "drive", "robosuite", "pusht", "peers", "reliability", "rollouts", "async", "finetune")
 
@@ -108,6 +109,10 @@ def check_args(args, sections: list[str]) -> None:
         _async_checkpoints(args)
         _delays(args.async_delays)
         _names("--async-strategies", args.async_strategies, list(ASYNC_STRATEGIES))
+        if args.async_forward_rollouts < 0:
+            from dpolicy.errors import ConfigError
+
+            raise ConfigError(f"--async-forward-rollouts={args.async_forward_rollouts} must be 0 or more.")
     if "finetune" in sections:
         _names("--finetune-tasks", args.finetune_tasks, ["avoid", "push", "lift"])
         _names("--finetune-algos", args.finetune_algos, ["ppo", "grpo", "gspo", "awm", "filtered"])
@@ -141,6 +146,8 @@ def main(argv=None) -> int:
     ap.add_argument("--async-seed", type=int, default=ASYNC_SEED,
                     help="async section: first evaluation seed (another value checks the figures on other episodes)")
     ap.add_argument("--async-delays", default=",".join(map(str, ASYNC_DELAYS)), help="async section: delays d in control steps")
+    ap.add_argument("--async-forward-rollouts", type=int, default=ASYNC_FORWARD_ROLLOUTS,
+                    help="async section: episodes of the policy itself added to the forward model's scripted demos")
     ap.add_argument("--async-horizon", choices=["Ta", "half"], default="Ta",
                     help="async section: a new inference every max(Ta, d) (Ta) or max(Ta / 2, d) (half) steps")
     ap.add_argument("--finetune-tasks", default="push", help="weak bases for the finetune section: avoid, push, lift")
@@ -261,6 +268,8 @@ def main(argv=None) -> int:
         variant = [v for v, on in (("predict", args.async_predict), (f"horizon {args.async_horizon}", args.async_horizon != "Ta"),
                                    (args.async_checkpoint, args.async_checkpoint != "{task}_flow"),
                                    (f"seeds {args.async_seed}", args.async_seed != ASYNC_SEED),
+                                   (f"forward {args.async_forward_rollouts} rollouts",
+                                    args.async_predict and args.async_forward_rollouts != ASYNC_FORWARD_ROLLOUTS),
                                    (f"d {','.join(map(str, delays))}", delays != ASYNC_DELAYS)) if on]
         # one picture per section: a variant's plot must not overwrite the plain section's
         stem = "_".join(tasks + [re.sub(r"[^A-Za-z0-9]+", "-", v).strip("-") for v in variant])
@@ -268,7 +277,7 @@ def main(argv=None) -> int:
                                 strategies=_names("--async-strategies", args.async_strategies, list(ASYNC_STRATEGIES)),
                                 predict=args.async_predict, horizon=args.async_horizon,
                                 episodes=args.episodes, plot_path=f"docs/img/async_delay_{stem}.png", seed=args.async_seed,
-                                delays=delays)
+                                delays=delays, forward_rollouts=args.async_forward_rollouts)
         write_section(args.out, "async:" + ",".join(tasks) + (":" + ",".join(variant) if variant else ""), body, command)
     if "pusht" in sections:  # with the shipped PushT checkpoints, if any
         from dpolicy.bench.standard import pusht_section
