@@ -74,7 +74,8 @@ def _predictor(path: str, policy, out):
     elif p.is_file():
         from dpolicy.data.robomimic import read_dataset
 
-        model, st = fit_forward_model(read_dataset(p, policy.obs_keys), policy.obs_keys)
+        model, st = fit_forward_model(read_dataset(p, policy.obs_keys), policy.obs_keys,
+                                      log=lambda m: print(m, flush=True))  # ~2 min on one CPU core: show progress
         model.save(out / "forward_model")
         print(f"forward    : fitted on {st['transitions']} transitions of {p}; saved to {out / 'forward_model'}")
     else:
