@@ -26,6 +26,7 @@ STRATEGIES = ("naive", "ensemble", "bid", "rtc")
 RTC_CHOICES = ({"mask": "soft", "beta": 5.0}, {"mask": "soft", "beta": 1.0}, {"mask": "hard", "beta": 5.0})
 TRAINED = {"mask": "hard", "guidance": "trained"}  # for checkpoints trained with policy.prefix >= every delay
 SEED, EPISODES = 100000, 200  # the evaluation cells' first seed and episode count by default
+RTI_SELECT_EPISODES = 50  # selection episodes of the reference RTI row's timestep list (the RTI section's count)
 SELECT_TOLERANCE = 0.05  # settings within this much of the best selection success count as tied; the smoothest wins
 
 
@@ -117,7 +118,8 @@ def horizon_for(rule: str, Ta: int, d: int) -> int | None:
 def async_section(work: Path, log=print, checkpoints=None, episodes: int = EPISODES, select_episodes: int = 100,
                   delays=DELAYS, seed: int = SEED, select_seed: int = 0, plot_path="docs/img/async_delay.png",
                   strategies=STRATEGIES, predict: bool = False, horizon: str = "Ta", forward_demos: int = FORWARD_DEMOS,
-                  forward_steps: int = FORWARD_STEPS, forward_rollouts: int = FORWARD_ROLLOUTS, rti_select_episodes: int = 50):
+                  forward_steps: int = FORWARD_STEPS, forward_rollouts: int = FORWARD_ROLLOUTS,
+                  rti_select_episodes: int = RTI_SELECT_EPISODES):
     import torch
 
     from dpolicy.bench.latency import default_discrete
@@ -183,7 +185,7 @@ def async_section(work: Path, log=print, checkpoints=None, episodes: int = EPISO
 
         chosen = {pred: select(pred) for pred in ((False, True) if predict else (False,)) if "rtc" in strategies}
         # RTI's two-evaluation timestep list, chosen as the RTI section chooses it (on its selection seeds)
-        sel_rti = cell(f"{name}|rti-select" + (f"|n{rti_select_episodes}" if rti_select_episodes != 50 else ""),
+        sel_rti = cell(f"{name}|rti-select" + (f"|n{rti_select_episodes}" if rti_select_episodes != RTI_SELECT_EPISODES else ""),
                        lambda: _select_rti(pol, env_fn, rti_select_episodes, log))
         rti_ts = sel_rti["timesteps"]
         refs = {
@@ -241,12 +243,10 @@ def async_section(work: Path, log=print, checkpoints=None, episodes: int = EPISO
                           f"{100 * (rh - nh):+.1f} points; its mean jump at switches is {ratio:.2f}x naive switching's "
                           f"(without predicted obs), and {added}.")
         if predictor is not None:
-            st = fstats
-            worst = worst_error(st)
-            own = f" and {st['rollouts']} episodes of the policy itself" if st.get("rollouts") else ""
-            checks.append(f"Forward model: fitted for {st['steps']:,} steps on {st['transitions']:,} transitions of "
-                          f"{st['demos']} scripted demos{own}; held-out one-step error at most {worst:.2f} of the per-step "
-                          f"change's spread (per dimension).")
+            own = f" and {fstats['rollouts']} episodes of the policy itself" if fstats.get("rollouts") else ""
+            checks.append(f"Forward model: fitted for {fstats['steps']:,} steps on {fstats['transitions']:,} transitions "
+                          f"of {fstats['demos']} scripted demos{own}; held-out one-step error at most "
+                          f"{worst_error(fstats):.2f} of the per-step change's spread (per dimension).")
         sel_txt = "; ".join(("planning from predicted observations: " if pred else "") + ", ".join(
             f"{tag}: {s:.3f} ({e:+.3f})" for s, e, tag, _ in sel[:-1]) for pred, sel in chosen.items())
         body += [f"**{name}** (Ta = {pol.Ta}, Tp = {pol.Tp}; RTC settings chosen on {select_episodes} selection episodes at "

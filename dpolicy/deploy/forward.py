@@ -160,29 +160,33 @@ def fit_forward_model(demos, keys: Sequence[str], steps: int = 20_000, batch_siz
 def record_rollouts(policy, env_fn, n_episodes: int, seed: int = 0, **controller_kwargs) -> list:
     """``n_episodes`` episodes of ``policy`` itself (synchronous ``Controller``, chunked execution by default) as
     ``Demo`` objects of its observation keys and executed actions: transitions from the states the policy visits,
-    which a forward model used beside that policy has to predict (scripted demonstrations visit others)."""
+    which a forward model used beside that policy has to predict (scripted demonstrations visit others). Recorded
+    by the demonstration collector's episode loop, with the controller in the expert's place."""
+    from dpolicy.data.collect import _episode
     from dpolicy.data.robomimic import Demo
     from dpolicy.deploy.controller import Controller
 
     if n_episodes < 1:
         raise ConfigError(f"n_episodes={n_episodes} must be at least 1.")
     ctrl = Controller(policy, **{"mode": "chunked", **controller_kwargs})
-    env = env_fn()
-    demos = []
+    keys = list(policy.obs_keys)
+
+    class PolicyExpert:  # the collector's expert interface: reset(obs, info), then an action per observation
+        episode_seed = seed
+
+        def reset(self, obs, info):
+            ctrl.reset(seed=self.episode_seed)
+
+        def __call__(self, obs):
+            return ctrl.step({k: obs[k] for k in keys})
+
+    expert, env, demos = PolicyExpert(), env_fn(), []
     try:
         for ep in range(n_episodes):
-            obs, _ = env.reset(seed=seed + ep)
-            ctrl.reset(seed=seed + ep)
-            frames, actions = {k: [] for k in policy.obs_keys}, []
-            done = False
-            while not done:
-                act = ctrl.step({k: obs[k] for k in policy.obs_keys})
-                for k in policy.obs_keys:
-                    frames[k].append(np.asarray(obs[k], np.float32))
-                actions.append(np.asarray(act, np.float32))
-                obs, _, terminated, truncated, _ = env.step(act)
-                done = terminated or truncated
-            demos.append(Demo(obs={k: np.stack(v) for k, v in frames.items()}, actions=np.stack(actions)))
+            expert.episode_seed = seed + ep
+            demo = _episode(env, expert, seed + ep)[0]
+            demos.append(Demo(obs={k: demo.obs[k].astype(np.float32) for k in keys},
+                              actions=demo.actions.astype(np.float32)))
     finally:
         env.close()
     return demos
