@@ -236,6 +236,8 @@ def test_async_section_reports_every_strategy_delay_and_reference(tmp_path):
         assert f"| {strat}" in body
     assert (tmp_path / "delay.png").stat().st_size > 0
     assert len([k for k in cells if "|select|" in k]) == 5  # three whole-overlap settings, two short windows
+    # selection cells on another episode count than the default are cells of their own
+    assert all(k.endswith("|n2") for k in cells if "|select|" in k)
     assert "soft, beta 10, overlap 4" in body  # avoid_flow's Ta = 8: the window of Ta / 2
     again, _ = async_section(tmp_path, log=lambda m: (_ for _ in ()).throw(AssertionError(m)), checkpoints=[ck],
                              episodes=2, select_episodes=2, delays=(0, 4), plot_path=None, rti_select_episodes=2)
@@ -248,15 +250,20 @@ def test_the_bench_command_repeats_the_async_sections_defaults():
 
     assert bench.ASYNC_STRATEGIES == asynchronous.STRATEGIES and bench.ASYNC_DELAYS == asynchronous.DELAYS
     assert bench.ASYNC_SEED == asynchronous.SEED and bench.ASYNC_FORWARD_ROLLOUTS == asynchronous.FORWARD_ROLLOUTS
+    assert bench.ASYNC_SELECT_EPISODES == asynchronous.SELECT_EPISODES
 
 
 def test_rtc_settings_choice_prefers_the_smoothest_of_the_nearly_best():
     from dpolicy.bench.asynchronous import choose
 
     cands = [(0.94, 0.18, "hard", {}), (0.91, 0.06, "window", {}), (0.80, 0.02, "strong", {}), (0.90, 0.09, "soft", {})]
-    assert choose(cands)[2] == "window"  # within 5 points of 0.94, the smallest switch excess
-    assert choose(cands, tolerance=0.0)[2] == "hard"
-    assert choose(cands, tolerance=0.2)[2] == "strong"
+    # one standard error of 0.94 on 100 episodes is 2.4 points: only the best is inside it
+    assert choose(cands, 100)[2] == "hard"
+    # on 25 episodes it is 4.7 points: 0.91 and 0.90 are tied with the best and the smoothest of them wins
+    assert choose(cands, 25)[2] == "window"
+    assert choose(cands, 100, tolerance=0.2)[2] == "strong"
+    # every setting perfect: no error to speak of, the smoothest wins
+    assert choose([(1.0, 0.05, "a", {}), (1.0, 0.01, "b", {}), (0.99, 0.0, "c", {})], 100)[2] == "b"
 
 
 def test_async_section_adds_rows_planned_from_predicted_observations(tmp_path):
@@ -275,7 +282,7 @@ def test_async_section_adds_rows_planned_from_predicted_observations(tmp_path):
     pred = [v for k, v in cells.items() if "predicted" in k]
     assert pred and all(v["predicted"] and v["horizon"] == 2 for v in pred)  # max(Ta / 2, d) with Ta = 4
     # a cell planned from predictions names the forward model's recipe, so another model cannot reuse it
-    assert all(k.endswith("|fm3d50s") for k in cells if "predicted" in k)
+    assert all(k.endswith("|fm3d50s|n2" if "|select" in k else "|fm3d50s") for k in cells if "predicted" in k)
     # RTC's settings are chosen under the rows' own horizon, once from stale and once from predicted observations
     select = {k: v for k, v in cells.items() if "|select" in k}
     assert len(select) == 10 and all(v["horizon"] == 2 and k.split("|")[4] == "hhalf" for k, v in select.items())

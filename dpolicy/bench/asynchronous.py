@@ -6,8 +6,9 @@ Each cell is ``evaluate_async`` over the same evaluation seeds (200 episodes by 
 The RTC settings (mask, guidance weight, guided window; for a checkpoint trained with committed prefixes,
 ``policy.prefix``, also RTC's training-time form, ``guidance=trained``) are chosen per task on separate selection
 seeds at ``d = Ta / 2``, under the rows' own replanning horizon and observation (stale, or predicted for RTC's
-predicted-observation row): the smoothest switch among the settings within 5 points of the best selection success,
-then used at every delay. A switch's discontinuity is reported raw (the action jump at switch steps) and as
+predicted-observation row) by the one-standard-error rule: the smoothest switch among the settings whose selection
+success is within one standard error of the best's (its binomial error on the selection episodes), then used at
+every delay. A switch's discontinuity is reported raw (the action jump at switch steps) and as
 what the switch adds: the mean jump at switches minus the mean jump within chunks (a task whose actions jump
 within chunks, such as lift's gripper, has that much at any step).
 """
@@ -15,6 +16,7 @@ within chunks, such as lift's gripper, has that much at any step).
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -27,7 +29,7 @@ RTC_CHOICES = ({"mask": "soft", "beta": 5.0}, {"mask": "soft", "beta": 1.0}, {"m
 TRAINED = {"mask": "hard", "guidance": "trained"}  # for checkpoints trained with policy.prefix >= every delay
 SEED, EPISODES = 100000, 200  # the evaluation cells' first seed and episode count by default
 RTI_SELECT_EPISODES = 50  # selection episodes of the reference RTI row's timestep list (the RTI section's count)
-SELECT_TOLERANCE = 0.05  # settings within this much of the best selection success count as tied; the smoothest wins
+SELECT_EPISODES = 100  # selection episodes per RTC setting by default
 
 
 def rtc_choices(Ta: int) -> tuple[dict, ...]:
@@ -37,12 +39,15 @@ def rtc_choices(Ta: int) -> tuple[dict, ...]:
     return RTC_CHOICES + ({"mask": "soft", "beta": 5.0, "overlap": Ta}, {"mask": "soft", "beta": 10.0, "overlap": max(Ta // 2, 1)})
 
 
-def choose(candidates: list[tuple[float, float, str, dict]], tolerance: float = SELECT_TOLERANCE):
-    """From ``(selection success, switch excess, tag, settings)``: the smallest switch excess among the settings whose
-    success is within ``tolerance`` of the best (RTC exists for smooth switches; a success difference inside the
-    selection's noise should not buy a rougher one), ties by success."""
+def choose(candidates: list[tuple[float, float, str, dict]], episodes: int, tolerance: float | None = None):
+    """From ``(selection success, switch excess, tag, settings)`` measured on ``episodes`` selection episodes each: the
+    smallest switch excess among the settings whose success is within ``tolerance`` of the best, ties by success.
+    The tolerance is by default one standard error of the best success, ``sqrt(p (1 - p) / episodes)`` (the
+    one-standard-error rule of model selection: RTC exists for smooth switches, and a success difference inside the
+    selection's own noise should not buy a rougher one; more selection episodes resolve finer differences)."""
     best = max(c[0] for c in candidates)
-    return min((c for c in candidates if c[0] >= best - tolerance - 1e-9), key=lambda c: (c[1], -c[0]))
+    tol = math.sqrt(best * (1 - best) / episodes) if tolerance is None else tolerance
+    return min((c for c in candidates if c[0] >= best - tol - 1e-9), key=lambda c: (c[1], -c[0]))
 
 
 def _tag(choice: dict) -> str:
@@ -115,7 +120,7 @@ def horizon_for(rule: str, Ta: int, d: int) -> int | None:
     return None if rule == "Ta" else max(Ta // 2, d, 1)
 
 
-def async_section(work: Path, log=print, checkpoints=None, episodes: int = EPISODES, select_episodes: int = 100,
+def async_section(work: Path, log=print, checkpoints=None, episodes: int = EPISODES, select_episodes: int = SELECT_EPISODES,
                   delays=DELAYS, seed: int = SEED, select_seed: int = 0, plot_path="docs/img/async_delay.png",
                   strategies=STRATEGIES, predict: bool = False, horizon: str = "Ta", forward_demos: int = FORWARD_DEMOS,
                   forward_steps: int = FORWARD_STEPS, forward_rollouts: int = FORWARD_ROLLOUTS,
@@ -170,6 +175,7 @@ def async_section(work: Path, log=print, checkpoints=None, episodes: int = EPISO
         predictor, fstats = (forward_model_for(pol, name, work, log, demos=forward_demos, steps=forward_steps,
                                                rollouts=forward_rollouts) if predict else (None, None))
         fkey = f"|{forward_tag(forward_demos, forward_steps, forward_rollouts)}"  # cells planned from predictions name the model's recipe
+        nsel = f"|n{select_episodes}" if select_episodes != SELECT_EPISODES else ""
 
         def select(pred: bool):
             """RTC's settings, chosen on selection seeds at d = Ta / 2 under the rows' own replanning horizon and
@@ -177,11 +183,11 @@ def async_section(work: Path, log=print, checkpoints=None, episodes: int = EPISO
             sel = []
             for choice in rtc_choices(pol.Ta) + ((TRAINED,) if trained else ()):
                 tag = _tag(choice)
-                r = cell(f"{name}|select{'+predicted' if pred else ''}|{tag}|d{half}{hkey}{fkey if pred else ''}", run_async(
+                r = cell(f"{name}|select{'+predicted' if pred else ''}|{tag}|d{half}{hkey}{fkey if pred else ''}{nsel}", run_async(
                     pol, env_fn, select_episodes, select_seed, predictor=predictor if pred else None, strategy="rtc",
                     delay=half, **choice))
                 sel.append((r["success_rate"], _excess(r), tag, choice))
-            return sel + [choose(sel)]
+            return sel + [choose(sel, select_episodes)]
 
         chosen = {pred: select(pred) for pred in ((False, True) if predict else (False,)) if "rtc" in strategies}
         # RTI's two-evaluation timestep list, chosen as the RTI section chooses it (on its selection seeds)
@@ -263,7 +269,9 @@ def async_section(work: Path, log=print, checkpoints=None, episodes: int = EPISO
     head = (f"Each cell: {episodes} episodes (seeds {seed}..), Wilson 95% intervals; d = control steps the environment "
             f"advances while the policy computes (injected, deterministic); a new inference every {every} steps; the "
             "first chunk of an episode is computed before the robot moves. Strategies: naive switching, ACT's temporal "
-            "ensembling (m = 0.01), BID's backward coherence over 8 candidates, RTC guided inpainting. Synchronous rows "
+            "ensembling (m = 0.01), BID's backward coherence over 8 candidates, RTC guided inpainting (its settings chosen per "
+            "task by the one-standard-error rule: the smoothest switch among the settings whose selection success is "
+            "within one binomial standard error of the best's). Synchronous rows "
             "have no delay (the world waits for the policy); `synchronous RTI [a, 0] (selected)` enters RTI's schedule "
             "at timestep a with two network evaluations per decision, the list chosen as the RTI section chooses it "
             f"(among [1, 0] (= K'=2), [10, 0], [20, 0], [30, 0], [50, 0], on {rti_select_episodes} episodes from seed "

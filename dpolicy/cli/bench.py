@@ -40,7 +40,7 @@ from pathlib import Path
 
 ASYNC_STRATEGIES = ("naive", "ensemble", "bid", "rtc")
 # the async section's defaults (dpolicy.bench.asynchronous)
-ASYNC_DELAYS, ASYNC_SEED, ASYNC_FORWARD_ROLLOUTS = (0, 1, 2, 4, 6), 100000, 0
+ASYNC_DELAYS, ASYNC_SEED, ASYNC_FORWARD_ROLLOUTS, ASYNC_SELECT_EPISODES = (0, 1, 2, 4, 6), 100000, 0, 100
 SECTIONS = ("envs", "throughput", "image-throughput", "bc", "image", "image-rti", "steer", "headroom", "rti", "latency", "gpu-latency", "compose",
             "drive", "robosuite", "pusht", "peers", "reliability", "rollouts", "async", "finetune")
 
@@ -148,6 +148,8 @@ def main(argv=None) -> int:
     ap.add_argument("--async-delays", default=",".join(map(str, ASYNC_DELAYS)), help="async section: delays d in control steps")
     ap.add_argument("--async-forward-rollouts", type=int, default=ASYNC_FORWARD_ROLLOUTS,
                     help="async section: episodes of the policy itself added to the forward model's scripted demos")
+    ap.add_argument("--async-select-episodes", type=_count, default=ASYNC_SELECT_EPISODES,
+                    help="async section: selection episodes per RTC setting (more resolve finer success differences)")
     ap.add_argument("--async-horizon", choices=["Ta", "half"], default="Ta",
                     help="async section: a new inference every max(Ta, d) (Ta) or max(Ta / 2, d) (half) steps")
     ap.add_argument("--finetune-tasks", default="push", help="weak bases for the finetune section: avoid, push, lift")
@@ -270,6 +272,7 @@ def main(argv=None) -> int:
                                    (f"seeds {args.async_seed}", args.async_seed != ASYNC_SEED),
                                    (f"forward {args.async_forward_rollouts} rollouts",
                                     args.async_predict and args.async_forward_rollouts != ASYNC_FORWARD_ROLLOUTS),
+                                   (f"select {args.async_select_episodes}", args.async_select_episodes != ASYNC_SELECT_EPISODES),
                                    (f"d {','.join(map(str, delays))}", delays != ASYNC_DELAYS)) if on]
         # one picture per section: a variant's plot must not overwrite the plain section's
         stem = "_".join(tasks + [re.sub(r"[^A-Za-z0-9]+", "-", v).strip("-") for v in variant])
@@ -277,7 +280,8 @@ def main(argv=None) -> int:
                                 strategies=_names("--async-strategies", args.async_strategies, list(ASYNC_STRATEGIES)),
                                 predict=args.async_predict, horizon=args.async_horizon,
                                 episodes=args.episodes, plot_path=f"docs/img/async_delay_{stem}.png", seed=args.async_seed,
-                                delays=delays, forward_rollouts=args.async_forward_rollouts)
+                                delays=delays, forward_rollouts=args.async_forward_rollouts,
+                                select_episodes=args.async_select_episodes)
         write_section(args.out, "async:" + ",".join(tasks) + (":" + ",".join(variant) if variant else ""), body, command)
     if "pusht" in sections:  # with the shipped PushT checkpoints, if any
         from dpolicy.bench.standard import pusht_section
