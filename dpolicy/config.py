@@ -634,6 +634,9 @@ class DeployConfig:
     candidates: int = 8  # bid: chunks sampled per inference
     predict: str | None = None  # a forward model dir, or demos (.hdf5) to fit one on: the batched evaluation plans
                                 # each chunk from the observation predicted for its switch step
+    predict_rollouts: int = 0  # predict=<demos>: also fit on this many of the policy's own episodes (synchronous
+                               # chunked, seeds predict_seed..): the states the policy visits, which scripted demos miss
+    predict_seed: int = 600000
 
     def __post_init__(self):
         _check(bool(self.checkpoint), "checkpoint=<path> is required.")
@@ -647,7 +650,10 @@ class DeployConfig:
         check_min(self, "", 1, "episodes", "n_envs")
         check_min(self, "", 1, "max_steps", null="the environment's own limit")
         check_min(self, "", 1, "threads", null="torch's default")
-        check_min(self, "", 0, "eval_episodes")
+        check_min(self, "", 0, "eval_episodes", "predict_rollouts", "predict_seed")
+        _check(not self.predict_rollouts or self.predict,
+               f"predict_rollouts={self.predict_rollouts} adds the policy's own episodes to a forward model's fit: it "
+               "needs predict=<demos .hdf5> to fit one on.")
         _check(self.rate_hz is None or self.rate_hz > 0, f"rate_hz={self.rate_hz!r} must be positive (null: the env's own rate).")
         check_device(self.device)
 

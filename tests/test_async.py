@@ -365,3 +365,39 @@ def test_recorded_policy_rollouts_replay_in_the_simulator():
                 np.testing.assert_allclose(demo.obs[k][t], obs[k], atol=1e-6)
             obs, *_ = env.step(demo.actions[t])
     env.close()
+
+
+def test_deploy_fits_the_forward_model_on_demos_and_the_policys_own_episodes(tmp_path, monkeypatch):
+    from dpolicy.cli import deploy
+    from dpolicy.config import DeployConfig
+    from dpolicy.data.collect import collect_demos
+    from dpolicy.deploy import forward
+    from dpolicy.policy import load_policy
+    from dpolicy.tasks import env_factory_for
+
+    ck = str(Path(__file__).resolve().parents[1] / "checkpoints" / "push_flow")
+    with pytest.raises(ConfigError, match="predict_rollouts=3 .* needs predict="):
+        DeployConfig(checkpoint=ck, mode="async", predict_rollouts=3)
+    pol = load_policy(ck, "cpu")
+    env_fn = env_factory_for(pol)
+    demos = tmp_path / "demos.hdf5"
+    collect_demos("push", 2, demos, seed=500000, progress=False)
+    seen = []
+    fit = forward.fit_forward_model
+
+    def quick_fit(data, keys, **kw):  # the fit itself is tested above; here: what it is given
+        seen.append(data)
+        return fit(data, keys, steps=20)
+
+    monkeypatch.setattr(forward, "fit_forward_model", quick_fit)
+    c = DeployConfig(checkpoint=ck, mode="async", predict=str(demos), predict_rollouts=1, predict_seed=600000)
+    model = deploy._predictor(c, pol, env_fn, tmp_path / "run")
+    assert (tmp_path / "run" / "forward_model" / "forward.json").exists() and model.keys == list(pol.obs_keys)
+    # two scripted demos, then the policy's own episode, exactly as record_rollouts gives it
+    assert len(seen[0]) == 3
+    own = forward.record_rollouts(pol, env_fn, 1, seed=600000)[0]
+    np.testing.assert_array_equal(seen[0][2].actions, own.actions)
+    # a fitted model's directory is used as it is: adding episodes to it is named as the mistake it is
+    c = DeployConfig(checkpoint=ck, mode="async", predict=str(tmp_path / "run" / "forward_model"), predict_rollouts=1)
+    with pytest.raises(ConfigError, match="fitted forward model"):
+        deploy._predictor(c, pol, env_fn, tmp_path / "run2")

@@ -62,22 +62,32 @@ def _run(cfg) -> dict:
     return metrics
 
 
-def _predictor(path: str, policy, out):
-    """A forward model: loaded from its directory, or fitted on a demonstration file and saved into the run."""
+def _predictor(c, policy, make_env, out):
+    """A forward model: loaded from its directory, or fitted on a demonstration file (and ``predict_rollouts`` of
+    the policy's own episodes) and saved into the run."""
     from pathlib import Path
 
-    from dpolicy.deploy.forward import ForwardModel, fit_forward_model
+    from dpolicy.deploy.forward import ForwardModel, fit_forward_model, record_rollouts
 
+    path = c.predict
     p = Path(path)
     if p.is_dir():
+        if c.predict_rollouts:
+            raise ConfigError(f"predict={path} is a fitted forward model, used as it is; predict_rollouts applies only "
+                              "when fitting one on a demonstration file.")
         model = ForwardModel.load(p)
     elif p.is_file():
         from dpolicy.data.robomimic import read_dataset
 
-        model, st = fit_forward_model(read_dataset(p, policy.obs_keys), policy.obs_keys,
+        data = read_dataset(p, policy.obs_keys)
+        if c.predict_rollouts:
+            print(f"forward    : recording {c.predict_rollouts} episodes of the policy (seeds {c.predict_seed}..)", flush=True)
+            data = data + record_rollouts(policy, make_env, c.predict_rollouts, seed=c.predict_seed)
+        model, st = fit_forward_model(data, policy.obs_keys,
                                       log=lambda m: print(m, flush=True))  # ~2 min on one CPU core: show progress
         model.save(out / "forward_model")
-        print(f"forward    : fitted on {st['transitions']} transitions of {p}; saved to {out / 'forward_model'}")
+        own = f" ({c.predict_rollouts} of them the policy's own episodes)" if c.predict_rollouts else ""
+        print(f"forward    : fitted on {st['transitions']} transitions of {p}{own}; saved to {out / 'forward_model'}")
     else:
         raise ConfigError(f"predict={path}: no such forward model directory or demonstration file.")
     model.check_policy(policy)
@@ -94,7 +104,7 @@ def _run_async(c, policy, make_env, env_args) -> dict:
 
     cfg = c.async_config()
     out = run_dir()
-    predictor = _predictor(c.predict, policy, out) if c.predict else None  # the batched evaluation's
+    predictor = _predictor(c, policy, make_env, out) if c.predict else None  # the batched evaluation's
     metrics = {"checkpoint": str(c.checkpoint), "env_args": env_args, "async": dict(cfg.__dict__)}
     env = make_env()
     rate = float(c.rate_hz or control_rate(env) or 0)
