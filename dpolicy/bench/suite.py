@@ -187,7 +187,7 @@ def throughput_section(task: str = "avoid", batch_size: int = 256, steps: int = 
     return body
 
 
-def image_throughput_section(batch_sizes=(64, 256), steps: int = 15, repeats: int = 3, n_demos: int = 50, length: int = 100,
+def image_throughput_section(batch_sizes=(64, 256), steps: int = 15, repeats: int = 5, n_demos: int = 50, length: int = 100,
                              log=print, all_cores: bool = True, codecs=("zlib", "jpeg2k")) -> str:
     """``throughput_section`` for a policy that reads two 84x84 cameras, on synthetic lift_image-shaped demos, against
     the reference with each frame store of ``codecs``."""
