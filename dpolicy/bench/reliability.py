@@ -64,6 +64,8 @@ BAD_INPUT = {
                                                                    (["mode=async", "mask=fuzzy"], "mask"),
                                                                    (["mode=async", "delay=12"], "delay 12"),
                                                                    (["mode=async", "predict=/nonexistent/fm"], "predict"),
+                                                                   (["mode=async", "predict_rollouts=5"], "predict_rollouts"),
+                                                                   (["mode=async", "predict=d.hdf5", "predict_rollouts=-1"], "predict_rollouts"),
                                                                    (["mode=async", "delay=2", "guidance=trained"], "policy.prefix"),
                                                                    (["mode=async", "guidance=magic"], "guidance")],
     "compose": [(a, a.split("=")[0]) for a in [
