@@ -86,7 +86,7 @@ def _predictor(c, policy, make_env, out):
         model, st = fit_forward_model(data, policy.obs_keys,
                                       log=lambda m: print(m, flush=True))  # ~2 min on one CPU core: show progress
         model.save(out / "forward_model")
-        own = f" ({c.predict_rollouts} of them the policy's own episodes)" if c.predict_rollouts else ""
+        own = f" and {c.predict_rollouts} of the policy's own episodes" if c.predict_rollouts else ""
         print(f"forward    : fitted on {st['transitions']} transitions of {p}{own}; saved to {out / 'forward_model'}")
     else:
         raise ConfigError(f"predict={path}: no such forward model directory or demonstration file.")
