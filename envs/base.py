@@ -4,7 +4,7 @@
 which costs too much Python per step for our >= 2,000 steps/s target). It owns everything the three
 tasks have in common: kwarg validation, action sanitising (non-finite -> 0, clip to [-1, 1]), stepping
 with ``nstep=frame_skip``, detecting an unstable simulation (MuJoCo warnings or non-finite state) and
-ending the episode with the last finite observation, the horizon/truncation, sparse/dense rewards,
+ending the episode with the last finite observation, the horizon/truncation, sparse/dense/progress rewards,
 full-state get/set (physics integration state + task extras), and offscreen rendering. Subclasses
 supply the MJCF, the reset distribution, the action mapping, the observation and the success test.
 
@@ -120,7 +120,10 @@ def make_renderer(env, model, height: int, width: int, quality: dict | None = No
     return renderer
 
 
-REWARD_TYPES = ("sparse", "dense")
+# sparse: 1 on success; dense: the task's shaped score of the state (1 on success); progress: that score's change
+# over the step (a potential difference: every step is credited with what it moved, and an episode's sum is its
+# last score minus its first, so shaping does not change which behaviour is best)
+REWARD_TYPES = ("sparse", "dense", "progress")
 RENDER_MODES = (None, "rgb_array")
 # Warnings after which MuJoCo's solution is garbage (it silently resets the state on BADQACC).
 _BAD_WARNINGS = (int(mujoco.mjtWarning.mjWARN_BADQACC), int(mujoco.mjtWarning.mjWARN_BADQPOS),
@@ -202,6 +205,7 @@ class MujocoTaskEnv(gym.Env):
         self._phys = np.zeros(self._state_size)
         self._good = np.zeros(self._state_size)  # physics state after the last stable step
         self._t = 0
+        self._score = 0.0  # the dense score of the last state (progress rewards are its change)
         self._last_obs = None
         self.action_space = gym.spaces.Box(-1.0, 1.0, (self.ACT_DIM,), np.float32)
         # a list of pairs keeps OBS_KEYS order (a plain dict would be sorted by gymnasium)
@@ -248,7 +252,7 @@ class MujocoTaskEnv(gym.Env):
         self._t = 0
         mujoco.mj_getState(self.model, self.data, self._good, _STATE_SPEC)
         self._last_obs = self._get_obs()
-        success, _, _ = self._evaluate()
+        success, _, self._score = self._evaluate()
         info = self._info()
         info["is_success"] = bool(success)
         info["sim_unstable"] = False
@@ -284,8 +288,11 @@ class MujocoTaskEnv(gym.Env):
         success, failure, dense = self._evaluate()
         if self.reward_type == "sparse":
             reward = 1.0 if success else 0.0
+        elif self.reward_type == "progress":
+            reward = float(dense) - self._score
         else:
             reward = float(dense)
+        self._score = float(dense)
         terminated = bool(failure or (success and self.terminate_on_success))
         info = self._info()
         info["is_success"] = bool(success)
@@ -309,6 +316,7 @@ class MujocoTaskEnv(gym.Env):
         self._set_extra_state(state[n + 1:])
         mujoco.mj_getState(self.model, self.data, self._good, _STATE_SPEC)
         self._last_obs = self._get_obs()
+        self._score = float(self._evaluate()[2])
 
     def observation(self) -> dict:
         """The observation of the current state, as the last reset, step or set_state returned it (copies)."""

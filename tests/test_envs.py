@@ -376,3 +376,34 @@ def test_import_does_not_pull_torch():
     code = "import sys, envs; envs.make_env('push').reset(seed=0); print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("task", ["push", "avoid", "lift"])
+def test_progress_reward_is_the_change_of_the_dense_score(task):
+    dense, prog = envs.make_env(task, reward_type="dense"), envs.make_env(task, reward_type="progress")
+    _, _ = dense.reset(seed=3)
+    _, _ = prog.reset(seed=3)
+    first = dense.unwrapped._evaluate()[2]
+    rng = np.random.default_rng(0)
+    prev, total, n = first, 0.0, 0
+    for _ in range(40):
+        a = rng.uniform(-1, 1, dense.action_space.shape).astype(np.float32)
+        _, rd, td, _, _ = dense.step(a)
+        _, rp, tp, _, _ = prog.step(a)
+        assert rp == pytest.approx(rd - prev, abs=1e-12) and td == tp
+        prev, total, n = rd, total + rp, n + 1
+        if td:
+            break
+    assert total == pytest.approx(prev - first, abs=1e-9)  # an episode's sum is its last score minus its first
+    # a state set from outside (another episode's start) becomes the reference of the next step's progress
+    other = envs.make_env(task, reward_type="dense")
+    other.reset(seed=7)
+    state = other.unwrapped.get_state()
+    dense.unwrapped.set_state(state)
+    prog.unwrapped.set_state(state)
+    start = dense.unwrapped._evaluate()[2]
+    assert start != pytest.approx(prev)
+    a = np.zeros(dense.action_space.shape, np.float32)
+    _, rd, *_ = dense.step(a)
+    _, rp, *_ = prog.step(a)
+    assert rp == pytest.approx(rd - start, abs=1e-12)
