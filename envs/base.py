@@ -121,8 +121,8 @@ def make_renderer(env, model, height: int, width: int, quality: dict | None = No
 
 
 # sparse: 1 on success; dense: the task's shaped score of the state (1 on success); progress: that score's change
-# over the step (a potential difference: every step is credited with what it moved, and an episode's sum is its
-# last score minus its first, so shaping does not change which behaviour is best)
+# over the step (a potential difference: every step is credited with what it moved, and an episode's undiscounted
+# sum is its last score minus its first, so what it rewards is ending close to success, which scores 1)
 REWARD_TYPES = ("sparse", "dense", "progress")
 RENDER_MODES = (None, "rgb_array")
 # Warnings after which MuJoCo's solution is garbage (it silently resets the state on BADQACC).
