@@ -77,8 +77,8 @@ def forward_model_for(pol, name: str, work: Path, log=print, demos: int = FORWAR
     evaluation seed) and ``rollouts`` episodes of the policy itself (synchronous chunked execution, seeds
     ``rollout_seed`` on), cached in ``work`` under its recipe; returns the model and its fit statistics."""
     from dpolicy.data.collect import collect_demos
-    from dpolicy.data.robomimic import read_dataset
-    from dpolicy.deploy.forward import ForwardModel, fit_forward_model, record_rollouts
+    from dpolicy.deploy.forward import ForwardModel, fit_forward_model, fitting_demos
+    from dpolicy.tasks import env_factory_for
 
     tag = forward_tag(demos, steps, rollouts)
     out, stats_file = work / f"forward_{name}_{tag}", work / f"forward_{name}_{tag}.json"
@@ -89,11 +89,7 @@ def forward_model_for(pol, name: str, work: Path, log=print, demos: int = FORWAR
     if not path.exists():
         collect_demos(task, demos, path, seed=seed, progress=False,
                       env_kwargs=(pol.metadata.get("env_args") or {}).get("env_kwargs"))
-    data = read_dataset(path, pol.obs_keys)
-    if rollouts:
-        from dpolicy.tasks import env_factory_for
-
-        data = data + record_rollouts(pol, env_factory_for(pol), rollouts, seed=rollout_seed)
+    data = fitting_demos(path, pol, env_factory_for(pol), rollouts, seed=rollout_seed)
     model, st = fit_forward_model(data, pol.obs_keys, steps=steps)
     model.save(out)
     st["demos"], st["task"], st["steps"], st["rollouts"] = demos, task, steps, rollouts

@@ -67,7 +67,7 @@ def _predictor(c, policy, make_env, out):
     the policy's own episodes) and saved into the run."""
     from pathlib import Path
 
-    from dpolicy.deploy.forward import ForwardModel, fit_forward_model, record_rollouts
+    from dpolicy.deploy.forward import ForwardModel, fit_forward_model, fitting_demos
 
     path = c.predict
     p = Path(path)
@@ -77,12 +77,9 @@ def _predictor(c, policy, make_env, out):
                               "when fitting one on a demonstration file.")
         model = ForwardModel.load(p)
     elif p.is_file():
-        from dpolicy.data.robomimic import read_dataset
-
-        data = read_dataset(p, policy.obs_keys)
         if c.predict_rollouts:
             print(f"forward    : recording {c.predict_rollouts} episodes of the policy (seeds {c.predict_seed}..)", flush=True)
-            data = data + record_rollouts(policy, make_env, c.predict_rollouts, seed=c.predict_seed)
+        data = fitting_demos(p, policy, make_env, c.predict_rollouts, seed=c.predict_seed)
         model, st = fit_forward_model(data, policy.obs_keys,
                                       log=lambda m: print(m, flush=True))  # ~2 min on one CPU core: show progress
         model.save(out / "forward_model")

@@ -190,3 +190,13 @@ def record_rollouts(policy, env_fn, n_episodes: int, seed: int = 0, **controller
     finally:
         env.close()
     return demos
+
+
+def fitting_demos(path, policy, env_fn, rollouts: int = 0, seed: int = 600000) -> list:
+    """What a forward model beside ``policy`` is fitted on: the demonstration file ``path`` read for the policy's
+    observation keys, and, when ``rollouts``, that many of the policy's own episodes (``record_rollouts``, seeds
+    ``seed``..) played in ``env_fn()``'s environments."""
+    from dpolicy.data.robomimic import read_dataset
+
+    demos = read_dataset(path, policy.obs_keys)
+    return demos + record_rollouts(policy, env_fn, rollouts, seed=seed) if rollouts else demos
