@@ -215,7 +215,7 @@ def image_throughput_section(batch_sizes=(64, 256), steps: int = 15, repeats: in
     rows, core_rows, waits, stores = [], [], [], {}
     for codec in codecs:
         t0 = time.perf_counter()
-        windows = ImageHostWindows(data, cfg.vision.crop, codec=codec)
+        windows = ImageHostWindows(data, codec=codec)
         stores[codec] = windows
         log(f"[image-throughput] {codec}: {windows.compressed_bytes_per_frame:,.0f} bytes per step compressed, "
             f"encoded in {time.perf_counter() - t0:.0f} s")
@@ -250,10 +250,10 @@ def image_throughput_section(batch_sizes=(64, 256), steps: int = 15, repeats: in
              f"{sum(p.numel() for p in policy.parameters()):,} parameters in all; the same network, batch size, "
              f"optimizer and EMA in both loops.\n\n"
              f"Reference (Diffusion Policy / robomimic style): every frame is held compressed on its own, read from "
-             f"memory (no file or HDF5 cost); a `Dataset.__getitem__` decodes the window's frames, converts them to "
-             f"float32 in [0, 1] and crops each {h} -> {crop} at a random place in numpy; a `DataLoader` (shuffle, "
-             f"num_workers=1, persistent worker) collates and each batch is copied to the device; the policy reads "
-             f"the {crop}x{crop} frames (scaled back to 0..255) with `vision.crop=0`. Frame stores: "
+             f"memory (no file or HDF5 cost); a `Dataset.__getitem__` decodes the window's frames and converts them to "
+             f"float32; a `DataLoader` (shuffle, num_workers=1, persistent worker) collates and each batch is copied to "
+             f"the device, where the same policy's encoder crops each frame {h} -> {crop} at a random place (as "
+             f"robomimic's `CropRandomizer` does inside Diffusion Policy's model). Frame stores: "
              + "; ".join(f"`{k}`: {v.codec.description}" for k, v in stores.items())
              + f". Ours: the `Trainer` step on a `WindowDataset` with the uint8 frames resident on the device, "
              f"cropped {h} -> {crop} inside the encoder. Medians of {repeats} alternating repeats in one process; the "

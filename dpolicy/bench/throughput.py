@@ -7,18 +7,17 @@ the device from resident tensors (and uses bf16 autocast / compile on CUDA). Bot
 network, batch size, optimizer and EMA; the timings alternate in one process and report medians.
 
 For policies that read cameras the reference is the image pipeline of Diffusion Policy and robomimic:
-every frame is stored compressed and decoded, converted to float32 and randomly cropped per sample
-on the host (``ImageHostWindows``), and the policy reads the pre-cropped frames (``vision.crop=0``).
-Frames are stored either as zlib streams (robomimic's HDF5 files, gzip-chunked one frame per chunk) or
-as JPEG 2000 codestreams at a 50 dB quality target (Diffusion Policy's replay buffer for robomimic
-image datasets, ``Jpeg2k(level=50)`` one frame per chunk). Ours keeps the uint8 frames on the device
-and crops them inside the encoder's forward.
+every frame is stored compressed, decoded and converted to float32 per sample on the host
+(``ImageHostWindows``), collated by the DataLoader and copied to the device, where the same policy's
+encoder takes the random crop (as their ``CropRandomizer`` does, inside the model). Frames are stored
+either as zlib streams (robomimic's HDF5 files, gzip-chunked one frame per chunk) or as JPEG 2000
+codestreams at a 50 dB quality target (Diffusion Policy's replay buffer for robomimic image datasets,
+``Jpeg2k(level=50)`` one frame per chunk). Ours keeps the uint8 frames on the device and crops them
+inside the encoder's forward.
 """
 
 from __future__ import annotations
 
-import copy
-import dataclasses
 import io
 import statistics
 import time
@@ -131,68 +130,36 @@ class ImageHostWindows(HostWindows):
 
     Every camera frame is held compressed on its own (``codec``: zlib streams as in robomimic's HDF5 files, or
     JPEG 2000 as in Diffusion Policy's replay buffer), read from memory, so no file-system or HDF5 cost is added
-    to the reference. ``__getitem__`` decodes the window's frames, converts them to float32 in [0, 1] and crops
-    each to ``crop`` x ``crop`` at a random place (``crop=0``: whole frames), giving ``(To, crop, crop, C)`` per
-    camera: the layout the image encoder reads, so no transpose is needed.
+    to the reference. ``__getitem__`` decodes the window's frames and converts them to float32, giving
+    ``(To, H, W, C)`` per camera: the layout the image encoder reads, so no transpose is needed. The values stay
+    on the 0..255 scale the encoder divides itself (Diffusion Policy divides by 255 here instead: one pass either
+    way), and the random crop is left to the encoder on the device, where Diffusion Policy and robomimic take it.
     """
 
-    def __init__(self, data: WindowDataset, crop: int, codec: str = "zlib"):
+    def __init__(self, data: WindowDataset, codec: str = "zlib"):
         super().__init__(data)
         self.shapes = dict(data.image_shapes)
         for k in self.shapes:
             del self.obs[k]
         self.codec = frame_codec(codec)
         self.frames = {k: [self.codec.encode(np.ascontiguousarray(f)) for f in data.obs[k].cpu().numpy()] for k in self.shapes}
-        self.crop = int(crop)
-        self._seed, self._rng = None, None
 
     @property
     def compressed_bytes_per_frame(self) -> float:
         """Mean bytes one step's frames take compressed, all cameras."""
         return sum(sum(map(len, f)) for f in self.frames.values()) / len(self)
 
-    def generator(self) -> np.random.Generator:
-        """The crop generator of this process: seeded from ``torch.initial_seed()``, which a DataLoader sets apart
-        in each worker (numpy's global state would be the same copy in every forked worker)."""
-        seed = torch.initial_seed()
-        if seed != self._seed:
-            self._seed, self._rng = seed, np.random.default_rng(seed)
-        return self._rng
-
     def __getitem__(self, i):
         oi, ai = self.window(i)
         obs = {k: torch.from_numpy(v[oi]) for k, v in self.obs.items()}
-        rng = self.generator()
-        for k, (h, w, c) in self.shapes.items():
-            frames = [self.codec.decode(self.frames[k][j], (h, w, c)).astype(np.float32) / 255.0 for j in oi]
-            if self.crop:
-                s = self.crop
-                tops, lefts = rng.integers(0, h - s + 1, len(frames)), rng.integers(0, w - s + 1, len(frames))
-                frames = [f[t:t + s, left:left + s] for f, t, left in zip(frames, tops, lefts)]
-            obs[k] = torch.from_numpy(np.stack(frames))
+        for k, shape in self.shapes.items():
+            obs[k] = torch.from_numpy(np.stack([self.codec.decode(self.frames[k][j], shape) for j in oi]).astype(np.float32))
         return {"obs": obs, "action": torch.from_numpy(self.actions[ai])}
 
 
-def precropped(policy, crop: int):
-    """A copy of ``policy`` (same weights) that reads frames already cropped to ``crop`` x ``crop``: its encoder
-    has ``vision.crop=0``, so the same network sees the same 76x76 inputs without cropping again."""
-    from dpolicy.policy.chunk_policy import ChunkPolicy
-
-    cfg = policy.cfg
-    shapes = {k: [crop, crop, c] if crop else [h, w, c] for k, (h, w, c) in cfg.image_shapes.items()}
-    cfg = dataclasses.replace(cfg, image_shapes=shapes, obs_dims={**cfg.obs_dims, **{k: h * w * c for k, (h, w, c) in shapes.items()}},
-                              vision=dataclasses.replace(cfg.vision, crop=0))
-    out = ChunkPolicy(cfg, copy.deepcopy(policy.normalizer), load_pretrained=False)
-    out.load_state_dict(policy.state_dict())
-    return out.to(policy.device)
-
-
-def to_device(batch: dict, device, images=()) -> tuple[dict, torch.Tensor]:
-    """A collated batch on ``device``; the ``images`` keys (float32 in [0, 1]) are scaled back to the encoder's 0..255."""
-    obs = {k: v.to(device, non_blocking=True) for k, v in batch["obs"].items()}
-    for k in images:
-        obs[k] = obs[k] * 255.0
-    return obs, batch["action"].to(device, non_blocking=True)
+def to_device(batch: dict, device) -> tuple[dict, torch.Tensor]:
+    """A collated batch on ``device``."""
+    return {k: v.to(device, non_blocking=True) for k, v in batch["obs"].items()}, batch["action"].to(device, non_blocking=True)
 
 
 def _forever(loader):
@@ -200,7 +167,7 @@ def _forever(loader):
         yield from loader
 
 
-def _loader_loop(policy, dataset, batch_size: int, steps: int, device, images=(), persistent: bool = False) -> tuple[float, float]:
+def _loader_loop(policy, dataset, batch_size: int, steps: int, device, persistent: bool = False) -> tuple[float, float]:
     """``(samples/s, share of the time spent waiting for the loader)`` over ``steps`` batches after one warm-up batch."""
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=1,
                                          pin_memory=device.type == "cuda", persistent_workers=persistent, drop_last=True)
@@ -214,7 +181,7 @@ def _loader_loop(policy, dataset, batch_size: int, steps: int, device, images=()
         batch = next(batches)
         if n:
             wait += time.perf_counter() - t
-        obs, act = to_device(batch, device, images)
+        obs, act = to_device(batch, device)
         loss = policy.loss(obs, act)
         opt.zero_grad()
         loss.backward()
@@ -235,9 +202,9 @@ def reference_loop(policy, data: WindowDataset, batch_size: int, steps: int, dev
 
 
 def image_reference_loop(policy, windows: ImageHostWindows, batch_size: int, steps: int, device) -> tuple[float, float]:
-    """``(samples/s, loader-wait share)`` of the image reference loop; ``policy`` reads pre-cropped frames
-    (``precropped``). Its worker persists across epochs, so no worker restart is timed."""
-    return _loader_loop(policy, windows, batch_size, steps, device, images=list(windows.shapes), persistent=True)
+    """``(samples/s, loader-wait share)`` of the image reference loop. Its worker persists across epochs, so no
+    worker restart is timed."""
+    return _loader_loop(policy, windows, batch_size, steps, device, persistent=True)
 
 
 def our_loop(policy, data: WindowDataset, batch_size: int, steps: int, device, compile: bool = False) -> float:
@@ -319,21 +286,18 @@ def image_memory(data: WindowDataset) -> dict:
 def compare_images(make_policy, data: WindowDataset, batch_size: int, steps: int, repeats: int = 3, compile: bool = False,
                    windows: ImageHostWindows | None = None, threads: int | None = None,
                    reference_threads: tuple[int | None, ...] = (None,)) -> dict:
-    """``compare`` for a policy that reads cameras: the reference reads ``windows`` (compressed frames cropped per
-    sample on the host; built here when None) with a ``precropped`` copy of the policy, ours trains the policy as
-    built (uint8 frames resident on the device, cropped by the encoder). Medians, ratio and the reference's
+    """``compare`` for a policy that reads cameras: the reference reads ``windows`` (compressed frames decoded per
+    sample on the host; built here when None), ours the uint8 frames resident on the device; both train a fresh
+    copy of the same policy, whose encoder crops on the device. Medians, ratio and the reference's
     median share of time spent waiting for its loader. ``threads`` sets torch's compute threads for our loop and
     each of ``reference_threads`` for one timing of the reference's training process (its loader worker is a
     process of its own); the ratio is against the fastest of them (None: leave the setting as it is)."""
-    crop = make_policy().cfg.vision.crop
-    windows = ImageHostWindows(data, crop) if windows is None else windows
-    if windows.crop != crop:
-        raise ValueError(f"the reference windows crop to {windows.crop}, the policy's encoder to {crop}.")
+    windows = ImageHostWindows(data) if windows is None else windows
     ours, ref, wait = [], {n: [] for n in reference_threads}, {n: [] for n in reference_threads}
     for _ in range(repeats):
         for n in reference_threads:
             with torch_threads(n):
-                sps, share = image_reference_loop(precropped(make_policy().to(data.device), crop), windows, batch_size, steps,
+                sps, share = image_reference_loop(make_policy().to(data.device), windows, batch_size, steps,
                                                   data.device)
             ref[n].append(sps)
             wait[n].append(share)
