@@ -10,7 +10,7 @@ from gymnasium import spaces
 
 from conftest import make_demos, tiny_policy
 from dpolicy.errors import ConfigError
-from dpolicy.rl.finetune import DenoisingChain, FinetuneConfig, Finetuner, group_advantages, gae, Batch
+from dpolicy.rl.finetune import DenoisingChain, FinetuneConfig, Finetuner, group_advantages, gae, Batch, collect
 
 TARGET = np.array([0.6, -0.4, 0.2], np.float32)
 
@@ -57,7 +57,8 @@ def test_chain_log_probabilities_are_the_gaussians_they_were_drawn_from(process,
 def test_settings_are_checked():
     for kw, culprit in [(dict(algo="trpo"), "algo"), (dict(group=1, algo="grpo"), "group"), (dict(std=0), "std"),
                         (dict(episodes_per_iter=10, group=4, algo="gspo"), "multiple"), (dict(gamma=1.5), "gamma"),
-                        (dict(env_steps=0), "env_steps"), (dict(kl_coef=-1), "kl_coef")]:
+                        (dict(env_steps=0), "env_steps"), (dict(kl_coef=-1), "kl_coef"),
+                        (dict(algo="ppo", branch=True), "branch"), (dict(algo="grpo", branch="yes"), "branch")]:
         with pytest.raises(ConfigError, match=culprit):
             FinetuneConfig(base="x", **kw)
     with pytest.raises(ConfigError, match="base"):
@@ -103,6 +104,70 @@ def test_each_algorithm_moves_a_bandit_towards_its_optimum(algo):
     tuner.close()
     # 1,280 one-step episodes: every method at least halves the error; the likelihood-ratio ones get much closer
     assert err() < (0.3 if algo in ("ppo", "grpo") else 0.5) * before, (before, err())
+
+
+class Walk(gym.Env):
+    """12 steps; the position integrates the first two action entries (``moves``) or stays at 0; reward -|pos|."""
+
+    def __init__(self, moves=True):
+        self.observation_space = Bandit().observation_space
+        self.action_space = spaces.Box(-1, 1, (3,), np.float32)
+        self.moves = moves
+
+    def _obs(self):
+        return {"pos": self.pos.astype(np.float32), "vel": np.zeros(3, np.float32)}
+
+    def reset(self, seed=None, options=None):
+        super().reset(seed=seed)
+        self.pos, self.t = self.np_random.uniform(-1, 1, 2), 0
+        return self._obs(), {}
+
+    def step(self, a):
+        self.pos = self.pos + 0.1 * np.asarray(a[:2]) * self.moves
+        self.t += 1
+        return self._obs(), -float(np.abs(self.pos).sum()), False, self.t >= 12, {"is_success": False}
+
+
+@pytest.mark.parametrize("common", [True, False])
+def test_branching_groups_share_the_trunk_and_sample_their_own_chunk_at_the_branch(common):
+    pol = tiny_policy(process="flow", sampler="euler", steps=3, seed=2).eval()
+    chain = DenoisingChain(pol, ft_steps=1, std=0.3)
+    n, g = 8, 4
+    at, leader = np.repeat([1, 2], g), np.repeat([0, g], g)
+    for moves in (True, False):
+        b = collect(pol, chain, [Walk(moves) for _ in range(n)], [5] * g + [7] * g, 0.99, 0.0, np.random.default_rng(0),
+                    at, leader, common)
+        assert b.env_steps == 12 * n and b.branch.sum() == n  # three decisions per episode, one of them the branch
+        dec = {e: np.nonzero(b.episode == e)[0] for e in range(n)}
+        assert all(b.branch[dec[e][at[e]]] for e in range(n))
+        for grp in (range(g), range(g, n)):
+            first = grp[0]
+            for k in range(at[first] + 1):  # the members' observations are the leader's up to the branch
+                assert all(torch.equal(b.cond[dec[e][k]], b.cond[dec[first][k]]) for e in grp)
+            chunks = [b.latents[dec[e][at[first]], -1, :pol.Ta] for e in grp]  # each samples its own chunk there
+            assert all(not torch.equal(chunks[0], c) for c in chunks[1:])
+            if moves:  # ... and the chunks lead to different states
+                nxt = at[first] + 1
+                if nxt < 3:
+                    assert not torch.equal(b.cond[dec[grp[1]][nxt]], b.cond[dec[first][nxt]])
+            elif at[first] + 1 < 3:  # same observation after the branch: common noise makes the same chunk
+                later = [b.latents[dec[e][at[first] + 1], -1] for e in grp]
+                assert all(torch.equal(later[0], c) for c in later[1:]) == common
+        if not moves:  # nothing the policy does changes the reward: every member's return is the same
+            assert np.all(b.returns[:g] == b.returns[0])
+
+
+def test_branching_grpo_trains_only_the_branch_decisions_and_moves_the_bandit():
+    pol, err = _bandit_policy()
+    cfg = FinetuneConfig(base="unused", algo="grpo", branch=True, episodes_per_iter=32, group=8, std=0.3, lr=3e-3,
+                         epochs=16, batch_size=32, gamma=1.0, seed=1)
+    tuner = Finetuner(pol, Bandit, cfg)
+    before = err()
+    for _ in range(40):
+        it = tuner.iteration()
+        assert it["trained"] == 32  # one-decision episodes: every member branches at its first decision
+    tuner.close()
+    assert err() < 0.3 * before, (before, err())
 
 
 class LooseBandit(Bandit):

@@ -14,7 +14,13 @@ Every iteration plays whole episodes with the policy being trained (``collect``)
 * ``grpo`` / ``gspo``: ``group`` episodes start from the same reset state (the same seed gives the same
   simulator state), each episode's return is normalized within its group and is the advantage of every
   decision in it; no value network. GRPO clips each denoising step's ratio (token level); GSPO clips the
-  chain's length-normalized ratio ``exp(mean_k log r_k)`` (sequence level);
+  chain's length-normalized ratio ``exp(mean_k log r_k)`` (sequence level). With ``branch=True`` a group is
+  ``group`` chunks sampled at one decision instead: its episodes play the same chunks up to a decision drawn
+  at random (a shared trunk: same seed, same actions, so the same simulator state in every member), each
+  member samples its own chunk there and plays on to the end, and only that decision is trained, with its
+  member's normalized return as advantage. After the branch the members draw the same noise for every later
+  decision (``common_noise``), so what differs between their returns is the branch's chunk and where it led,
+  not the luck of the rest of the episode;
 * ``awm``: advantage-weighted matching: the policy's own training loss on its own sampled chunks, weighted by
   ``exp(A / temperature)`` (capped), with the group advantages; no likelihood of the chain is needed.
 * ``filtered``: success-filtered matching (reward-weighted regression with a 0/1 weight, self-imitation): the
@@ -30,6 +36,7 @@ so evaluation, deployment (chunked or RTI), composition, export and steering loa
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 import math
@@ -59,6 +66,8 @@ class FinetuneConfig:
     env_steps: int = 200000         # environment steps of fine-tuning
     episodes_per_iter: int = 16     # episodes played per iteration (grpo/gspo/awm: a multiple of group)
     group: int = 8                  # grpo/gspo/awm: episodes per state-reset group
+    branch: bool = False            # grpo/gspo/awm: a group is G chunks at one decision of a shared trunk
+    common_noise: bool = True       # branch: the members draw the same noise after the branch
     ft_steps: int | None = None     # K': fine-tuned denoising steps, the last ones (None: all of them)
     sampling_steps: int | None = None  # denoising steps of the chain (None: the policy's own)
     std: float = 0.1                # exploration std of each fine-tuned step (normalized action units)
@@ -106,6 +115,11 @@ class FinetuneConfig:
             raise ConfigError(f"episodes_per_iter={self.episodes_per_iter} must be a multiple of group={self.group}.")
         if grouped and self.group < 2:
             raise ConfigError(f"group={self.group} must be at least 2: a group normalizes returns against each other.")
+        for k in ("branch", "common_noise"):
+            if not isinstance(getattr(self, k), bool):
+                raise ConfigError(f"{k}={getattr(self, k)!r} must be true or false.")
+        if self.branch and not grouped:
+            raise ConfigError(f"branch=true needs a group method (grpo, gspo or awm); algo={self.algo!r} has no groups.")
         for k in ("std", "lr", "critic_lr", "clip", "seq_clip", "temperature", "max_weight"):
             v = getattr(self, k)
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
@@ -190,11 +204,26 @@ class Batch:
     returns: np.ndarray       # (E,) undiscounted episode returns
     successes: np.ndarray     # (E,)
     env_steps: int
+    branch: np.ndarray | None = None  # (D,) the decision is its episode's branch decision (branching groups)
+
+    def rows(self, keep: np.ndarray) -> "Batch":
+        """The decisions where ``keep`` holds (episode-level fields unchanged)."""
+        t = torch.as_tensor(np.nonzero(keep)[0], device=self.cond.device)
+        pick = lambda a: None if a is None else a[keep]  # noqa: E731
+        return dataclasses.replace(self, cond=self.cond[t], latents=self.latents[t], logp=self.logp[t], reward=self.reward[keep],
+                                   discount=self.discount[keep], episode=self.episode[keep], last=self.last[keep],
+                                   terminated=self.terminated[keep], branch=pick(self.branch))
 
 
 def collect(policy, chain: DenoisingChain, envs: list, seeds: list[int], gamma: float, reward_offset: float,
-            rng: np.random.Generator) -> Batch:
-    """Play one episode per env slot (``seeds[i]`` in slot ``i``) with the chain's Gaussian steps; record every decision."""
+            rng: np.random.Generator, branch_at: np.ndarray | None = None, leader: np.ndarray | None = None,
+            common_noise: bool = True) -> Batch:
+    """Play one episode per env slot (``seeds[i]`` in slot ``i``) with the chain's Gaussian steps; record every decision.
+
+    Branching groups: slot ``i`` executes the chunks of slot ``leader[i]`` (same seed: the same states) for its
+    first ``branch_at[i]`` decisions, samples its own chunk at decision ``branch_at[i]`` (flagged in
+    ``Batch.branch``) and its own from then on; with ``common_noise`` the slots sharing a leader restart one
+    noise stream after the branch. ``branch_at[i] < 0``: an ordinary episode."""
     n, dev = len(seeds), torch.device(policy.device)
     To, Tp, Ta, Da = policy.To, policy.Tp, policy.Ta, policy.action_dim
     runner = EpisodeRunner(envs, seeds)
@@ -205,6 +234,11 @@ def collect(policy, chain: DenoisingChain, envs: list, seeds: list[int], gamma: 
     queue = np.zeros((n, Ta, Da), np.float32)
     pos = np.full(n, Ta)
     cur = np.full(n, -1)  # each slot's current decision
+    made = np.zeros(n, int)  # decisions each slot has made
+    branch_at = np.full(n, -1) if branch_at is None else np.asarray(branch_at)
+    leader = np.arange(n) if leader is None else np.asarray(leader)
+    after = {int(g): int(rng.integers(2**62)) for g in np.unique(leader)}  # each group's noise after its branch
+    flags: list[bool] = []
     rec: dict[str, list] = {k: [] for k in ("cond", "lat", "logp", "reward", "disc", "episode", "steps")}
     ended_at, terminated, final_cond = {}, {}, [None] * n
     unnorm = policy.normalizer.action.unnormalize
@@ -219,8 +253,14 @@ def collect(policy, chain: DenoisingChain, envs: list, seeds: list[int], gamma: 
                 noise = torch.stack([torch.randn(Tp, Da, device=dev, generator=gens[r]) for r in rows])
                 x, lat, logp = chain.sample(cond, noise, [gens[r] for r in rows])
                 queue[rows] = unnorm(x)[:, :Ta].cpu().numpy()
+            trunk = rows[made[rows] < branch_at[rows]]
+            queue[trunk] = queue[leader[trunk]]  # the leader plans at the same step: its state is theirs
             pos[rows] = 0
             for j, r in enumerate(rows):
+                flags.append(bool(made[r] == branch_at[r]))
+                if flags[-1] and common_noise:
+                    gens[r] = torch.Generator(device=dev).manual_seed(after[int(leader[r])])
+                made[r] += 1
                 cur[r] = len(rec["cond"])
                 rec["cond"].append(cond[j])
                 rec["lat"].append(lat[j])
@@ -256,7 +296,7 @@ def collect(policy, chain: DenoisingChain, envs: list, seeds: list[int], gamma: 
                  reward=np.array(rec["reward"]), discount=np.array(rec["disc"]), episode=np.array(rec["episode"]),
                  last=last, terminated=term, final_cond=torch.stack(final_cond),
                  returns=np.array([r.ret + reward_offset * r.length for r in recs]),
-                 successes=np.array([r.success for r in recs], dtype=bool), env_steps=env_steps)
+                 successes=np.array([r.success for r in recs], dtype=bool), env_steps=env_steps, branch=np.array(flags, bool))
 
 
 def gae(batch: Batch, values: np.ndarray, final_values: np.ndarray, lam: float) -> tuple[np.ndarray, np.ndarray]:
@@ -313,6 +353,7 @@ class Finetuner:
         self.envs = [env_fn() for _ in range(n)] if backend.kind == "local" else PooledEnvs(env_fn, n, backend)
         self.rng = np.random.default_rng(cfg.seed)
         self.env_steps = 0
+        self.decisions = 1.0  # branch: the median episode's decisions in the last iteration (branch points drawn below it)
         self.replay: tuple[torch.Tensor, torch.Tensor] | None = None  # filtered: (cond, chunk) of successful decisions
 
     def seeds(self) -> list[int]:
@@ -321,11 +362,25 @@ class Finetuner:
             return [int(s) for s in self.rng.integers(2**31, size=c.episodes_per_iter)]
         return [int(s) for s in self.rng.integers(2**31, size=c.episodes_per_iter // c.group) for _ in range(c.group)]
 
+    def branches(self) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """Branching groups: each slot's branch decision (one draw per group, below the last iteration's median
+        episode length in decisions) and its group's first slot, whose trunk it plays."""
+        c = self.cfg
+        if not c.branch:
+            return None, None
+        n = c.episodes_per_iter // c.group
+        at = self.rng.integers(0, max(int(self.decisions), 1), size=n)
+        return np.repeat(at, c.group), np.repeat(np.arange(n) * c.group, c.group)
+
     def iteration(self) -> dict:
         c, pol = self.cfg, self.policy
         pol.eval()
-        batch = collect(pol, self.chain, self.envs, self.seeds(), c.gamma, c.reward_offset, self.rng)
+        seeds = self.seeds()
+        branch_at, leader = self.branches()
+        batch = collect(pol, self.chain, self.envs, seeds, c.gamma, c.reward_offset, self.rng, branch_at, leader,
+                        c.common_noise)
         self.env_steps += batch.env_steps
+        self.decisions = float(np.median(np.bincount(batch.episode)))
         if c.algo == "filtered":
             stats = self.imitate_successes(batch)
             return {"env_steps": self.env_steps, "return": float(batch.returns.mean()),
@@ -338,10 +393,16 @@ class Finetuner:
             adv = (adv - adv.mean()) / (adv.std() + 1e-6)
         else:
             adv, targets = group_advantages(batch, c.group), None
+        out = {"env_steps": self.env_steps, "return": float(batch.returns.mean()), "success": float(batch.successes.mean()),
+               "decisions": len(batch.reward)}
+        if c.branch:  # only the branch decisions are trained; a group whose trunk ended before its branch has none
+            adv, batch = adv[batch.branch], batch.rows(batch.branch)
+            out["trained"] = len(adv)
+            if not len(adv):
+                return out
         stats = self.update(batch, torch.as_tensor(adv, dtype=torch.float32, device=self.device),
                             None if targets is None else torch.as_tensor(targets, dtype=torch.float32, device=self.device))
-        return {"env_steps": self.env_steps, "return": float(batch.returns.mean()), "success": float(batch.successes.mean()),
-                "decisions": len(batch.reward), **stats}
+        return {**out, **stats}
 
     def imitate_successes(self, batch: Batch) -> dict:
         """Add the decisions of the successful episodes to the replay (the newest ``buffer`` kept), then take
