@@ -222,13 +222,14 @@ def test_async_section_reports_every_strategy_delay_and_reference(tmp_path):
     assert again.rstrip() == body.split("![")[0].rstrip()  # every cell came from the saved results
 
 
-def test_the_bench_command_repeats_the_async_sections_defaults():
-    from dpolicy.bench import asynchronous
+def test_the_bench_command_repeats_the_sections_defaults():
+    from dpolicy.bench import asynchronous, finetune
     from dpolicy.cli import bench
 
     assert bench.ASYNC_STRATEGIES == asynchronous.STRATEGIES and bench.ASYNC_DELAYS == asynchronous.DELAYS
     assert bench.ASYNC_SEED == asynchronous.SEED and bench.ASYNC_FORWARD_ROLLOUTS == asynchronous.FORWARD_ROLLOUTS
     assert bench.ASYNC_SELECT_EPISODES == asynchronous.SELECT_EPISODES
+    assert bench.FINETUNE_METHODS == finetune.METHODS
 
 
 def test_rtc_settings_choice_prefers_the_smoothest_of_the_nearly_best():

@@ -222,6 +222,8 @@ def test_bench_reads_each_run_at_the_reference_budget_and_wall_clock():
     assert at(h, "wall_s", 9.0)["success_rate"] == 0.5 and at(h, "wall_s", 9.5)["success_rate"] == 0.7
     assert at(h, "wall_s", 100.0) is h[-1]  # a run shorter than the reference: its last evaluation
     assert settings("push", "filtered")["bc_steps"] == 200 and settings("avoid", "ppo")["episodes_per_iter"] == 16
+    assert settings("lift", "grpo-branch")["algo"] == "grpo" and settings("lift", "grpo-branch")["branch"] is True
+    assert settings("lift", "grpo")["algo"] == "grpo" and "branch" not in settings("lift", "grpo")
 
 
 def test_bench_verdict_names_the_family_with_the_higher_median():

@@ -26,7 +26,9 @@ RECIPE = dict(ft_steps=1, std=0.1, lr=3e-6, episodes_per_iter=64, group=8, batch
 SHORT = dict(ft_steps=1, std=0.1, lr=1e-4, episodes_per_iter=16, group=8, batch_size=256)
 RECIPES = {"push": RECIPE, "avoid": SHORT, "lift": SHORT}
 # success-filtered matching is behaviour cloning on the replay of successes: a BC learning rate and batch
-ALGO_SETTINGS = {"awm": {"lr": 1e-5}, "filtered": {"lr": 1e-4, "batch_size": 256, "bc_steps": 200}}
+# grpo-branch: GRPO over branching groups (G chunks at one random decision of a shared trunk, common noise after it)
+ALGO_SETTINGS = {"awm": {"lr": 1e-5}, "filtered": {"lr": 1e-4, "batch_size": 256, "bc_steps": 200}, "grpo-branch": {"branch": True}}
+METHODS = ("ppo", "grpo", "gspo", "awm", "filtered", "grpo-branch")
 # fine-tuning budgets: push's is the acceptance budget; avoid's and lift's are 15x and 7.5x DSRL-NA's env steps
 # (DSRL's critic updates cost 20-50x more per env step than an iteration here, so a fine-tuning run still ends inside
 # DSRL's wall clock; the section marks where it did)
@@ -36,8 +38,9 @@ BUDGETS = {"push": 200000, "avoid": 150000, "lift": 150000}
 DSRL_SEEDS = {"push": (0,)}
 
 
-def settings(task: str, algo: str) -> dict:
-    return {**RECIPES[task], **ALGO_SETTINGS.get(algo, {})}
+def settings(task: str, method: str) -> dict:
+    """A section method's FinetuneConfig fields on ``task`` (the algorithm included: ``grpo-branch`` is GRPO's)."""
+    return {**RECIPES[task], "algo": method.split("-")[0], **ALGO_SETTINGS.get(method, {})}
 
 
 def _reach(history, level):
@@ -110,7 +113,7 @@ def finetune_section(work: Path, log=print, tasks=("push",), algos=("ppo", "grpo
                 if mfile.exists():
                     m = json.loads(mfile.read_text())
                 else:
-                    cfg = FinetuneConfig(base=str(base_root), algo=algo, env_steps=budget, eval_every=every,
+                    cfg = FinetuneConfig(base=str(base_root), env_steps=budget, eval_every=every,
                                          eval_episodes=eval_episodes, seed=seed, progress=False, **settings(task, algo))
                     m = finetune(cfg, run, log=lambda s: log(f"[finetune {task} {algo} s{seed}] {s}"))
                 results[f"{task}/{algo}/s{seed}"] = tuned[f"{task}/{algo}/s{seed}"] = m

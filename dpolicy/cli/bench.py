@@ -41,6 +41,8 @@ from pathlib import Path
 ASYNC_STRATEGIES = ("naive", "ensemble", "bid", "rtc")
 # the async section's defaults (dpolicy.bench.asynchronous)
 ASYNC_DELAYS, ASYNC_SEED, ASYNC_FORWARD_ROLLOUTS, ASYNC_SELECT_EPISODES = (0, 1, 2, 4, 6), 100000, 0, 100
+# the finetune section's methods (dpolicy.bench.finetune.METHODS)
+FINETUNE_METHODS = ("ppo", "grpo", "gspo", "awm", "filtered", "grpo-branch")
 SECTIONS = ("envs", "throughput", "image-throughput", "bc", "image", "image-rti", "steer", "headroom", "rti", "latency", "gpu-latency", "compose",
             "drive", "robosuite", "pusht", "peers", "reliability", "rollouts", "async", "finetune")
 
@@ -115,7 +117,7 @@ def check_args(args, sections: list[str]) -> None:
             raise ConfigError(f"--async-forward-rollouts={args.async_forward_rollouts} must be 0 or more.")
     if "finetune" in sections:
         _names("--finetune-tasks", args.finetune_tasks, ["avoid", "push", "lift"])
-        _names("--finetune-algos", args.finetune_algos, ["ppo", "grpo", "gspo", "awm", "filtered"])
+        _names("--finetune-algos", args.finetune_algos, list(FINETUNE_METHODS))
     if "bc" in sections or args.overrides:
         runs = [[f"task={t}", f"process={p}"] for t in tasks for p in procs] if "bc" in sections else [[]]
         for over in runs:
@@ -153,7 +155,7 @@ def main(argv=None) -> int:
     ap.add_argument("--async-horizon", choices=["Ta", "half"], default="Ta",
                     help="async section: a new inference every max(Ta, d) (Ta) or max(Ta / 2, d) (half) steps")
     ap.add_argument("--finetune-tasks", default="push", help="weak bases for the finetune section: avoid, push, lift")
-    ap.add_argument("--finetune-algos", default="ppo,grpo,gspo,awm,filtered", help="methods for the finetune section")
+    ap.add_argument("--finetune-algos", default="ppo,grpo,gspo,awm,filtered", help="methods for the finetune section: " + ", ".join(FINETUNE_METHODS))
     ap.add_argument("--ablation-seeds", type=int, default=1, help="seeds of the stochastic-sampler ablation (steer; 0: none)")
     ap.add_argument("--ship", action="store_true", help="copy the bc policies into checkpoints/ with a manifest")
     ap.add_argument("--backend", default="local", help="where the sections' rollouts run: local, subprocess, ray")
