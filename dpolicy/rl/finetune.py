@@ -235,9 +235,11 @@ def collect(policy, chain: DenoisingChain, envs: list, seeds: list[int], gamma: 
     pos = np.full(n, Ta)
     cur = np.full(n, -1)  # each slot's current decision
     made = np.zeros(n, int)  # decisions each slot has made
-    branch_at = np.full(n, -1) if branch_at is None else np.asarray(branch_at)
-    leader = np.arange(n) if leader is None else np.asarray(leader)
-    after = {int(g): int(rng.integers(2**62)) for g in np.unique(leader)}  # each group's noise after its branch
+    branching = branch_at is not None
+    branch_at = np.asarray(branch_at) if branching else np.full(n, -1)
+    leader = np.asarray(leader) if branching else np.arange(n)
+    # each group's noise after its branch (drawn only when branching, so ordinary runs keep their random stream)
+    after = {int(g): int(rng.integers(2**62)) for g in np.unique(leader)} if branching else {}
     flags: list[bool] = []
     rec: dict[str, list] = {k: [] for k in ("cond", "lat", "logp", "reward", "disc", "episode", "steps")}
     ended_at, terminated, final_cond = {}, {}, [None] * n
