@@ -157,6 +157,28 @@ def test_branching_groups_share_the_trunk_and_sample_their_own_chunk_at_the_bran
             assert np.all(b.returns[:g] == b.returns[0])
 
 
+def test_a_branch_horizon_cuts_each_member_after_its_decisions_from_the_branch():
+    pol = tiny_policy(process="flow", sampler="euler", steps=3, seed=2).eval()
+    chain = DenoisingChain(pol, ft_steps=1, std=0.3)
+    g = 4
+    at, leader = np.repeat([0, 1, 2], g), np.repeat([0, g, 2 * g], g)
+    full = collect(pol, chain, [Walk() for _ in range(3 * g)], [5] * 3 * g, 0.99, 0.0, np.random.default_rng(0), at, leader)
+    cut = collect(pol, chain, [Walk() for _ in range(3 * g)], [5] * 3 * g, 0.99, 0.0, np.random.default_rng(0), at, leader,
+                  horizon=1)
+    # Ta = 4, 12-step episodes: a member branching at decision j plays 4 (j + 1) steps, or 12 if its episode ends first
+    assert cut.env_steps == g * (4 + 8 + 12) and full.env_steps == 3 * g * 12
+    assert cut.branch.sum() == 3 * g and np.array_equal(np.bincount(cut.episode), np.repeat([1, 2, 3], g))
+    assert np.array_equal(cut.last, np.isin(np.arange(len(cut.episode)), [np.nonzero(cut.episode == e)[0][-1] for e in range(3 * g)]))
+    assert not cut.terminated.any() and len(cut.final_cond) == 3 * g
+    # the same random streams: the cut episodes' returns are the first steps' of the full ones
+    np.testing.assert_allclose(cut.returns[2 * g:], full.returns[2 * g:])
+    assert np.all(cut.returns[:g] > full.returns[:g])  # fewer steps of a negative reward
+    with pytest.raises(ConfigError, match="branch_horizon"):
+        FinetuneConfig(base="x", algo="grpo", branch_horizon=2)
+    with pytest.raises(ConfigError, match="branch_horizon"):
+        FinetuneConfig(base="x", algo="grpo", branch=True, branch_horizon=0)
+
+
 def test_branching_grpo_trains_only_the_branch_decisions_and_moves_the_bandit():
     pol, err = _bandit_policy()
     cfg = FinetuneConfig(base="unused", algo="grpo", branch=True, episodes_per_iter=32, group=8, std=0.3, lr=3e-3,

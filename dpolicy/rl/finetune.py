@@ -50,7 +50,7 @@ from torch import nn
 
 from dpolicy.config import register
 from dpolicy.errors import ConfigError
-from dpolicy.eval.runner import EpisodeRunner
+from dpolicy.eval.runner import EpisodeRecord, EpisodeRunner
 from dpolicy.policy.history import ObsHistory
 from dpolicy.process import sample_loop
 
@@ -68,6 +68,7 @@ class FinetuneConfig:
     group: int = 8                  # grpo/gspo/awm: episodes per state-reset group
     branch: bool = False            # grpo/gspo/awm: a group is G chunks at one decision of a shared trunk
     common_noise: bool = True       # branch: the members draw the same noise after the branch
+    branch_horizon: int | None = None  # branch: decisions each member plays from its branch on (None: to the end)
     ft_steps: int | None = None     # K': fine-tuned denoising steps, the last ones (None: all of them)
     sampling_steps: int | None = None  # denoising steps of the chain (None: the policy's own)
     std: float = 0.1                # exploration std of each fine-tuned step (normalized action units)
@@ -120,6 +121,12 @@ class FinetuneConfig:
                 raise ConfigError(f"{k}={getattr(self, k)!r} must be true or false.")
         if self.branch and not grouped:
             raise ConfigError(f"branch=true needs a group method (grpo, gspo or awm); algo={self.algo!r} has no groups.")
+        if self.branch_horizon is not None:
+            h = self.branch_horizon
+            if isinstance(h, bool) or not isinstance(h, int) or h < 1:
+                raise ConfigError(f"branch_horizon={h!r} must be an integer of at least 1 (or null: to the episode's end).")
+            if not self.branch:
+                raise ConfigError("branch_horizon needs branch=true: it cuts the members' episodes after their branch.")
         for k in ("std", "lr", "critic_lr", "clip", "seq_clip", "temperature", "max_weight"):
             v = getattr(self, k)
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
@@ -217,13 +224,15 @@ class Batch:
 
 def collect(policy, chain: DenoisingChain, envs: list, seeds: list[int], gamma: float, reward_offset: float,
             rng: np.random.Generator, branch_at: np.ndarray | None = None, leader: np.ndarray | None = None,
-            common_noise: bool = True) -> Batch:
+            common_noise: bool = True, horizon: int | None = None) -> Batch:
     """Play one episode per env slot (``seeds[i]`` in slot ``i``) with the chain's Gaussian steps; record every decision.
 
     Branching groups: slot ``i`` executes the chunks of slot ``leader[i]`` (same seed: the same states) for its
     first ``branch_at[i]`` decisions, samples its own chunk at decision ``branch_at[i]`` (flagged in
     ``Batch.branch``) and its own from then on; with ``common_noise`` the slots sharing a leader restart one
-    noise stream after the branch. ``branch_at[i] < 0``: an ordinary episode."""
+    noise stream after the branch; with ``horizon`` a slot stops after that many decisions from its branch on
+    (its episode is cut there: not terminated, its return and success so far). ``branch_at[i] < 0``: an ordinary
+    episode."""
     n, dev = len(seeds), torch.device(policy.device)
     To, Tp, Ta, Da = policy.To, policy.Tp, policy.Ta, policy.action_dim
     runner = EpisodeRunner(envs, seeds)
@@ -241,13 +250,24 @@ def collect(policy, chain: DenoisingChain, envs: list, seeds: list[int], gamma: 
     # each group's noise after its branch (drawn only when branching, so ordinary runs keep their random stream)
     after = {int(g): int(rng.integers(2**62)) for g in np.unique(leader)} if branching else {}
     flags: list[bool] = []
+    stopped = np.zeros(n, bool)  # slots cut after their branch horizon
     rec: dict[str, list] = {k: [] for k in ("cond", "lat", "logp", "reward", "disc", "episode", "steps")}
     ended_at, terminated, final_cond = {}, {}, [None] * n
     unnorm = policy.normalizer.action.unnormalize
     env_steps = 0
-    while runner.active.any():
-        active = runner.active
+    while (runner.active & ~stopped).any():
+        active = runner.active & ~stopped
         plan = active & (pos >= Ta)
+        if horizon is not None:
+            cut = plan & (branch_at >= 0) & (made >= branch_at + horizon)
+            for r in np.nonzero(cut)[0]:
+                ended_at[int(r)], terminated[int(r)] = cur[r], False
+                with torch.no_grad():
+                    final_cond[r] = policy.encode(hist.window([r]))[0]
+            stopped |= cut
+            active, plan = active & ~cut, plan & ~cut
+            if not active.any():
+                break
         if plan.any():
             rows = np.nonzero(plan)[0]
             with torch.no_grad():
@@ -293,7 +313,10 @@ def collect(policy, chain: DenoisingChain, envs: list, seeds: list[int], gamma: 
     term = np.zeros(D, bool)
     for r, i in ended_at.items():
         last[i], term[i] = True, terminated[r]
-    recs = runner.records
+    # a cut episode has no record of its own: its return, length and success so far
+    recs = [rec if rec is not None else EpisodeRecord(seed=int(seeds[i]), success=bool(runner.success[i]), ret=float(runner.ret[i]),
+                                                      length=int(runner.length[i]), mode=None, unstable=False)
+            for i, rec in enumerate(runner.records)]
     return Batch(cond=torch.stack(rec["cond"]), latents=torch.stack(rec["lat"]), logp=torch.stack(rec["logp"]),
                  reward=np.array(rec["reward"]), discount=np.array(rec["disc"]), episode=np.array(rec["episode"]),
                  last=last, terminated=term, final_cond=torch.stack(final_cond),
@@ -380,7 +403,7 @@ class Finetuner:
         seeds = self.seeds()
         branch_at, leader = self.branches()
         batch = collect(pol, self.chain, self.envs, seeds, c.gamma, c.reward_offset, self.rng, branch_at, leader,
-                        c.common_noise)
+                        c.common_noise, c.branch_horizon)
         self.env_steps += batch.env_steps
         self.decisions = float(np.median(np.bincount(batch.episode)))
         if c.algo == "filtered":
