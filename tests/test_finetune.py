@@ -127,6 +127,12 @@ class Walk(gym.Env):
         self.t += 1
         return self._obs(), -float(np.abs(self.pos).sum()), False, self.t >= 12, {"is_success": False}
 
+    def get_state(self):
+        return np.array([*self.pos, self.t])
+
+    def set_state(self, state):
+        self.pos, self.t = np.array(state[:2]), int(state[2])
+
 
 @pytest.mark.parametrize("common", [True, False])
 def test_branching_groups_share_the_trunk_and_sample_their_own_chunk_at_the_branch(common):
@@ -177,6 +183,34 @@ def test_a_branch_horizon_cuts_each_member_after_its_decisions_from_the_branch()
         FinetuneConfig(base="x", algo="grpo", branch_horizon=2)
     with pytest.raises(ConfigError, match="branch_horizon"):
         FinetuneConfig(base="x", algo="grpo", branch=True, branch_horizon=0)
+
+
+def test_copying_the_leaders_state_plays_the_same_branches_and_pays_the_trunk_once():
+    pol = tiny_policy(process="flow", sampler="euler", steps=3, seed=2).eval()
+    chain = DenoisingChain(pol, ft_steps=1, std=0.3)
+    g = 4
+    at, leader = np.repeat([0, 2, 5], g), np.repeat([0, g, 2 * g], g)  # the third group's episodes end before its branch
+    runs = [collect(pol, chain, [Walk() for _ in range(3 * g)], [5] * g + [7] * g + [9] * g, 0.99, 0.0,
+                    np.random.default_rng(0), at, leader, copy_state=copy) for copy in (False, True)]
+    replay, copied = runs
+    # the trunk's steps are paid once: 8 steps of the second group's trunk are not replayed by its 3 other members,
+    # and the third group's members never start
+    assert copied.env_steps == replay.env_steps - (g - 1) * 8 - (g - 1) * 12
+    assert copied.branch.sum() == replay.branch.sum() == 2 * g
+    idx = [np.nonzero(b.branch)[0] for b in runs]  # the branch decisions see the same states either way
+    assert torch.equal(replay.cond[idx[0]], copied.cond[idx[1]])
+    np.testing.assert_array_equal(replay.episode[idx[0]], copied.episode[idx[1]])
+    # branching at the first decision there is no trunk: the same chunks (the same noise) and returns either way
+    assert torch.equal(replay.latents[idx[0][:g]], copied.latents[idx[1][:g]])
+    np.testing.assert_allclose(copied.returns[:g], replay.returns[:g], rtol=1e-6)
+    # members that never started repeat their leader's episode
+    np.testing.assert_allclose(copied.returns[2 * g:], copied.returns[2 * g])
+    assert not np.isin(np.arange(2 * g + 1, 3 * g), copied.episode).any()  # members that never started decided nothing
+    with pytest.raises(ConfigError, match="get_state"):
+        collect(pol, chain, [Bandit() for _ in range(2)], [1, 1], 0.99, 0.0, np.random.default_rng(0), np.array([0, 0]),
+                np.array([0, 0]), copy_state=True)
+    with pytest.raises(ConfigError, match="branch_copy"):
+        FinetuneConfig(base="x", algo="grpo", branch_copy=True)
 
 
 def test_branching_grpo_trains_only_the_branch_decisions_and_moves_the_bandit():

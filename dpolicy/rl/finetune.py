@@ -69,6 +69,7 @@ class FinetuneConfig:
     branch: bool = False            # grpo/gspo/awm: a group is G chunks at one decision of a shared trunk
     common_noise: bool = True       # branch: the members draw the same noise after the branch
     branch_horizon: int | None = None  # branch: decisions each member plays from its branch on (None: to the end)
+    branch_copy: bool = False       # branch: members copy the leader's simulator state at the branch (trunk paid once)
     ft_steps: int | None = None     # K': fine-tuned denoising steps, the last ones (None: all of them)
     sampling_steps: int | None = None  # denoising steps of the chain (None: the policy's own)
     std: float = 0.1                # exploration std of each fine-tuned step (normalized action units)
@@ -116,7 +117,7 @@ class FinetuneConfig:
             raise ConfigError(f"episodes_per_iter={self.episodes_per_iter} must be a multiple of group={self.group}.")
         if grouped and self.group < 2:
             raise ConfigError(f"group={self.group} must be at least 2: a group normalizes returns against each other.")
-        for k in ("branch", "common_noise"):
+        for k in ("branch", "common_noise", "branch_copy"):
             if not isinstance(getattr(self, k), bool):
                 raise ConfigError(f"{k}={getattr(self, k)!r} must be true or false.")
         if self.branch and not grouped:
@@ -127,6 +128,8 @@ class FinetuneConfig:
                 raise ConfigError(f"branch_horizon={h!r} must be an integer of at least 1 (or null: to the episode's end).")
             if not self.branch:
                 raise ConfigError("branch_horizon needs branch=true: it cuts the members' episodes after their branch.")
+        if self.branch_copy and not self.branch:
+            raise ConfigError("branch_copy needs branch=true: it is how the members reach their branch's state.")
         for k in ("std", "lr", "critic_lr", "clip", "seq_clip", "temperature", "max_weight"):
             v = getattr(self, k)
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
@@ -224,15 +227,18 @@ class Batch:
 
 def collect(policy, chain: DenoisingChain, envs: list, seeds: list[int], gamma: float, reward_offset: float,
             rng: np.random.Generator, branch_at: np.ndarray | None = None, leader: np.ndarray | None = None,
-            common_noise: bool = True, horizon: int | None = None) -> Batch:
+            common_noise: bool = True, horizon: int | None = None, copy_state: bool = False) -> Batch:
     """Play one episode per env slot (``seeds[i]`` in slot ``i``) with the chain's Gaussian steps; record every decision.
 
     Branching groups: slot ``i`` executes the chunks of slot ``leader[i]`` (same seed: the same states) for its
     first ``branch_at[i]`` decisions, samples its own chunk at decision ``branch_at[i]`` (flagged in
     ``Batch.branch``) and its own from then on; with ``common_noise`` the slots sharing a leader restart one
     noise stream after the branch; with ``horizon`` a slot stops after that many decisions from its branch on
-    (its episode is cut there: not terminated, its return and success so far). ``branch_at[i] < 0``: an ordinary
-    episode."""
+    (its episode is cut there: not terminated, its return and success so far). With ``copy_state`` (a list of
+    envs with ``get_state`` / ``set_state``) only the leader plays the trunk; at its branch decision every member
+    takes the leader's simulator state, history and episode so far, so the trunk's steps are paid once; a member
+    whose leader's episode ends before the branch never starts (it repeats the leader's record). ``branch_at[i] < 0``:
+    an ordinary episode."""
     n, dev = len(seeds), torch.device(policy.device)
     To, Tp, Ta, Da = policy.To, policy.Tp, policy.Ta, policy.action_dim
     runner = EpisodeRunner(envs, seeds)
@@ -251,12 +257,28 @@ def collect(policy, chain: DenoisingChain, envs: list, seeds: list[int], gamma: 
     after = {int(g): int(rng.integers(2**62)) for g in np.unique(leader)} if branching else {}
     flags: list[bool] = []
     stopped = np.zeros(n, bool)  # slots cut after their branch horizon
+    # copy_state: the members waiting for their leader's branch (they do not step until then)
+    waiting = (leader != np.arange(n)) & (branch_at >= 0) if copy_state else np.zeros(n, bool)
+    if copy_state and not (isinstance(envs, (list, tuple)) and all(hasattr(e.unwrapped, "get_state") for e in envs)):
+        raise ConfigError("branch_copy needs local environments with get_state / set_state (backend=local).")
     rec: dict[str, list] = {k: [] for k in ("cond", "lat", "logp", "reward", "disc", "episode", "steps")}
     ended_at, terminated, final_cond = {}, {}, [None] * n
     unnorm = policy.normalizer.action.unnormalize
     env_steps = 0
-    while (runner.active & ~stopped).any():
-        active = runner.active & ~stopped
+    while (runner.active & ~stopped & ~waiting).any():
+        if waiting.any():  # leaders at their branch decision hand their state to their members
+            for r in np.nonzero(runner.active & ~waiting & (pos >= Ta) & (branch_at >= 0) & (made == branch_at))[0]:
+                members = np.nonzero(waiting & (leader == r))[0]
+                state = envs[r].unwrapped.get_state()
+                for m in members:
+                    envs[m].unwrapped.set_state(state)
+                    runner._obs[m] = {k: np.array(v, copy=True) for k, v in runner._obs[r].items()}
+                    for acc in (runner.ret, runner.length, runner.success, runner.unstable):
+                        acc[m] = acc[r]
+                    hist.buffer[m] = hist.buffer[r]
+                    made[m], pos[m] = made[r], Ta
+                waiting[members] = False
+        active = runner.active & ~stopped & ~waiting
         plan = active & (pos >= Ta)
         if horizon is not None:
             cut = plan & (branch_at >= 0) & (made >= branch_at + horizon)
@@ -313,10 +335,13 @@ def collect(policy, chain: DenoisingChain, envs: list, seeds: list[int], gamma: 
     term = np.zeros(D, bool)
     for r, i in ended_at.items():
         last[i], term[i] = True, terminated[r]
-    # a cut episode has no record of its own: its return, length and success so far
+    # a cut episode has no record of its own: its return, length and success so far; a member that never started
+    # repeats its leader's episode
     recs = [rec if rec is not None else EpisodeRecord(seed=int(seeds[i]), success=bool(runner.success[i]), ret=float(runner.ret[i]),
                                                       length=int(runner.length[i]), mode=None, unstable=False)
             for i, rec in enumerate(runner.records)]
+    for m in np.nonzero(waiting)[0]:
+        recs[m], final_cond[m] = recs[leader[m]], final_cond[leader[m]]
     return Batch(cond=torch.stack(rec["cond"]), latents=torch.stack(rec["lat"]), logp=torch.stack(rec["logp"]),
                  reward=np.array(rec["reward"]), discount=np.array(rec["disc"]), episode=np.array(rec["episode"]),
                  last=last, terminated=term, final_cond=torch.stack(final_cond),
@@ -403,9 +428,10 @@ class Finetuner:
         seeds = self.seeds()
         branch_at, leader = self.branches()
         batch = collect(pol, self.chain, self.envs, seeds, c.gamma, c.reward_offset, self.rng, branch_at, leader,
-                        c.common_noise, c.branch_horizon)
+                        c.common_noise, c.branch_horizon, c.branch_copy)
         self.env_steps += batch.env_steps
-        self.decisions = float(np.median(np.bincount(batch.episode)))
+        per = np.bincount(batch.episode)
+        self.decisions = float(np.median(per[per > 0]))
         if c.algo == "filtered":
             stats = self.imitate_successes(batch)
             return {"env_steps": self.env_steps, "return": float(batch.returns.mean()),
