@@ -83,7 +83,8 @@ BAD_INPUT = {
         "epochs=0", "backend=mpi", "device=tpu", "bc_steps=0", "buffer=0", "branch=maybe", "common_noise=2",
         "branch_copy=maybe"]] + [
         ("base=null", "base"), (["algo=grpo", "episodes_per_iter=10"], "multiple"), (["algo=ppo", "branch=true"], "branch"),
-        (["algo=grpo", "branch=true", "branch_horizon=0"], "branch_horizon"), (["algo=grpo", "group=1"], "group"), ("base=/nonexistent/policy", "/nonexistent/policy")],
+        (["algo=grpo", "branch=true", "branch_horizon=0"], "branch_horizon"), (["algo=grpo", "group=1"], "group"),
+        ("base=/nonexistent/policy", "/nonexistent/policy")],
     "drive": [(["collect", a], a.split("=")[0]) for a in [
         "data.n_train=-1", "data.n_train=0", "data.n_train=abc", "data.n_val=-1", "data.n_test=0", "model.d=abc",
         "tokenizer.mode=bins", "tokenizer.resolution=0", "tokenizer.x_range=[1,0]", "train.steps=0", "train.lr=-1",
