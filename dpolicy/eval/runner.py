@@ -221,8 +221,7 @@ class EpisodeRunner:
         limit = (self.length >= self.max_steps) if self.max_steps else False
         ended = slots & ((term | trunc) | limit)
         for r in np.nonzero(ended)[0]:
-            rec = EpisodeRecord(seed=int(self.slot_seed[r]), success=bool(self.success[r]), ret=float(self.ret[r]),
-                                length=int(self.length[r]), mode=self.mode[r], unstable=bool(self.unstable[r]))
+            rec = self.current(r)
             if self.seeds is not None:
                 self.records[self.slot_ep[r]] = rec
             if self.on_episode is not None:
@@ -231,6 +230,25 @@ class EpisodeRunner:
         if self.on_frame is not None:
             self.on_frame(self.envs, active)  # before any reset, so the final state of an episode is shown
         return SlotStep(obs, rew, term, trunc, ended, succ)
+
+    def current(self, slot: int) -> EpisodeRecord:
+        """The record of the episode running in ``slot``, as it stands."""
+        return EpisodeRecord(seed=int(self.slot_seed[slot]), success=bool(self.success[slot]), ret=float(self.ret[slot]),
+                             length=int(self.length[slot]), mode=self.mode[slot], unstable=bool(self.unstable[slot]))
+
+    def follow(self, src: int, slots) -> None:
+        """``slots`` continue the episode of slot ``src`` from where it stands: its simulator state (a list of envs
+        with ``get_state`` / ``set_state``), its current observation and its record so far (return, length,
+        success, mode)."""
+        if self.vector or self.pooled:
+            raise ConfigError("copying an episode's state between slots needs a list of local environments.")
+        state = self.envs[src].unwrapped.get_state()
+        for m in slots:
+            self.envs[m].unwrapped.set_state(state)
+            self._obs[m] = {k: np.array(v, copy=True) for k, v in self._obs[src].items()}
+            for acc in (self.ret, self.length, self.success, self.unstable):
+                acc[m] = acc[src]
+            self.mode[m] = self.mode[src]
 
     def restart(self, ended: np.ndarray | None = None) -> tuple[dict, np.ndarray, list] | None:
         """Reset the slots whose episode ended (default: at the last step) with their next episode's seed, and

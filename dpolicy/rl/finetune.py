@@ -50,7 +50,7 @@ from torch import nn
 
 from dpolicy.config import register
 from dpolicy.errors import ConfigError
-from dpolicy.eval.runner import EpisodeRecord, EpisodeRunner
+from dpolicy.eval.runner import EpisodeRunner
 from dpolicy.policy.history import ObsHistory
 from dpolicy.process import sample_loop
 
@@ -269,14 +269,9 @@ def collect(policy, chain: DenoisingChain, envs: list, seeds: list[int], gamma: 
         if waiting.any():  # leaders at their branch decision hand their state to their members
             for r in np.nonzero(runner.active & ~waiting & (pos >= Ta) & (branch_at >= 0) & (made == branch_at))[0]:
                 members = np.nonzero(waiting & (leader == r))[0]
-                state = envs[r].unwrapped.get_state()
-                for m in members:
-                    envs[m].unwrapped.set_state(state)
-                    runner._obs[m] = {k: np.array(v, copy=True) for k, v in runner._obs[r].items()}
-                    for acc in (runner.ret, runner.length, runner.success, runner.unstable):
-                        acc[m] = acc[r]
-                    hist.buffer[m] = hist.buffer[r]
-                    made[m], pos[m] = made[r], Ta
+                runner.follow(r, members)
+                hist.buffer[members] = hist.buffer[r].clone()  # one source row into every member's
+                made[members], pos[members] = made[r], Ta
                 waiting[members] = False
         active = runner.active & ~stopped & ~waiting
         plan = active & (pos >= Ta)
@@ -337,9 +332,7 @@ def collect(policy, chain: DenoisingChain, envs: list, seeds: list[int], gamma: 
         last[i], term[i] = True, terminated[r]
     # a cut episode has no record of its own: its return, length and success so far; a member that never started
     # repeats its leader's episode
-    recs = [rec if rec is not None else EpisodeRecord(seed=int(seeds[i]), success=bool(runner.success[i]), ret=float(runner.ret[i]),
-                                                      length=int(runner.length[i]), mode=None, unstable=False)
-            for i, rec in enumerate(runner.records)]
+    recs = [runner.current(i) if rec is None else rec for i, rec in enumerate(runner.records)]
     for m in np.nonzero(waiting)[0]:
         recs[m], final_cond[m] = recs[leader[m]], final_cond[leader[m]]
     return Batch(cond=torch.stack(rec["cond"]), latents=torch.stack(rec["lat"]), logp=torch.stack(rec["logp"]),
