@@ -92,11 +92,12 @@ def _bandit_policy():
     return pol, err
 
 
-@pytest.mark.parametrize("algo", ["ppo", "grpo", "gspo", "awm"])
+@pytest.mark.parametrize("algo", ["ppo", "grpo", "gspo", "awm", "awm-exp"])
 def test_each_algorithm_moves_a_bandit_towards_its_optimum(algo):
     pol, err = _bandit_policy()
+    algo, _, weights = algo.partition("-")
     cfg = FinetuneConfig(base="unused", algo=algo, episodes_per_iter=32, group=8, std=0.3, lr=3e-3, epochs=16,
-                         batch_size=32, gamma=1.0, seed=1)
+                         batch_size=32, gamma=1.0, seed=1, awm_weights=weights or "linear")
     tuner = Finetuner(pol, Bandit, cfg)
     before = err()
     for _ in range(40):
@@ -104,6 +105,41 @@ def test_each_algorithm_moves_a_bandit_towards_its_optimum(algo):
     tuner.close()
     # 1,280 one-step episodes: every method at least halves the error; the likelihood-ratio ones get much closer
     assert err() < (0.3 if algo in ("ppo", "grpo") else 0.5) * before, (before, err())
+
+
+def test_awm_with_signed_advantages_leaves_the_policy_alone_where_returns_tie():
+    """Rewards that no action changes give zero advantages: the paper's signed weights have nothing to push, while
+    positive exp weights still imitate the policy's own noisy chunks and move it."""
+    changed = {}
+    for weights in ("linear", "exp"):
+        pol = tiny_policy(process="flow", sampler="euler", steps=3, seed=2).eval()
+        before = {k: v.clone() for k, v in pol.state_dict().items()}
+        cfg = FinetuneConfig(base="unused", algo="awm", awm_weights=weights, episodes_per_iter=16, group=8, std=0.3,
+                             lr=3e-3, epochs=8, batch_size=32, seed=1)
+        tuner = Finetuner(pol, lambda: Walk(moves=False), cfg)
+        for _ in range(4):
+            tuner.iteration()
+        tuner.close()
+        changed[weights] = max(float((pol.state_dict()[k] - v).abs().max()) for k, v in before.items())
+    assert changed["linear"] == 0.0 and changed["exp"] > 1e-3
+
+
+def test_awm_matching_ratio_is_one_for_the_same_policy_and_moves_with_the_weights():
+    pol = tiny_policy(process="diffusion", sampler="ddim", steps=4, seed=0).eval()
+    tuner = Finetuner(pol, Bandit, FinetuneConfig(base="unused", algo="awm", episodes_per_iter=8, group=8, awm_draws=3))
+    cond = pol.encode({"pos": torch.zeros(5, 2, 2), "vel": torch.zeros(5, 2, 3)})
+    x0 = torch.randn(5, 8, 3, generator=torch.Generator().manual_seed(1))
+    old = tiny_policy(process="diffusion", sampler="ddim", steps=4, seed=0).eval()
+    old.load_state_dict(pol.state_dict())
+    r = tuner.matching_ratio(pol, old, cond, x0, seed=3)
+    assert r.shape == (15,) and torch.allclose(r, torch.ones(15))  # the same draws for both: exactly the same loss
+    other = tiny_policy(process="diffusion", sampler="ddim", steps=4, seed=7).eval()
+    assert not torch.allclose(tuner.matching_ratio(other, old, cond, x0, seed=3), torch.ones(15), atol=1e-3)
+    tuner.close()
+    with pytest.raises(ConfigError, match="awm_weights"):
+        FinetuneConfig(base="x", algo="awm", awm_weights="softmax")
+    with pytest.raises(ConfigError, match="awm_clip"):
+        FinetuneConfig(base="x", algo="awm", awm_clip=0)
 
 
 class Walk(gym.Env):

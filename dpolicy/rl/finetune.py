@@ -21,8 +21,15 @@ Every iteration plays whole episodes with the policy being trained (``collect``)
   member's normalized return as advantage. After the branch the members draw the same noise for every later
   decision (``common_noise``), so what differs between their returns is the branch's chunk and where it led,
   not the luck of the rest of the episode;
-* ``awm``: advantage-weighted matching: the policy's own training loss on its own sampled chunks, weighted by
-  ``exp(A / temperature)`` (capped), with the group advantages; no likelihood of the chain is needed.
+* ``awm``: advantage-weighted matching (Xue et al.): the policy's own training loss (denoising or flow matching)
+  on its own sampled chunks stands in for the chain's likelihood, so no likelihood of the chain is needed. With
+  ``awm_weights=linear`` (the paper's form) each chunk's ``log p`` is minus its matching loss at ``awm_draws``
+  noise levels and noises drawn once per minibatch, and the loss is PPO's clipped ``-A * ratio`` of the current
+  to the rollout policy's value (clip ``awm_clip``), with the signed group advantage clamped to +-5: good chunks
+  are matched more closely and bad ones less, and the two pulls cancel where advantages do, so the policy does not
+  drift by re-learning its own exploration noise. With ``awm_weights=exp`` the loss is the matching loss weighted
+  by ``exp(A / temperature)`` (capped at ``max_weight``; advantage-weighted regression): every weight is positive,
+  so it also imitates its own noisy chunks.
 * ``filtered``: success-filtered matching (reward-weighted regression with a 0/1 weight, self-imitation): the
   chunks of the episodes that succeeded are kept in a replay of ``buffer`` decisions and the policy's own training
   loss (fresh noise levels, as in behaviour cloning) is taken on them for ``bc_steps`` steps per iteration; no
@@ -56,6 +63,8 @@ from dpolicy.process import sample_loop
 
 logger = logging.getLogger("dpolicy.finetune")
 ALGOS = ("ppo", "grpo", "gspo", "awm", "filtered")
+AWM_WEIGHTS = ("linear", "exp")
+AWM_ADV_CLAMP = 5.0  # awm linear: group advantages (z-scores) clamped to +-this, as the AWM paper does
 
 
 @dataclass
@@ -82,7 +91,10 @@ class FinetuneConfig:
     gamma: float = 0.99             # per environment step
     lam: float = 0.95               # ppo: GAE
     kl_coef: float = 0.0            # KL of the fine-tuned steps to the frozen base's
-    temperature: float = 1.0        # awm: weights exp(A / temperature), capped at max_weight
+    awm_weights: str = "linear"     # awm: linear (signed advantages, clipped ratio) | exp (exp(A / temperature))
+    awm_clip: float = 0.01          # awm linear: clip of the matching-likelihood ratio
+    awm_draws: int = 4              # awm linear: noise levels (and noises) per chunk in its matching likelihood
+    temperature: float = 1.0        # awm exp: weights exp(A / temperature), capped at max_weight
     max_weight: float = 20.0
     buffer: int = 50000             # filtered: successful decisions kept (the newest)
     bc_steps: int = 200             # filtered: gradient steps per iteration on the replay
@@ -108,7 +120,8 @@ class FinetuneConfig:
             raise ConfigError("base=<checkpoint> is required: the policy to fine-tune.")
         if self.algo not in ALGOS:
             raise ConfigError(f"algo={self.algo!r} is unknown; choose one of {', '.join(ALGOS)}.")
-        for k in ("env_steps", "episodes_per_iter", "group", "epochs", "batch_size", "eval_episodes", "buffer", "bc_steps"):
+        for k in ("env_steps", "episodes_per_iter", "group", "epochs", "batch_size", "eval_episodes", "buffer", "bc_steps",
+                  "awm_draws"):
             v = getattr(self, k)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ConfigError(f"{k}={v!r} must be an integer of at least 1.")
@@ -130,7 +143,9 @@ class FinetuneConfig:
                 raise ConfigError("branch_horizon needs branch=true: it cuts the members' episodes after their branch.")
         if self.branch_copy and not self.branch:
             raise ConfigError("branch_copy needs branch=true: it is how the members reach their branch's state.")
-        for k in ("std", "lr", "critic_lr", "clip", "seq_clip", "temperature", "max_weight"):
+        if self.awm_weights not in AWM_WEIGHTS:
+            raise ConfigError(f"awm_weights={self.awm_weights!r} is unknown; choose one of {', '.join(AWM_WEIGHTS)}.")
+        for k in ("std", "lr", "critic_lr", "clip", "seq_clip", "awm_clip", "temperature", "max_weight"):
             v = getattr(self, k)
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
                 raise ConfigError(f"{k}={v!r} must be a positive number.")
@@ -487,11 +502,20 @@ class Finetuner:
         g = torch.Generator().manual_seed(int(self.rng.integers(2**31)))
         losses, clipped, kls = [], [], []
         x0 = batch.latents[:, -1]
+        # awm linear: the rollout policy, whose matching likelihood the ratio divides by
+        old = copy.deepcopy(pol).eval().requires_grad_(False) if c.algo == "awm" and c.awm_weights == "linear" else None
         for _ in range(c.epochs):
             for idx in torch.randperm(D, generator=g).split(c.batch_size):
                 idx = idx.to(self.device)
                 cond, lat, a = batch.cond[idx], batch.latents[idx], adv[idx]
-                if c.algo == "awm":
+                if c.algo == "awm" and old is not None:
+                    ratio = self.matching_ratio(pol, old, cond, x0[idx], int(torch.randint(2**62, (1,), generator=g)))
+                    aa = a.clamp(-AWM_ADV_CLAMP, AWM_ADV_CLAMP).repeat(c.awm_draws)
+                    lo, hi = 1 - c.awm_clip, 1 + c.awm_clip
+                    loss = -torch.min(ratio * aa, ratio.clamp(lo, hi) * aa).mean()
+                    clipped.append(((ratio < lo) | (ratio > hi)).float().mean().item())
+                    mu = self.chain.means(pol, cond, lat[:, :-1]) if self.base is not None else None
+                elif c.algo == "awm":
                     w = torch.exp(a / c.temperature).clamp(max=c.max_weight)
                     per = pol.process.loss(pol.field_fn(cond), x0[idx])
                     loss = (w * per).mean()
@@ -532,6 +556,17 @@ class Finetuner:
         if kls:
             out["kl"] = float(np.mean(kls))
         return out
+
+    def matching_ratio(self, pol, old, cond: torch.Tensor, x0: torch.Tensor, seed: int) -> torch.Tensor:
+        """``(awm_draws * B,)``: exp of the change of each chunk's matching log-likelihood (minus its training loss
+        at ``awm_draws`` noise levels and noises, the same draws for both policies) from ``old`` to ``pol``."""
+        k = self.cfg.awm_draws
+        cond_k, x0_k = cond.repeat(k, 1), x0.repeat(k, 1, 1)
+        draws = lambda: torch.Generator(device=x0.device).manual_seed(seed)  # noqa: E731
+        with torch.no_grad():
+            logp_old = -old.process.loss(old.field_fn(cond_k), x0_k, draws())
+        logp = -pol.process.loss(pol.field_fn(cond_k), x0_k, draws())
+        return (logp - logp_old).exp()
 
     def close(self) -> None:
         for env in self.envs if isinstance(self.envs, list) else [self.envs]:
