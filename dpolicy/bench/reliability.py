@@ -81,7 +81,7 @@ BAD_INPUT = {
     "finetune": [(a, a.split("=")[0]) for a in [
         "algo=trpo", "env_steps=0", "env_steps=abc", "std=0", "lr=-1", "gamma=2", "kl_coef=-1", "ft_steps=0",
         "epochs=0", "backend=mpi", "device=tpu", "bc_steps=0", "buffer=0", "branch=maybe", "common_noise=2",
-        "branch_copy=maybe"]] + [
+        "branch_copy=maybe", "awm_weights=softmax", "awm_clip=0", "awm_draws=0"]] + [
         ("base=null", "base"), (["algo=grpo", "episodes_per_iter=10"], "multiple"), (["algo=ppo", "branch=true"], "branch"),
         (["algo=grpo", "branch=true", "branch_horizon=0"], "branch_horizon"), (["algo=grpo", "group=1"], "group"),
         ("base=/nonexistent/policy", "/nonexistent/policy")],
