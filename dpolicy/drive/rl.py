@@ -4,7 +4,7 @@ Per scene a group of G trajectories is decoded, scored with the PDMS-like scorer
 are normalised within the group: the PDMS-like score itself (``advantage="group"``), or each sub-score
 (NC, DAC, TTC, comfort, EP) separately, summed, then normalised over the batch (``"decoupled"``,
 GDPO), so that different failure combinations with the same PDMS-like score (a collision, a trip off
-the road) stop collapsing to the same advantage. No KL term by default. Each rollout batch is split into several
+the road) stop collapsing to the same advantage. There is no KL term. Each rollout batch is split into several
 mini-batches (and optionally epochs) so that the policy moves away from the one that sampled.
 """
 
