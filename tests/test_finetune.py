@@ -124,16 +124,17 @@ def test_awm_with_signed_advantages_leaves_the_policy_alone_where_returns_tie():
     assert changed["linear"] == 0.0 and changed["exp"] > 1e-3
 
 
-def test_awm_matching_ratio_is_one_for_the_same_policy_and_moves_with_the_weights():
-    pol = tiny_policy(process="diffusion", sampler="ddim", steps=4, seed=0).eval()
+@pytest.mark.parametrize("process,sampler", [("diffusion", "ddim"), ("flow", "euler"), ("edm", "heun")])
+def test_awm_matching_ratio_is_one_for_the_same_policy_and_moves_with_the_weights(process, sampler):
+    pol = tiny_policy(process=process, sampler=sampler, steps=4, seed=0).eval()
     tuner = Finetuner(pol, Bandit, FinetuneConfig(base="unused", algo="awm", episodes_per_iter=8, group=8, awm_draws=3))
     cond = pol.encode({"pos": torch.zeros(5, 2, 2), "vel": torch.zeros(5, 2, 3)})
     x0 = torch.randn(5, 8, 3, generator=torch.Generator().manual_seed(1))
-    old = tiny_policy(process="diffusion", sampler="ddim", steps=4, seed=0).eval()
+    old = tiny_policy(process=process, sampler=sampler, steps=4, seed=0).eval()
     old.load_state_dict(pol.state_dict())
     r = tuner.matching_ratio(pol, old, cond, x0, seed=3)
     assert r.shape == (15,) and torch.allclose(r, torch.ones(15))  # the same draws for both: exactly the same loss
-    other = tiny_policy(process="diffusion", sampler="ddim", steps=4, seed=7).eval()
+    other = tiny_policy(process=process, sampler=sampler, steps=4, seed=7).eval()
     assert not torch.allclose(tuner.matching_ratio(other, old, cond, x0, seed=3), torch.ones(15), atol=1e-3)
     tuner.close()
     with pytest.raises(ConfigError, match="awm_weights"):
