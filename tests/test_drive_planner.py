@@ -167,6 +167,30 @@ def test_rl_loop_runs_and_moves_the_policy(drive_sets, monkeypatch):
     assert any(not torch.equal(a, b) for a, b in zip(before, m.parameters()))
 
 
+def test_rl_kl_penalty_keeps_the_planner_near_its_start(drive_sets, monkeypatch):
+    import dpolicy_envs.driving
+
+    train, _ = drive_sets
+    monkeypatch.setattr(dpolicy_envs.driving, "score", lambda sc, traj, best_progress=None: {"pdms": traj[..., 1].mean((-1))})
+    start = _tiny()
+    moved = {}
+    for kl in (0.0, 50.0):
+        m = _tiny()
+        m.load_state_dict(start.state_dict())
+        hist = rl_train(m, train, lambda p: 0.0, RLConfig(group=3, scenes_per_iter=2, iters=6, steps=4, eval_every=6, lr=3e-3,
+                                                             lr_schedule="constant", kl_coef=kl))
+        assert ("kl" in hist[1]) == (kl > 0) and all(h.get("kl", 0.0) >= 0 for h in hist)
+        with torch.no_grad():  # the planners' token distributions at the fully masked state, against the start's
+            o = _obs(4)
+            x = torch.full((4, m.tok.length), m.tok.mask_id)
+            p0, p1 = (torch.log_softmax(q.logits(o, x), -1) for q in (start, m))
+            ok = torch.isfinite(p0) & torch.isfinite(p1)  # tokens the planner never emits have log-prob -inf in both
+            moved[kl] = float(torch.where(ok, p1.exp() * (p1 - p0), torch.zeros_like(p1)).sum(-1).mean())
+    assert moved[50.0] < 0.5 * moved[0.0], moved
+    with pytest.raises(ConfigError, match="kl_coef"):
+        RLConfig(kl_coef=-1)
+
+
 def test_continuous_planners(drive_sets):
     train, _ = drive_sets
     anchors = kmeans(to_norm(train.expert), 4)

@@ -4,12 +4,14 @@ Per scene a group of G trajectories is decoded, scored with the PDMS-like scorer
 are normalised within the group: the PDMS-like score itself (``advantage="group"``), or each sub-score
 (NC, DAC, TTC, comfort, EP) separately, summed, then normalised over the batch (``"decoupled"``,
 GDPO), so that different failure combinations with the same PDMS-like score (a collision, a trip off
-the road) stop collapsing to the same advantage. There is no KL term. Each rollout batch is split into several
+the road) stop collapsing to the same advantage. ``kl_coef`` adds a KL penalty to the starting planner (the
+k3 estimate on the sampled tokens, as GRPO does); 0 by default. Each rollout batch is split into several
 mini-batches (and optionally epochs) so that the policy moves away from the one that sampled.
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -78,6 +80,7 @@ class RLConfig:
     eps_high: float | None = None
     eval_every: int = 10
     seed: int = 0
+    kl_coef: float = 0.0          # KL penalty to the starting planner (k3 estimate on the sampled tokens)
 
     def __post_init__(self):
         if self.algo not in ("gspo", "grpo"):
@@ -93,6 +96,8 @@ class RLConfig:
         for k in ("scenes_per_iter", "iters", "minibatches", "epochs", "steps", "eval_every"):
             if getattr(self, k) < 1:
                 raise ConfigError(f"rl.{k} must be >= 1, got {getattr(self, k)}.")
+        if not (isinstance(self.kl_coef, (int, float)) and self.kl_coef >= 0):
+            raise ConfigError(f"rl.kl_coef={self.kl_coef!r} must be a number of at least 0.")
         if not self.lr > 0 or not self.temperature >= 0:
             raise ConfigError(f"rl.lr={self.lr} must be positive and rl.temperature={self.temperature} at least 0.")
         for k in ("eps_low", "eps_high"):
@@ -125,6 +130,7 @@ def rl_train(planner, train, evaluate, cfg: RLConfig, log=print) -> list[dict]:
     lo = cfg.eps_low if cfg.eps_low is not None else (0.05 if cfg.algo == "gspo" else 0.2)
     hi = cfg.eps_high if cfg.eps_high is not None else (0.08 if cfg.algo == "gspo" else 0.28)
     loss_fn = gspo_loss if cfg.algo == "gspo" else grpo_loss
+    ref = copy.deepcopy(planner).eval().requires_grad_(False) if cfg.kl_coef > 0 else None
     hist = [{"iter": 0, "samples": 0, "test_pdms": evaluate(planner)}]
     samples = 0
     for it in range(1, cfg.iters + 1):
@@ -153,6 +159,13 @@ def rl_train(planner, train, evaluate, cfg: RLConfig, log=print) -> list[dict]:
                 o = {k: v[mb] for k, v in obs.items()}
                 lp = _logp(planner, o, toks[mb], cfg, mseed, when[mb])
                 loss, st = loss_fn(lp, old[mb], adv[mb], lo, hi)
+                if ref is not None:
+                    with torch.no_grad():
+                        ref_lp = _logp(ref, o, toks[mb], cfg, mseed, when[mb])
+                    d = ref_lp - lp  # k3: exp(d) - d - 1 >= 0, an unbiased estimate of KL(planner || start)
+                    kl = (d.exp() - d - 1).mean()
+                    loss = loss + cfg.kl_coef * kl
+                    st = {**st, "kl": float(kl.detach())}
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(planner.parameters(), 1.0)
@@ -162,6 +175,8 @@ def rl_train(planner, train, evaluate, cfg: RLConfig, log=print) -> list[dict]:
         rec = {"iter": it, "samples": samples, "reward": float(r.mean()),
                "ratio_dev": sum(s["ratio_dev"] for s in stats) / len(stats),
                "clip_frac": sum(s["clip_frac"] for s in stats) / len(stats)}
+        if ref is not None:
+            rec["kl"] = sum(s["kl"] for s in stats) / len(stats)
         if it % cfg.eval_every == 0 or it == cfg.iters:
             rec["test_pdms"] = evaluate(planner)
             log(f"  [{cfg.algo} G={cfg.group} seed={cfg.seed}] iter {it}: rollout {rec['reward']:.3f}, test PDMS-like {rec['test_pdms']}")
