@@ -53,7 +53,7 @@ def test_drive_bench_section_quick_writes_tables_and_pictures(tmp_path):
     assert (tmp_path / "drive_results.json").exists()
 
 
-@pytest.mark.parametrize("name", ["drive_masked_bc", "drive_anchor"])
+@pytest.mark.parametrize("name", ["drive_masked_bc", "drive_masked_gspo", "drive_anchor"])
 def test_shipped_planners_load_through_the_common_loader_and_plan(name):
     from pathlib import Path
 
