@@ -357,6 +357,14 @@ def collect(policy, chain: DenoisingChain, envs: list, seeds: list[int], gamma: 
                  successes=np.array([r.success for r in recs], dtype=bool), env_steps=env_steps, branch=np.array(flags, bool))
 
 
+def clipped_surrogate(ratio: torch.Tensor, adv: torch.Tensor, clip: float) -> tuple[torch.Tensor, float]:
+    """PPO's clipped objective as a loss, ``-mean(min(r A, clip(r, 1 - clip, 1 + clip) A))`` (``adv`` broadcast
+    against ``ratio``), and the share of ratios outside the clip range."""
+    lo, hi = 1 - clip, 1 + clip
+    loss = -torch.min(ratio * adv, ratio.clamp(lo, hi) * adv).mean()
+    return loss, ((ratio < lo) | (ratio > hi)).float().mean().item()
+
+
 def gae(batch: Batch, values: np.ndarray, final_values: np.ndarray, lam: float) -> tuple[np.ndarray, np.ndarray]:
     """Advantages and value targets over each episode's decisions (in order); a truncated episode bootstraps
     from the value of its final observation."""
@@ -508,31 +516,24 @@ class Finetuner:
             for idx in torch.randperm(D, generator=g).split(c.batch_size):
                 idx = idx.to(self.device)
                 cond, lat, a = batch.cond[idx], batch.latents[idx], adv[idx]
-                if c.algo == "awm" and old is not None:
-                    ratio = self.matching_ratio(pol, old, cond, x0[idx], int(torch.randint(2**62, (1,), generator=g)))
-                    aa = a.clamp(-AWM_ADV_CLAMP, AWM_ADV_CLAMP).repeat(c.awm_draws)
-                    lo, hi = 1 - c.awm_clip, 1 + c.awm_clip
-                    loss = -torch.min(ratio * aa, ratio.clamp(lo, hi) * aa).mean()
-                    clipped.append(((ratio < lo) | (ratio > hi)).float().mean().item())
-                    mu = self.chain.means(pol, cond, lat[:, :-1]) if self.base is not None else None
-                elif c.algo == "awm":
-                    w = torch.exp(a / c.temperature).clamp(max=c.max_weight)
-                    per = pol.process.loss(pol.field_fn(cond), x0[idx])
-                    loss = (w * per).mean()
+                if c.algo == "awm":
+                    if old is not None:
+                        ratio = self.matching_ratio(pol, old, cond, x0[idx], int(torch.randint(2**62, (1,), generator=g)))
+                        loss, frac = clipped_surrogate(ratio, a.clamp(-AWM_ADV_CLAMP, AWM_ADV_CLAMP).repeat(c.awm_draws),
+                                                       c.awm_clip)
+                        clipped.append(frac)
+                    else:
+                        w = torch.exp(a / c.temperature).clamp(max=c.max_weight)
+                        loss = (w * pol.process.loss(pol.field_fn(cond), x0[idx])).mean()
                     mu = self.chain.means(pol, cond, lat[:, :-1]) if self.base is not None else None
                 else:
                     logp, mu = self.chain.log_prob(cond, lat)
                     log_ratio = logp - batch.logp[idx]
-                    if c.algo == "gspo":
-                        ratio = log_ratio.mean(1).exp()
-                        lo, hi = 1 - c.seq_clip, 1 + c.seq_clip
-                        loss = -torch.min(ratio * a, ratio.clamp(lo, hi) * a).mean()
-                        clipped.append(((ratio < lo) | (ratio > hi)).float().mean().item())
-                    else:
-                        ratio = log_ratio.exp()
-                        aa = a[:, None]
-                        loss = -torch.min(ratio * aa, ratio.clamp(1 - c.clip, 1 + c.clip) * aa).mean()
-                        clipped.append(((ratio - 1).abs() > c.clip).float().mean().item())
+                    if c.algo == "gspo":  # the chain's length-normalized ratio, one per chunk
+                        loss, frac = clipped_surrogate(log_ratio.mean(1).exp(), a, c.seq_clip)
+                    else:  # one ratio per denoising step
+                        loss, frac = clipped_surrogate(log_ratio.exp(), a[:, None], c.clip)
+                    clipped.append(frac)
                 if self.base is not None:
                     with torch.no_grad():
                         mu_base = self.chain.means(self.base, cond, lat[:, :-1])
