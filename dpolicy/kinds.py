@@ -15,12 +15,14 @@ from __future__ import annotations
 from dpolicy.compose.composed import ComposedPolicy
 from dpolicy.drive.anchor import AnchorDiffusionPlanner
 from dpolicy.drive.masked import MaskedTokenPlanner
+from dpolicy.drive.selector import TrajectoryScorer
 from dpolicy.policy.checkpoint import KINDS, load_checkpoint
 from dpolicy.policy.chunk_policy import ChunkPolicy
 from dpolicy.rl.steered import SteeredPolicy
 
 BUILTIN = {"chunk": ChunkPolicy, "composed": ComposedPolicy, "steered": SteeredPolicy,
-           "drive_masked": MaskedTokenPlanner, "drive_anchor": AnchorDiffusionPlanner}
+           "drive_masked": MaskedTokenPlanner, "drive_anchor": AnchorDiffusionPlanner,
+           "drive_scorer": TrajectoryScorer}
 
 
 def load_policy(path, device="cpu"):

@@ -72,3 +72,47 @@ def test_shipped_planners_load_through_the_common_loader_and_plan(name):
     pdms = evaluate(ds, traj)["pdms"]
     # the shipped planners score ~0.67 over 500 test scenes
     assert pdms.mean() > 0.4, pdms
+
+
+def test_forecast_keeps_the_present_and_matches_constant_speed_traffic():
+    from dataclasses import replace
+
+    from dpolicy_envs.driving import forecast, generate_scenes
+
+    sc = generate_scenes(list(range(12)))
+    fs = forecast(sc)
+    assert torch.equal(fs.agents[:, :, 0], sc.agents[:, :, 0]) and fs.agents.shape == sc.agents.shape
+    # every agent keeps its speed at t = 0, so it covers speed x time (lane traffic advances its station at that
+    # speed, so on a curve at a lateral offset its path is a few percent longer or shorter)
+    step = (fs.agents[:, :, 1:, :2] - fs.agents[:, :, :-1, :2]).norm(dim=-1).sum(-1)
+    expect = sc.agent_v[:, :, 0] * 0.1 * (sc.agents.shape[2] - 1)
+    ok = sc.agent_valid
+    assert torch.allclose(step[ok], expect[ok], rtol=0.06, atol=0.05)
+    # crossing traffic moves on a straight line at constant speed in the log: there the forecast is the log
+    cross = ok & (sc.cross[:, 2:3] > 0.5) & (sc.agents[:, :, :, 2].std(-1) < 1e-6) & (sc.agent_v.std(-1) < 1e-6)
+    assert cross.any()
+    assert torch.allclose(fs.agents[cross], sc.agents[cross], atol=1e-3)
+    # nothing of the logged future reaches the forecast
+    moved = replace(sc, agents=torch.cat([sc.agents[:, :, :1], sc.agents[:, :, 1:] + 5.0], 2))
+    assert torch.equal(forecast(moved).agents, fs.agents)
+
+
+def test_selection_among_samples_reads_no_log_and_prefers_its_best_forecast_score():
+    from dataclasses import replace
+    from pathlib import Path
+
+    from dpolicy.drive.data import build_set
+    from dpolicy.drive.train import plan, plan_select
+    from dpolicy.kinds import load_policy
+    from dpolicy_envs.driving import forecast, score
+
+    planner = load_policy(str(Path(__file__).resolve().parents[1] / "checkpoints" / "drive_masked_bc"), "cpu")
+    ds = build_set("val", 6, encoder=planner.cfg["encoder"])
+    pick = plan_select(planner, ds, samples=6)
+    greedy = plan(planner, ds)
+    fs = forecast(ds.scenes)
+    both = score(fs, torch.stack([pick, greedy], 1))["pdms"]
+    assert (both[:, 0] >= both[:, 1] - 1e-6).all()       # the greedy plan is one of the candidates
+    assert torch.equal(plan_select(planner, ds, samples=6), pick)  # seeded
+    fake = replace(ds, scenes=replace(ds.scenes, agents=torch.cat([ds.scenes.agents[:, :, :1], ds.scenes.agents[:, :, 1:] * 0], 2)))
+    assert torch.equal(plan_select(planner, fake, samples=6), pick)

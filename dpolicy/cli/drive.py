@@ -88,7 +88,7 @@ def run(command: str, cfg, log=print) -> dict:
     from dpolicy.drive.data import build_set, write_demos
     from dpolicy.drive.plots import plot_curves, plot_scenes
     from dpolicy.drive.rl import rl_train
-    from dpolicy.drive.train import closed_loop, evaluate, plan, scene_planner, train_continuous, train_token_planner
+    from dpolicy.drive.train import closed_loop, evaluate, plan, plan_select, scene_planner, train_continuous, train_token_planner
 
     if command not in COMMANDS:
         raise ConfigError(f"unknown command {command!r}; choose from {', '.join(COMMANDS)}.")
@@ -137,14 +137,19 @@ def run(command: str, cfg, log=print) -> dict:
             res["test_pdms"] = score_of(planner, _split(cfg, "test", dev, encoder))
         planner.save(out / "planner", {f"{split}_pdms": res["final_pdms"], "rl": cfg.rl.algo, "advantage": cfg.rl.advantage})
     else:  # eval
-        traj = plan(planner, held, o.steps, o.order)
+        from dpolicy_envs.driving import expert_plan, forecast
+
+        traj = plan(planner, held, o.steps, o.order) if o.samples == 1 else plan_select(planner, held, o.samples, o.steps, o.order)
         res = {k: float(v.mean()) for k, v in evaluate(held, traj).items()}
+        res["samples"] = o.samples
         res["expert_pdms"] = float(evaluate(held, held.expert)["pdms"].mean())
+        # the same rule-based planner without the log: its candidates scored against a constant-speed forecast
+        blind = evaluate(held, expert_plan(forecast(held.scenes))[0])
+        res["expert_forecast_pdms"], res["expert_forecast_nc"] = float(blind["pdms"].mean()), float(blind["nc"].mean())
         res["split"], res["scenes"] = split, held.n
         if o.closed_loop:  # rates over scenes: at-fault collision, leaving the drivable area; mean progress (m)
-            from dpolicy_envs.driving import expert_plan
-
-            for who, fn in (("cl", scene_planner(planner, encoder, o.steps, o.order)), ("expert_cl", lambda s: expert_plan(s)[0])):
+            for who, fn in (("cl", scene_planner(planner, encoder, o.steps, o.order, samples=o.samples)), ("expert_cl", lambda s: expert_plan(s)[0]),
+                            ("expert_forecast_cl", lambda s: expert_plan(forecast(s))[0])):
                 m = closed_loop(held.scenes, fn)
                 res.update({f"{who}_collision_rate": float(1 - m["nc"].mean()), f"{who}_offroad_rate": float(1 - m["dac"].mean()),
                             f"{who}_progress_m": float(m["progress"].mean())})

@@ -3,6 +3,7 @@
 tokenizer  uniform trajectory tokenizer (waypoints or error-fed deltas)
 masked     masked discrete-diffusion token planner: loss, decoding orders, log-likelihood estimators
 rl         GSPO / GRPO group RL with group-normalised PDMS-like rewards or decoupled sub-score advantages (GDPO)
+selector   a learned trajectory scorer (Hydra-MDP style) choosing among proposals without the log
 anchor     truncated anchor diffusion (DiffusionDrive style) and a vanilla 20-step diffusion planner
 data       scene sets with expert plans; robomimic-layout demos
 train      behaviour cloning and evaluation; plots: curves and scene pictures

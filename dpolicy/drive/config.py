@@ -76,6 +76,8 @@ class DriveTrainConfig:
 class DriveEvalConfig:
     order: str = "confidence"  # decoding order: confidence | random | causal | reverse
     steps: int | None = None  # decoding (masked) or denoising (anchor) steps; null: the planner's own (8 / 2)
+    samples: int = 1  # plans per scene: 1 = the planner's own; K > 1 adds K - 1 samples and drives the one the rule-based
+                      # scorer rates best against a constant-speed forecast of the agents (no log; dpolicy.drive.train.plan_select)
     split: str = "test"  # test | val (choices are made on val)
     closed_loop: bool = False  # also drive planner and expert in closed loop (re-plan every 0.5 s for the 4 s log)
     scenes_in_picture: int = 4
@@ -83,7 +85,7 @@ class DriveEvalConfig:
     def __post_init__(self):
         check_choice(self, "eval", "order", ORDERS)
         check_choice(self, "eval", "split", ("test", "val"))
-        check_min(self, "eval", 1, "scenes_in_picture")
+        check_min(self, "eval", 1, "scenes_in_picture", "samples")
         check_min(self, "eval", 1, "steps", null="the planner's own")
 
 

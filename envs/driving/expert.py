@@ -4,16 +4,25 @@ Candidates follow lane centrelines (every lane present, plus the route lane shif
 with several target speeds on smooth speed profiles; all are scored with the PDMS-like scorer and
 the best is kept. The best candidate progress (over candidates with NC*DAC = 1) is returned as
 the EP normaliser for any other planner on the same scene, as NAVSIM does with PDM-Closed.
+
+The expert scores its candidates against the agents' logged futures, which hold what no planner can
+observe at t = 0 (a leader's IDM braking, a lane change that has not started). ``forecast`` replaces
+those futures with a constant-speed forecast from the agents' current state (along the road for lane
+traffic, a straight line for crossing traffic; the motion model of the planner observation's history),
+so ``expert_plan(forecast(scenes))`` is the same rule-based planner without the log: PDM-Closed as it runs
+in nuPlan and NAVSIM, on the information a learned planner has.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import torch
 
 from dpolicy_envs.driving.scenes import DT, LANE_W, Scenes, road_points
 from dpolicy_envs.driving.scorer import N_WAYPOINTS, WAYPOINT_DT, score
+from dpolicy_envs.driving.vector import move_agents
 
 SPEED_FRACTIONS = (0.0, 0.3, 0.6, 0.85, 1.0)
 ROUTE_SHIFTS = (-0.5, 0.5)
@@ -46,6 +55,15 @@ def candidates(scenes: Scenes) -> torch.Tensor:
     dd = d[:, :, None].expand(B, L, S, N_WAYPOINTS)
     xy = road_points(scenes.road, ss, dd)[..., :2]
     return xy.reshape(B, L * S, N_WAYPOINTS, 2)
+
+
+def forecast(scenes: Scenes) -> Scenes:
+    """``scenes`` with every agent's future replaced by the constant-speed forecast from its pose and speed at t = 0."""
+    T = scenes.agents.shape[2] - 1
+    dt = torch.arange(1, T + 1, device=scenes.device, dtype=scenes.agents.dtype) * DT
+    future = move_agents(scenes.road, scenes.agents[:, :, 0], scenes.agent_v[:, :, 0], dt)
+    return replace(scenes, agents=torch.cat([scenes.agents[:, :, :1], future], 2),
+                   agent_v=scenes.agent_v[:, :, :1].expand_as(scenes.agent_v).contiguous())
 
 
 def expert_plan(scenes: Scenes, chunk: int = 32) -> tuple[torch.Tensor, dict]:

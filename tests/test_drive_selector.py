@@ -1,0 +1,65 @@
+"""The learned trajectory scorer: shapes, its checkpoint, learning a rating it is shown, selection without the log."""
+
+import pytest
+import torch
+
+from dpolicy.drive.data import build_set
+from dpolicy.drive.selector import TrajectoryScorer, combine, proposals, scoring_set, select, train_scorer
+
+
+@pytest.fixture(scope="module")
+def scenes():
+    return build_set("train", 16, encoder="vector_mlp")
+
+
+class _Straight:
+    """A stand-in proposer: constant speed ahead, with a per-sample speed jitter."""
+
+    def plan(self, obs, gen=None, steps=None):
+        B = obs["map"].shape[0]
+        v = 5 + 10 * torch.rand(B, 1, 1, generator=gen)
+        t = torch.arange(1, 9).float()[None, :, None] * 0.5
+        return torch.cat([v * t, torch.zeros(B, 8, 1)], -1)
+
+
+def test_scoring_set_labels_are_the_scorer_sub_scores(scenes):
+    from dpolicy_envs.driving import SUB_SCORES, candidates, score
+
+    trajs, labels = scoring_set(_Straight(), scenes, samples=3, chunk=5)
+    assert trajs.shape == (16, 3 + candidates(scenes.scenes).shape[1], 8, 2) and labels.shape == trajs.shape[:2] + (5,)
+    r = score(scenes.scenes, trajs, best_progress=scenes.best_progress)
+    assert torch.equal(labels, torch.stack([r[k] for k in SUB_SCORES], -1))
+    assert torch.allclose(combine({k: labels[..., i] for i, k in enumerate(SUB_SCORES)}), r["pdms"])
+
+
+def test_scorer_learns_to_rank_and_round_trips(tmp_path, scenes):
+    from dpolicy.kinds import load_policy
+
+    trajs, labels = scoring_set(_Straight(), scenes, samples=2)
+    sc = TrajectoryScorer(d=32, layers=1, heads=2, encoder_layers=1)
+    before = sc.loss(scenes.obs, trajs, labels).item()
+    train_scorer(sc, scenes, trajs, labels, steps=150, batch=16, per_scene=8, lr=3e-3)
+    after = sc.loss(scenes.obs, trajs, labels).item()
+    assert after < 0.7 * before, (before, after)
+    out = sc(scenes.obs, trajs)
+    assert set(out) >= {"nc", "dac", "ttc", "comfort", "ep", "pdms"} and out["pdms"].shape == trajs.shape[:2]
+    sc.save(tmp_path / "scorer")
+    back = load_policy(str(tmp_path / "scorer"))
+    assert type(back) is TrajectoryScorer and torch.allclose(back(scenes.obs, trajs)["pdms"], out["pdms"])
+
+
+def test_candidates_do_not_attend_to_each_other_and_selection_reads_no_log(scenes):
+    from dataclasses import replace
+
+    sc = TrajectoryScorer(d=32, layers=1, heads=2, encoder_layers=1).eval()
+    trajs = proposals(_Straight(), scenes.obs, scenes.scenes, 4, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        full = sc(scenes.obs, trajs)["pdms"]
+        part = sc(scenes.obs, trajs[:, :3])["pdms"]
+    assert torch.allclose(full[:, :3], part, atol=1e-6)
+    pick = select(sc, _Straight(), scenes, samples=4)
+    s = scenes.scenes
+    blind = replace(scenes, scenes=replace(s, agents=torch.cat([s.agents[:, :, :1], 0 * s.agents[:, :, 1:]], 2)))
+    assert torch.equal(select(sc, _Straight(), blind, samples=4), pick)
+    with pytest.raises(Exception, match="shape"):
+        sc(scenes.obs, trajs[..., 0])
