@@ -38,6 +38,15 @@ def test_cli_collect_train_rl_eval(tmp_path):
     assert main(["eval", f"data.path={data}", f"init={tmp_path / 'rl'}", f"run_dir={tmp_path / 'ev'}"]) == 0
     res = json.loads((tmp_path / "ev" / "eval.json").read_text())
     assert 0 <= res["pdms"] <= 1 and (tmp_path / "ev" / "scenes.png").exists()
+    assert main(["train", f"data.path={data}", "model.planner=scorer", f"init={tmp_path / 'bc'}", f"run_dir={tmp_path / 'sc'}",
+                 "train.steps=3", "train.proposals=2"]) == 0
+    assert main(["eval", f"data.path={data}", f"init={tmp_path / 'bc'}", f"eval.scorer={tmp_path / 'sc'}", "eval.rule=true",
+                 "eval.samples=2", f"run_dir={tmp_path / 'ev2'}"]) == 0
+    res = json.loads((tmp_path / "ev2" / "eval.json").read_text())
+    assert res["chosen_by"] == "learned scorer" and 0 <= res["pdms"] <= 1
+    assert main(["eval", f"data.path={data}", f"init={tmp_path / 'bc'}", f"eval.scorer={tmp_path / 'bc'}"]) != 0  # not a scorer
+    assert main(["eval", f"data.path={data}", f"init={tmp_path / 'bc'}", "eval.samples=0"]) != 0  # no proposals
+    assert main(["train", f"data.path={data}", "model.planner=scorer"]) != 0  # no proposer
     assert main(["eval", f"data.path={data}", "init=nowhere"]) != 0
     assert main(["train", "rl.algo=ppo"]) != 0
 
@@ -102,17 +111,18 @@ def test_selection_among_samples_reads_no_log_and_prefers_its_best_forecast_scor
     from pathlib import Path
 
     from dpolicy.drive.data import build_set
-    from dpolicy.drive.train import plan, plan_select
+    from dpolicy.drive.selector import select
+    from dpolicy.drive.train import plan
     from dpolicy.kinds import load_policy
     from dpolicy_envs.driving import forecast, score
 
     planner = load_policy(str(Path(__file__).resolve().parents[1] / "checkpoints" / "drive_masked_bc"), "cpu")
     ds = build_set("val", 6, encoder=planner.cfg["encoder"])
-    pick = plan_select(planner, ds, samples=6)
+    pick = select(None, planner, ds, samples=6, rule=False)
     greedy = plan(planner, ds)
     fs = forecast(ds.scenes)
     both = score(fs, torch.stack([pick, greedy], 1))["pdms"]
     assert (both[:, 0] >= both[:, 1] - 1e-6).all()       # the greedy plan is one of the candidates
-    assert torch.equal(plan_select(planner, ds, samples=6), pick)  # seeded
+    assert torch.equal(select(None, planner, ds, samples=6, rule=False), pick)  # seeded
     fake = replace(ds, scenes=replace(ds.scenes, agents=torch.cat([ds.scenes.agents[:, :, :1], ds.scenes.agents[:, :, 1:] * 0], 2)))
-    assert torch.equal(plan_select(planner, fake, samples=6), pick)
+    assert torch.equal(select(None, planner, fake, samples=6, rule=False), pick)

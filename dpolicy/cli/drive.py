@@ -3,9 +3,11 @@
   dpolicy-drive collect [out=... data.n_train=...]      expert demos in the robomimic layout
   dpolicy-drive train   [data.path=... | data.cache=DIR] [model.planner=masked|anchor] [model.encoder=vector|flat]
                                                         behaviour-clone a planner; saved to RUN/planner (safetensors + JSON)
+  dpolicy-drive train   model.planner=scorer init=RUN   a learned scorer for RUN's proposals and the rule candidates
   dpolicy-drive rl      init=RUN [rl.algo=gspo|grpo]    group RL from a trained masked planner, with a curve
   dpolicy-drive eval    init=RUN [eval.split=test|val]  PDMS-like sub-scores, a scene picture; the last line is
-                                                        "PDMS-like <score>"
+                        [eval.samples=K eval.rule=true  "PDMS-like <score>"; with several proposals, the one the
+                         eval.scorer=RUN]               learned scorer (or the forecast) rates best is driven
 
 Settings come from configs/drive.yaml; override them as key=value.
 """
@@ -32,19 +34,21 @@ def load_config(overrides):
     return settings(DriveConfig, compose("drive", overrides))
 
 
-def load_planner(path, device):
-    """The driving planner saved at ``path`` (a planner directory, or a run directory holding ``planner/``)."""
+def load_planner(path, device, kinds=None, sub: str = "planner"):
+    """The driving planner saved at ``path`` (a planner directory, or a run directory holding ``planner/``); with
+    ``kinds`` and ``sub`` another driving model (the learned scorer: ``scorer/``)."""
     from dpolicy.drive.anchor import AnchorDiffusionPlanner
     from dpolicy.drive.masked import MaskedTokenPlanner
     from dpolicy.kinds import load_policy
 
+    kinds = (MaskedTokenPlanner, AnchorDiffusionPlanner) if kinds is None else kinds
     p = Path(str(path))
-    if (p / "planner" / "meta.json").exists():
-        p = p / "planner"
+    if (p / sub / "meta.json").exists():
+        p = p / sub
     planner = load_policy(p, device)
-    if not isinstance(planner, (MaskedTokenPlanner, AnchorDiffusionPlanner)):
-        raise CheckpointError(f"{p} holds a {type(planner).__name__}, not a driving planner; pass init=<a dpolicy-drive "
-                              "train or rl run directory>.")
+    if not isinstance(planner, kinds):
+        raise CheckpointError(f"{p} holds a {type(planner).__name__}, not a driving {sub}; pass a dpolicy-drive train "
+                              f"run directory holding {sub}/ (or the {sub} directory itself).")
     return planner
 
 
@@ -88,7 +92,8 @@ def run(command: str, cfg, log=print) -> dict:
     from dpolicy.drive.data import build_set, write_demos
     from dpolicy.drive.plots import plot_curves, plot_scenes
     from dpolicy.drive.rl import rl_train
-    from dpolicy.drive.train import closed_loop, evaluate, plan, plan_select, scene_planner, train_continuous, train_token_planner
+    from dpolicy.drive.selector import TrajectoryScorer, scoring_set, select, train_scorer
+    from dpolicy.drive.train import closed_loop, evaluate, plan, scene_planner, train_continuous, train_token_planner
 
     if command not in COMMANDS:
         raise ConfigError(f"unknown command {command!r}; choose from {', '.join(COMMANDS)}.")
@@ -103,9 +108,11 @@ def run(command: str, cfg, log=print) -> dict:
         log(f"wrote {sum(v.n for v in sets.values())} demos to {path}; expert PDMS-like " +
             ", ".join(f"{s} {res[f'expert_pdms_{s}']:.3f}" for s in sets))
         return res
-    if command in ("rl", "eval") and cfg.init is None:
-        raise ConfigError(f"{command} needs init=<a planner checkpoint or a {'train ' if command == 'rl' else ''}run directory>.")
-    planner = load_planner(cfg.init, dev) if command in ("rl", "eval") else None
+    scoring = command == "train" and cfg.model.planner == "scorer"
+    if (command in ("rl", "eval") or scoring) and cfg.init is None:
+        what = "the planner whose proposals the scorer rates" if scoring else "a planner checkpoint or a run directory"
+        raise ConfigError(f"{command}{' model.planner=scorer' if scoring else ''} needs init=<{what}>.")
+    planner = load_planner(cfg.init, dev) if command in ("rl", "eval") or scoring else None
     encoder = planner.cfg["encoder"] if planner is not None else cfg.model.encoder
     if command == "rl" and not hasattr(planner, "decode"):
         raise ConfigError(f"rl fine-tunes the masked-token planner; {cfg.init} holds an anchor-diffusion planner.")
@@ -116,7 +123,22 @@ def run(command: str, cfg, log=print) -> dict:
     def score_of(p, ds=None):
         ds = held if ds is None else ds
         return float(evaluate(ds, plan(p, ds, o.steps, o.order))["pdms"].mean())
-    if command == "train":
+    o_select = dict(samples=o.samples, rule=o.rule, steps=o.steps, order=o.order)
+    if command == "train" and scoring:
+        train = _split(cfg, "train", dev, encoder)
+        t, pc = cfg.train, planner.cfg
+        log(f"scoring {t.proposals} proposal(s) of {cfg.init} and the rule candidates on {train.n} train scenes against the log")
+        trajs, labels = scoring_set(planner, train, t.proposals, rule=True, seed=t.seed, log=log)
+        torch.manual_seed(t.seed)
+        scorer = TrajectoryScorer(pc["d"], cfg.model.layers, pc["heads"], encoder, pc["encoder_layers"]).to(dev)
+        scorer.encoder.load_state_dict(planner.encoder.state_dict())  # start from the proposer's scene encoder
+        t0 = time.perf_counter()
+        losses = train_scorer(scorer, train, trajs, labels, t.steps, t.batch, lr=t.lr, seed=t.seed, log=log)
+        res = {"final_loss": losses[-1] if losses else None, "train_s": time.perf_counter() - t0, "n_train": train.n,
+               "test_pdms": float(evaluate(held, select(scorer, planner, held, **o_select))["pdms"].mean())}
+        scorer.save(out / "scorer", {"test_pdms": res["test_pdms"], "n_train": train.n, "steps": t.steps, "proposer": str(cfg.init),
+                                     "eval": o_select})
+    elif command == "train":
         train = _split(cfg, "train", dev, encoder)
         planner = _new_planner(cfg, train, dev)
         t = cfg.train
@@ -139,16 +161,24 @@ def run(command: str, cfg, log=print) -> dict:
     else:  # eval
         from dpolicy_envs.driving import expert_plan, forecast
 
-        traj = plan(planner, held, o.steps, o.order) if o.samples == 1 else plan_select(planner, held, o.samples, o.steps, o.order)
+        scorer = None
+        if o.scorer is not None:
+            scorer = load_planner(o.scorer, dev, TrajectoryScorer, "scorer")
+            if scorer.cfg["encoder"] != encoder:
+                raise ConfigError(f"eval.scorer {o.scorer} reads the {scorer.cfg['encoder']} observation, the planner the {encoder} one.")
+        choosing = o.samples > 1 or o.rule or scorer is not None
+        traj = select(scorer, planner, held, **o_select) if choosing else plan(planner, held, o.steps, o.order)
         res = {k: float(v.mean()) for k, v in evaluate(held, traj).items()}
-        res["samples"] = o.samples
+        res["proposals"] = f"{o.samples} planner{' + rule' if o.rule else ''}"
+        if choosing:
+            res["chosen_by"] = "learned scorer" if scorer is not None else "forecast"
         res["expert_pdms"] = float(evaluate(held, held.expert)["pdms"].mean())
         # the same rule-based planner without the log: its candidates scored against a constant-speed forecast
         blind = evaluate(held, expert_plan(forecast(held.scenes))[0])
         res["expert_forecast_pdms"], res["expert_forecast_nc"] = float(blind["pdms"].mean()), float(blind["nc"].mean())
         res["split"], res["scenes"] = split, held.n
         if o.closed_loop:  # rates over scenes: at-fault collision, leaving the drivable area; mean progress (m)
-            for who, fn in (("cl", scene_planner(planner, encoder, o.steps, o.order, samples=o.samples)), ("expert_cl", lambda s: expert_plan(s)[0]),
+            for who, fn in (("cl", scene_planner(planner, encoder, o.steps, o.order, samples=o.samples, rule=o.rule, scorer=scorer)), ("expert_cl", lambda s: expert_plan(s)[0]),
                             ("expert_forecast_cl", lambda s: expert_plan(forecast(s))[0])):
                 m = closed_loop(held.scenes, fn)
                 res.update({f"{who}_collision_rate": float(1 - m["nc"].mean()), f"{who}_offroad_rate": float(1 - m["dac"].mean()),

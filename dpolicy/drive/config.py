@@ -28,6 +28,7 @@ class DriveDataConfig:
 @dataclass
 class DriveModelConfig:
     planner: str = "masked"  # masked (token diffusion, confidence-order decoding) | anchor (truncated anchor diffusion)
+                             # | scorer (train: a learned trajectory scorer for the proposals of the init planner)
     encoder: str = "vector_mlp"  # vector_mlp (an MLP per polyline) | vector (PointNet per polyline), then a transformer
                                  # over the tokens | flat (one MLP token from flattened polylines); chosen on val
     d: int = 64
@@ -38,7 +39,7 @@ class DriveModelConfig:
     anchors: int = 20  # anchor planner: K-means anchors of the training plans
 
     def __post_init__(self):
-        check_choice(self, "model", "planner", ("masked", "anchor"))
+        check_choice(self, "model", "planner", ("masked", "anchor", "scorer"))
         check_choice(self, "model", "encoder", ENCODERS)
         check_min(self, "model", 1, "d", "layers", "heads", "encoder_layers", "anchors")
         _check(self.d % self.heads == 0, f"model.d={self.d} must be a multiple of model.heads={self.heads}.")
@@ -66,9 +67,11 @@ class DriveTrainConfig:
     batch: int = 64
     lr: float = 1e-3
     seed: int = 0
+    proposals: int = 8  # scorer: samples of the init planner per training scene, beside the rule candidates
 
     def __post_init__(self):
         check_min(self, "train", 1, "steps", "batch")
+        check_min(self, "train", 0, "proposals")
         _check(self.lr > 0, f"train.lr={self.lr!r} must be positive.")
 
 
@@ -76,8 +79,10 @@ class DriveTrainConfig:
 class DriveEvalConfig:
     order: str = "confidence"  # decoding order: confidence | random | causal | reverse
     steps: int | None = None  # decoding (masked) or denoising (anchor) steps; null: the planner's own (8 / 2)
-    samples: int = 1  # plans per scene: 1 = the planner's own; K > 1 adds K - 1 samples and drives the one the rule-based
-                      # scorer rates best against a constant-speed forecast of the agents (no log; dpolicy.drive.train.plan_select)
+    samples: int = 1  # the planner's proposals per scene: 1 = its own plan; K > 1 adds K - 1 samples; 0 (with rule) none
+    rule: bool = False  # also propose the map-only rule candidates (lanes x speed profiles)
+    scorer: str | None = None  # a learned scorer (train model.planner=scorer) rates the proposals; null: the rule-based
+                               # scorer against a constant-speed forecast of the agents (neither reads the log)
     split: str = "test"  # test | val (choices are made on val)
     closed_loop: bool = False  # also drive planner and expert in closed loop (re-plan every 0.5 s for the 4 s log)
     scenes_in_picture: int = 4
@@ -85,7 +90,9 @@ class DriveEvalConfig:
     def __post_init__(self):
         check_choice(self, "eval", "order", ORDERS)
         check_choice(self, "eval", "split", ("test", "val"))
-        check_min(self, "eval", 1, "scenes_in_picture", "samples")
+        check_min(self, "eval", 1, "scenes_in_picture")
+        check_min(self, "eval", 0, "samples")
+        _check(self.samples > 0 or self.rule, "eval.samples=0 leaves no proposals; set eval.rule=true or eval.samples >= 1.")
         check_min(self, "eval", 1, "steps", null="the planner's own")
 
 

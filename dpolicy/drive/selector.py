@@ -21,9 +21,9 @@ from torch import nn
 
 from dpolicy.drive.checkpoint import build_planner, read_planner_dir, save_planner
 from dpolicy.drive.encoder import _mlp, make_encoder
-from dpolicy.errors import ShapeError
+from dpolicy.errors import ConfigError, ShapeError
 from dpolicy.policy.checkpoint import register_kind
-from dpolicy_envs.driving import SUB_SCORES, candidates, score
+from dpolicy_envs.driving import SUB_SCORES, candidates, forecast, score
 
 TRAJ_SCALE = 30.0  # metres: candidate waypoints are divided by it
 
@@ -90,22 +90,43 @@ class TrajectoryScorer(nn.Module):
 
 
 @torch.no_grad()
-def proposals(planner, obs: dict, scenes, samples: int, gen: torch.Generator, rule: bool = True) -> torch.Tensor:
+def proposals(planner, obs: dict, scenes, samples: int, gen: torch.Generator, rule: bool = True, steps: int | None = None,
+              order: str = "confidence") -> torch.Tensor:
     """Candidates (B, C, 8, 2) for the scenes: ``samples`` plans of ``planner`` (its own plan first, then sampled
-    ones; none when ``samples`` is 0) and, with ``rule``, the map-only rule candidates (lanes x speed profiles)."""
+    ones at temperature 1 or from fresh noise; none when ``samples`` is 0) and, with ``rule``, the map-only rule
+    candidates (every lane and two route offsets x five speed profiles)."""
     parts = []
     if samples > 0:
         if hasattr(planner, "decode"):
-            first = planner.tok.decode(planner.decode(obs))
+            s = 8 if steps is None else steps
+            first = planner.tok.decode(planner.decode(obs, steps=s, order=order))
             parts.append(first[:, None])
             if samples > 1:
-                more = planner.tok.decode(planner.decode(obs, temperature=1.0, gen=gen, n=samples - 1))
+                more = planner.tok.decode(planner.decode(obs, steps=s, order=order, temperature=1.0, gen=gen, n=samples - 1))
                 parts.append(more.reshape(first.shape[0], samples - 1, 8, 2))
         else:
-            parts.append(torch.stack([planner.plan(obs, gen=gen) for _ in range(samples)], 1))
+            parts.append(torch.stack([planner.plan(obs, gen=gen, steps=steps) for _ in range(samples)], 1))
     if rule:
         parts.append(candidates(scenes))
+    if not parts:
+        raise ConfigError("no proposals: ask for at least one planner sample or the rule candidates.")
     return torch.cat(parts, 1)
+
+
+@torch.no_grad()
+def rate(scorer, obs: dict, scenes, cand: torch.Tensor) -> torch.Tensor:
+    """PDMS-like ratings (B, C) of the candidates: the learned ``scorer``'s prediction, or with ``scorer`` None
+    the rule-based scorer against a constant-speed forecast of the agents (EP over the candidates' own best)."""
+    if scorer is None:
+        return score(forecast(scenes), cand)["pdms"]
+    return scorer(obs, cand)["pdms"]
+
+
+def choose(scorer, planner, obs: dict, scenes, samples: int, rule: bool, gen, steps: int | None = None,
+           order: str = "confidence") -> torch.Tensor:
+    """The best rated of the scenes' proposals, (B, 8, 2)."""
+    c = proposals(planner, obs, scenes, samples, gen, rule, steps, order)
+    return c[torch.arange(c.shape[0], device=c.device), rate(scorer, obs, scenes, c).argmax(1)]
 
 
 @torch.no_grad()
@@ -141,14 +162,10 @@ def train_scorer(scorer: TrajectoryScorer, ds, trajs: torch.Tensor, labels: torc
 
 
 @torch.no_grad()
-def select(scorer: TrajectoryScorer, planner, ds, samples: int, rule: bool = True, seed: int = 0, chunk: int = 128) -> torch.Tensor:
-    """One trajectory (n, 8, 2) per scene: the proposal the scorer rates best (the log is not read)."""
+def select(scorer, planner, ds, samples: int, rule: bool = True, seed: int = 0, steps: int | None = None,
+           order: str = "confidence", chunk: int = 128) -> torch.Tensor:
+    """One trajectory (n, 8, 2) per scene of ``ds``: the proposal ``rate`` rates best (``scorer`` None: the
+    rule-based scorer on the forecast). The log is not read."""
     gen = torch.Generator(ds.expert.device).manual_seed(seed)
-    out = []
-    for i in range(0, ds.n, chunk):
-        sl = slice(i, i + chunk)
-        obs = {k: v[sl] for k, v in ds.obs.items()}
-        c = proposals(planner, obs, ds.scenes.index(sl), samples, gen, rule)
-        key = scorer(obs, c)["pdms"]
-        out.append(c[torch.arange(c.shape[0], device=c.device), key.argmax(1)])
-    return torch.cat(out)
+    return torch.cat([choose(scorer, planner, {k: v[i:i + chunk] for k, v in ds.obs.items()}, ds.scenes.index(slice(i, i + chunk)),
+                             samples, rule, gen, steps, order) for i in range(0, ds.n, chunk)])

@@ -13,7 +13,7 @@ import math
 import torch
 
 from dpolicy.errors import TrainingError
-from dpolicy_envs.driving import forecast, score
+from dpolicy_envs.driving import score
 
 
 def fit(model, loss_fn, n: int, steps: int, batch: int = 64, lr: float = 1e-3, seed: int = 0, device="cpu",
@@ -80,37 +80,12 @@ def plan(planner, ds, steps: int | None = None, order: str = "confidence", seed:
                       for i in range(0, ds.n, chunk)])
 
 
-def _pick(planner, obs: dict, scenes, samples: int, steps: int | None, order: str, gen) -> torch.Tensor:
-    """The planner's own plan and ``samples - 1`` sampled ones for ``scenes``; the one the rule-based scorer
-    rates best against the agents' constant-speed forecast, (B, 8, 2)."""
-    if hasattr(planner, "decode"):
-        s = 8 if steps is None else steps
-        first = planner.tok.decode(planner.decode(obs, steps=s, order=order))
-        more = planner.tok.decode(planner.decode(obs, steps=s, order=order, temperature=1.0, gen=gen, n=samples - 1))
-        more = more.reshape(first.shape[0], samples - 1, *first.shape[1:])
-    else:
-        first = planner.plan(obs, gen=gen, steps=steps)
-        more = torch.stack([planner.plan(obs, gen=gen, steps=steps) for _ in range(samples - 1)], 1)
-    cand = torch.cat([first[:, None], more], 1)
-    key = score(forecast(scenes), cand)["pdms"]
-    return cand[torch.arange(cand.shape[0], device=cand.device), key.argmax(1)]
-
-
-@torch.no_grad()
-def plan_select(planner, ds, samples: int, steps: int | None = None, order: str = "confidence", seed: int = 0,
-                chunk: int = 64) -> torch.Tensor:
-    """One trajectory (n, 8, 2) per scene: the planner's own plan (``plan``) and ``samples - 1`` sampled ones
-    (temperature 1 for a token planner, fresh noise for a continuous one), of which the rule-based scorer
-    rates best against a constant-speed forecast of the agents (``forecast``; the log is not read, and EP is
-    normalised by the proposals' own best progress): learned proposals, rule-based selection."""
-    gen = torch.Generator(ds.expert.device).manual_seed(seed)
-    return torch.cat([_pick(planner, {k: v[i:i + chunk] for k, v in ds.obs.items()}, ds.scenes.index(slice(i, i + chunk)),
-                            samples, steps, order, gen) for i in range(0, ds.n, chunk)])
-
-
-def scene_planner(planner, encoder: str, steps: int | None = None, order: str = "confidence", seed: int = 0, samples: int = 1):
+def scene_planner(planner, encoder: str, steps: int | None = None, order: str = "confidence", seed: int = 0, samples: int = 1,
+                  rule: bool = False, scorer=None):
     """``plan(scenes) -> (B, 8, 2)`` for closed-loop rollouts: observe the scenes for ``encoder``, then plan
-    as ``plan`` does (greedy decoding, or seeded sampler noise that differs between calls)."""
+    as ``plan`` does (greedy decoding, or seeded sampler noise that differs between calls); with more than one
+    proposal (``samples`` > 1 or ``rule``) choose among them as ``selector.select`` does."""
+    from dpolicy.drive.selector import choose
     from dpolicy.drive.data import OBSERVERS
 
     gen = torch.Generator().manual_seed(seed)
@@ -118,9 +93,9 @@ def scene_planner(planner, encoder: str, steps: int | None = None, order: str = 
     @torch.no_grad()
     def fn(scenes):
         obs = OBSERVERS[encoder](scenes)
-        if samples > 1:
+        if samples > 1 or rule:
             g = torch.Generator(scenes.device).manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
-            return _pick(planner, obs, scenes, samples, steps, order, g)
+            return choose(scorer, planner, obs, scenes, samples, rule, g, steps, order)
         if hasattr(planner, "decode"):
             return planner.tok.decode(planner.decode(obs, steps=8 if steps is None else steps, order=order))
         g = torch.Generator(scenes.device).manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
