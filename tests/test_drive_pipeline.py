@@ -44,6 +44,11 @@ def test_cli_collect_train_rl_eval(tmp_path):
                  "eval.samples=2", f"run_dir={tmp_path / 'ev2'}"]) == 0
     res = json.loads((tmp_path / "ev2" / "eval.json").read_text())
     assert res["chosen_by"] == "learned scorer" and 0 <= res["pdms"] <= 1
+    assert main(["train", f"data.path={data}", f"train.teacher={tmp_path / 'sc'}", f"run_dir={tmp_path / 'st'}", "train.steps=2",
+                 "model.d=16"]) == 0
+    meta = json.loads((tmp_path / "st" / "planner" / "meta.json").read_text())
+    assert meta["metadata"]["teacher"] == str(tmp_path / "sc")
+    assert main(["train", f"data.path={data}", f"train.teacher={tmp_path / 'bc'}", "train.steps=2"]) != 0  # not a scorer
     assert main(["eval", f"data.path={data}", f"init={tmp_path / 'bc'}", f"eval.scorer={tmp_path / 'bc'}"]) != 0  # not a scorer
     assert main(["eval", f"data.path={data}", f"init={tmp_path / 'bc'}", "eval.samples=0"]) != 0  # no proposals
     assert main(["train", f"data.path={data}", "model.planner=scorer"]) != 0  # no proposer

@@ -61,5 +61,11 @@ def test_candidates_do_not_attend_to_each_other_and_selection_reads_no_log(scene
     s = scenes.scenes
     blind = replace(scenes, scenes=replace(s, agents=torch.cat([s.agents[:, :, :1], 0 * s.agents[:, :, 1:]], 2)))
     assert torch.equal(select(sc, _Straight(), blind, samples=4), pick)
+    from dpolicy_envs.driving import candidates
+
+    rule = select(sc, None, scenes, samples=0, rule=True)  # no planner: the rule candidates alone
+    assert ((candidates(scenes.scenes) - rule[:, None]).abs().amax((-1, -2)) == 0).any(1).all()
+    with pytest.raises(Exception, match="proposals"):
+        select(sc, None, scenes, samples=0, rule=False)
     with pytest.raises(Exception, match="shape"):
         sc(scenes.obs, trajs[..., 0])

@@ -90,8 +90,10 @@ BAD_INPUT = {
         "tokenizer.mode=bins", "tokenizer.resolution=0", "tokenizer.x_range=[1,0]", "train.steps=0", "train.lr=-1",
         "train.batch=abc", "rl.lr=0", "rl.algo=ppo", "rl.lr_schedule=cosine", "rl.iters=0", "rl.eps_low=2",
         "rl.order=sideways", "rl.eval_every=0", "eval.order=sideways", "eval.steps=0", "eval.scenes_in_picture=0",
-        "device=tpu", "init=[1]", "rl.kl_coef=-1"]]
-    + [(["collect", "model.heads=3"], "model.heads"), (["collect", "rl.group=1"], "rl.group"), (["fly"], "command"),
+        "device=tpu", "init=[1]", "rl.kl_coef=-1", "eval.samples=-1", "eval.rule=maybe", "train.proposals=-2",
+        "model.planner=oracle"]]
+    + [(["collect", "eval.samples=0"], "eval.samples"), (["train", "model.planner=scorer"], "init"),
+       (["collect", "model.heads=3"], "model.heads"), (["collect", "rl.group=1"], "rl.group"), (["fly"], "command"),
        (["collect", "no_such_key=1"], "no_such_key"), (["rl"], "init"), (["eval"], "init")],
     "bench": [(["--episodes", "abc"], "--episodes"), (["--episodes", "0"], "--episodes"), (["--seeds", "0"], "--seeds"),
               (["--expert-episodes", "-3"], "--expert-episodes"), (["--tasks", "avoid,nope"], "--tasks"),

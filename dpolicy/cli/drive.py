@@ -140,6 +140,16 @@ def run(command: str, cfg, log=print) -> dict:
                                      "eval": o_select})
     elif command == "train":
         train = _split(cfg, "train", dev, encoder)
+        if cfg.train.teacher is not None:
+            from dataclasses import replace
+
+            teacher = load_planner(cfg.train.teacher, dev, TrajectoryScorer, "scorer")
+            if teacher.cfg["encoder"] != encoder:
+                raise ConfigError(f"train.teacher {cfg.train.teacher} reads the {teacher.cfg['encoder']} observation, "
+                                  f"model.encoder is {encoder}.")
+            train = replace(train, expert=select(teacher, None, train, 0, rule=True))
+            log(f"imitating {cfg.train.teacher}'s choices: PDMS-like {float(evaluate(train, train.expert)['pdms'].mean()):.3f} "
+                "on the train scenes")
         planner = _new_planner(cfg, train, dev)
         t = cfg.train
         fit = train_token_planner if cfg.model.planner == "masked" else train_continuous
@@ -147,7 +157,8 @@ def run(command: str, cfg, log=print) -> dict:
         losses = fit(planner, train, t.steps, t.batch, t.lr, t.seed, log=log)
         res = {"final_loss": losses[-1] if losses else None, "train_s": time.perf_counter() - t0, "n_train": train.n,
                "test_pdms": score_of(planner)}
-        planner.save(out / "planner", {"test_pdms": res["test_pdms"], "n_train": train.n, "steps": t.steps})
+        planner.save(out / "planner", {"test_pdms": res["test_pdms"], "n_train": train.n, "steps": t.steps,
+                                       "teacher": t.teacher or "expert"})
     elif command == "rl":
         train = _split(cfg, "train", dev, encoder)
         hist = rl_train(planner, train, score_of, cfg.rl, log=log)

@@ -68,6 +68,9 @@ class DriveTrainConfig:
     lr: float = 1e-3
     seed: int = 0
     proposals: int = 8  # scorer: samples of the init planner per training scene, beside the rule candidates
+    teacher: str | None = None  # masked / anchor: imitate the plan a learned scorer (a train model.planner=scorer run)
+                                # chooses among the rule candidates, which the observation determines, instead of
+                                # the logged expert's plan, which depends on the log
 
     def __post_init__(self):
         check_min(self, "train", 1, "steps", "batch")
