@@ -92,7 +92,7 @@ def run(command: str, cfg, log=print) -> dict:
     from dpolicy.drive.data import build_set, write_demos
     from dpolicy.drive.plots import plot_curves, plot_scenes
     from dpolicy.drive.rl import rl_train
-    from dpolicy.drive.selector import TrajectoryScorer, scoring_set, select, train_scorer
+    from dpolicy.drive.selector import TrajectoryScorer, scene_chooser, scoring_set, select, train_scorer
     from dpolicy.drive.train import closed_loop, evaluate, plan, scene_planner, train_continuous, train_token_planner
 
     if command not in COMMANDS:
@@ -189,7 +189,8 @@ def run(command: str, cfg, log=print) -> dict:
         res["expert_forecast_pdms"], res["expert_forecast_nc"] = float(blind["pdms"].mean()), float(blind["nc"].mean())
         res["split"], res["scenes"] = split, held.n
         if o.closed_loop:  # rates over scenes: at-fault collision, leaving the drivable area; mean progress (m)
-            for who, fn in (("cl", scene_planner(planner, encoder, o.steps, o.order, samples=o.samples, rule=o.rule, scorer=scorer)), ("expert_cl", lambda s: expert_plan(s)[0]),
+            for who, fn in (("cl", scene_chooser(scorer, planner, encoder, o.samples, o.rule, o.steps, o.order) if choosing
+                                   else scene_planner(planner, encoder, o.steps, o.order)), ("expert_cl", lambda s: expert_plan(s)[0]),
                             ("expert_forecast_cl", lambda s: expert_plan(forecast(s))[0])):
                 m = closed_loop(held.scenes, fn)
                 res.update({f"{who}_collision_rate": float(1 - m["nc"].mean()), f"{who}_offroad_rate": float(1 - m["dac"].mean()),

@@ -169,3 +169,18 @@ def select(scorer, planner, ds, samples: int, rule: bool = True, seed: int = 0, 
     gen = torch.Generator(ds.expert.device).manual_seed(seed)
     return torch.cat([choose(scorer, planner, {k: v[i:i + chunk] for k, v in ds.obs.items()}, ds.scenes.index(slice(i, i + chunk)),
                              samples, rule, gen, steps, order) for i in range(0, ds.n, chunk)])
+
+
+def scene_chooser(scorer, planner, encoder: str, samples: int, rule: bool, steps: int | None = None, order: str = "confidence",
+                  seed: int = 0):
+    """``plan(scenes) -> (B, 8, 2)`` for closed-loop rollouts: observe the scenes for ``encoder`` and drive the best
+    rated proposal (as ``select``), with fresh sampling noise at every call."""
+    from dpolicy.drive.data import OBSERVERS
+
+    gen = torch.Generator().manual_seed(seed)
+
+    @torch.no_grad()
+    def fn(scenes):
+        g = torch.Generator(scenes.device).manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
+        return choose(scorer, planner, OBSERVERS[encoder](scenes), scenes, samples, rule, g, steps, order)
+    return fn

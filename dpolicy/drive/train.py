@@ -80,12 +80,9 @@ def plan(planner, ds, steps: int | None = None, order: str = "confidence", seed:
                       for i in range(0, ds.n, chunk)])
 
 
-def scene_planner(planner, encoder: str, steps: int | None = None, order: str = "confidence", seed: int = 0, samples: int = 1,
-                  rule: bool = False, scorer=None):
+def scene_planner(planner, encoder: str, steps: int | None = None, order: str = "confidence", seed: int = 0):
     """``plan(scenes) -> (B, 8, 2)`` for closed-loop rollouts: observe the scenes for ``encoder``, then plan
-    as ``plan`` does (greedy decoding, or seeded sampler noise that differs between calls); with more than one
-    proposal (``samples`` > 1 or ``rule``) choose among them as ``selector.select`` does."""
-    from dpolicy.drive.selector import choose
+    as ``plan`` does (greedy decoding, or seeded sampler noise that differs between calls)."""
     from dpolicy.drive.data import OBSERVERS
 
     gen = torch.Generator().manual_seed(seed)
@@ -93,9 +90,6 @@ def scene_planner(planner, encoder: str, steps: int | None = None, order: str = 
     @torch.no_grad()
     def fn(scenes):
         obs = OBSERVERS[encoder](scenes)
-        if samples > 1 or rule:
-            g = torch.Generator(scenes.device).manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
-            return choose(scorer, planner, obs, scenes, samples, rule, g, steps, order)
         if hasattr(planner, "decode"):
             return planner.tok.decode(planner.decode(obs, steps=8 if steps is None else steps, order=order))
         g = torch.Generator(scenes.device).manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
