@@ -52,6 +52,17 @@ def load_planner(path, device, kinds=None, sub: str = "planner"):
     return planner
 
 
+def _load_scorer(path, device, encoder: str, key: str):
+    """The learned scorer at ``path`` (a scorer directory or a run holding ``scorer/``), checked to read the
+    ``encoder``'s observation; ``key`` names the setting that gave the path."""
+    from dpolicy.drive.selector import TrajectoryScorer
+
+    scorer = load_planner(path, device, TrajectoryScorer, "scorer")
+    if scorer.cfg["encoder"] != encoder:
+        raise ConfigError(f"{key} {path} reads the {scorer.cfg['encoder']} observation, the planner the {encoder} one.")
+    return scorer
+
+
 def _split(cfg, split: str, dev, encoder: str):
     """The scenes of ``split`` for ``encoder``: from the scene cache when data.cache is set, else from data.path."""
     from dpolicy.drive.cache import cached_set
@@ -143,10 +154,7 @@ def run(command: str, cfg, log=print) -> dict:
         if cfg.train.teacher is not None:
             from dataclasses import replace
 
-            teacher = load_planner(cfg.train.teacher, dev, TrajectoryScorer, "scorer")
-            if teacher.cfg["encoder"] != encoder:
-                raise ConfigError(f"train.teacher {cfg.train.teacher} reads the {teacher.cfg['encoder']} observation, "
-                                  f"model.encoder is {encoder}.")
+            teacher = _load_scorer(cfg.train.teacher, dev, encoder, "train.teacher")
             train = replace(train, expert=select(teacher, None, train, 0, rule=True))
             log(f"imitating {cfg.train.teacher}'s choices: PDMS-like {float(evaluate(train, train.expert)['pdms'].mean()):.3f} "
                 "on the train scenes")
@@ -172,11 +180,7 @@ def run(command: str, cfg, log=print) -> dict:
     else:  # eval
         from dpolicy_envs.driving import expert_plan, forecast
 
-        scorer = None
-        if o.scorer is not None:
-            scorer = load_planner(o.scorer, dev, TrajectoryScorer, "scorer")
-            if scorer.cfg["encoder"] != encoder:
-                raise ConfigError(f"eval.scorer {o.scorer} reads the {scorer.cfg['encoder']} observation, the planner the {encoder} one.")
+        scorer = None if o.scorer is None else _load_scorer(o.scorer, dev, encoder, "eval.scorer")
         choosing = o.samples > 1 or o.rule or scorer is not None
         traj = select(scorer, planner, held, **o_select) if choosing else plan(planner, held, o.steps, o.order)
         res = {k: float(v.mean()) for k, v in evaluate(held, traj).items()}
