@@ -190,20 +190,7 @@ def drive_section(work: Path, log=print, quick: bool = False, figures: Path | No
              table(["planner", "denoising steps", "PDMS-like", "NC", "DAC", "C", "diversity (m)", "ms / scene"], rows)]
 
     # (4) scorer throughput on CPU (and on the GPU when there is one)
-    tp_rows = []
-    for d in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
-        sc = test.scenes.to(d)
-        n_per = max(1, P["n_tp"] // sc.batch)
-        traj = test.expert.to(d)[:, None].expand(-1, n_per, -1, -1).contiguous()
-        score(sc, traj[:, :1])
-        if d == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        score(sc, traj)
-        if d == "cuda":
-            torch.cuda.synchronize()
-        dt = time.perf_counter() - t
-        tp_rows.append([d, sc.batch * n_per, sc.batch * n_per / dt])
+    tp_rows = scorer_throughput(test, [P["n_tp"]])
     res["throughput"] = {r[0]: r[2] for r in tp_rows}
     body += ["", f"**(4) PDMS-like scorer throughput** (41-step tracking, collision/TTC/DAC/comfort/EP; torch threads: {torch.get_num_threads()})", "",
              table(["device", "trajectories", "trajectories / s"], tp_rows)]
@@ -214,3 +201,52 @@ def drive_section(work: Path, log=print, quick: bool = False, figures: Path | No
     body += ["", f"Pictures: `{(fig / 'drive_scenes.png').as_posix()}` (4 test scenes with planned trajectories). Section wall time {res['time_s']:.0f} s."]
     (work / "drive_results.json").write_text(json.dumps(res, indent=1, default=str))
     return "## Driving (PDMS-like)\n\n" + "\n".join(body), res
+
+
+def scorer_throughput(test, sizes, repeats: int = 1, devices=None) -> list[list]:
+    """Trajectories scored per second: the test scenes' expert plans, repeated to about each size per call.
+
+    One warm-up call per device and size, then the median of ``repeats`` timed calls (each synchronised on a
+    GPU). Devices default to the CPU and, when present, CUDA. Rows: device, trajectories per call, per second.
+    """
+    import statistics
+
+    rows = []
+    for d in devices or ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
+        sc = test.scenes.to(d)
+        for n in sizes:
+            n_per = max(1, n // sc.batch)
+            traj = test.expert.to(d)[:, None].expand(-1, n_per, -1, -1).contiguous()
+            times = []
+            for i in range(repeats + 1):
+                if d == "cuda":
+                    torch.cuda.synchronize()
+                t = time.perf_counter()
+                score(sc, traj)
+                if d == "cuda":
+                    torch.cuda.synchronize()
+                if i:  # the first call warms up
+                    times.append(time.perf_counter() - t)
+            rows.append([d, sc.batch * n_per, sc.batch * n_per / statistics.median(times)])
+    return rows
+
+
+def drive_throughput_section(log=print, n_scenes: int = 500, cpu_sizes=(2048,), gpu_sizes=(2048, 16384, 131072),
+                             repeats: int = 5) -> tuple[str, dict]:
+    """The PDMS-like scorer's throughput on this machine's CPU and, when there is one, its GPU, at several batch sizes."""
+    dev_name = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    test = build_set("test", n_scenes, "cuda" if dev_name else "cpu")  # the scenes and expert plans: built where it is fast
+    rows = scorer_throughput(test, list(cpu_sizes), max(1, repeats // 2), ["cpu"])
+    if dev_name:
+        rows += scorer_throughput(test, list(gpu_sizes), repeats, ["cuda"])
+    for r in rows:
+        log(f"[drive-throughput] {r[0]} {r[1]:,} trajectories: {r[2]:,.0f} / s")
+    best = {d: max(r[2] for r in rows if r[0] == d) for d in {r[0] for r in rows}}
+    body = ("## Driving: PDMS-like scorer throughput\n\n"
+            f"The batched scorer (41-step tracking; collision, TTC, drivable area, comfort, progress) on the expert plans "
+            f"of {n_scenes} test scenes, each repeated to the batch size; median of {repeats} timed calls after a "
+            f"warm-up ({max(1, repeats // 2)} on the CPU). CPU: {torch.get_num_threads()} torch thread(s); GPU: {dev_name or 'none in this run'}.\n\n")
+    body += table(["device", "trajectories per call", "trajectories / s"], [[r[0], f"{r[1]:,}", f"{r[2]:,.0f}"] for r in rows])
+    if "cuda" in best:
+        body += f"\n\nBest GPU rate / CPU rate: {best['cuda'] / best['cpu']:.0f}x."
+    return body, {"rows": rows, "device": dev_name}

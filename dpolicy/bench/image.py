@@ -42,6 +42,35 @@ def _collect(task: str, cfg, path: Path, log) -> dict:
     return summary
 
 
+def _where(cfg) -> str:
+    """The training device in words: the GPU's name, else the CPU's core count."""
+    from dpolicy.bench.report import usable_cores
+    from dpolicy.utils import resolve_device
+
+    dev = resolve_device(cfg.device)
+    return torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"{usable_cores()}-core CPU"
+
+
+def _setup(cfg, episodes: int) -> str:
+    """What the section's policies see and are made of, read from the configuration they were trained with."""
+    v, net = cfg.policy.vision, cfg.policy.net
+    if v.encoder == "resnet18":
+        enc = ("Diffusion Policy's ResNet-18 (`policy.vision.encoder=resnet18`: GroupNorm, spatial-softmax keypoints "
+               f"instead of global pooling, {'randomly initialised' if v.pretrained is None else 'weights from ' + str(v.pretrained)})")
+    else:
+        enc = "the CPU default (`policy.vision.encoder=conv`, spatial-softmax keypoints)"
+    cams = "one backbone shared by the cameras" if v.share else "one per camera"
+    dims = f" ({', '.join(map(str, net.down_dims))} channels)" if net.type == "unet" else ""
+    crop = (f"random {v.crop} x {v.crop} crops while training, the centre crop at evaluation" if v.crop
+            else "no crop")
+    return (f"Observations: 84 x 84 RGB from a fixed third-person camera (`agentview_image`; lift adds the wrist "
+            f"camera `robot0_eye_in_hand_image`) plus proprioception only, no object state. Encoder: {enc}, {cams}, "
+            f"trained end to end with the denoiser ({net.type}{dims}; {cfg.policy.process.type}, "
+            f"{cfg.policy.process.steps} sampling steps) and its EMA; {crop}; batch {cfg.train.batch_size}, "
+            f"lr {cfg.train.lr:g}. The demos of a task are collected once and every process trains on that file. "
+            f"Success over {episodes} seeded episodes of the EMA policy.\n\n")
+
+
 def image_bc_section(work, tasks=IMAGE_TASKS, processes=("diffusion", "flow"), episodes: int = 200,
                      ship: Path | None = None, extra: list[str] | None = None, log=print) -> tuple[str, dict]:
     """Collect once per task, train and evaluate each process on it; success, CI, time, image memory."""
@@ -93,7 +122,8 @@ def image_bc_section(work, tasks=IMAGE_TASKS, processes=("diffusion", "flow"), e
             if task.startswith("avoid"):
                 mode_rows.append((proc, m["eval"].get("mode_counts") or {}, summary.get("mode_frequencies", {}), m["success_rate"]))
             if m.get("video"):
-                dest = Path("docs/img") / f"{task}_{proc}.mp4"
+                tag = "" if cfg.policy.vision.encoder == "conv" else f"_{cfg.policy.vision.encoder}"
+                dest = Path("docs/img") / f"{task}_{proc}{tag}.mp4"
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy(m["video"], dest)
                 m["video_shipped"] = str(dest)
@@ -101,13 +131,7 @@ def image_bc_section(work, tasks=IMAGE_TASKS, processes=("diffusion", "flow"), e
                 _ship(run_dir, ship / f"{task}_{proc}", m)
         (task_dir / "summary.json").write_text(json.dumps({k: v for k, v in results.items() if k.startswith(task)},
                                                           indent=2, default=str))
-    body = (f"## Visuomotor behaviour cloning: policies that see the task through cameras (2-core CPU)\n\n"
-            f"Observations: 84 x 84 RGB from a fixed third-person camera (`agentview_image`; lift adds the wrist "
-            f"camera `robot0_eye_in_hand_image`) plus proprioception only, no object state. Encoder: the CPU default "
-            f"(`policy.vision.encoder=conv`, one per camera, spatial-softmax keypoints), trained end to end with the "
-            f"denoiser and its EMA; random 76 x 76 crops while training, the centre crop at evaluation. The demos of "
-            f"a task are collected once and every process trains on that file. Success over {episodes} seeded "
-            f"episodes of the EMA policy.\n\n")
+    body = f"## Visuomotor behaviour cloning: policies that see the task through cameras ({_where(cfg)})\n\n" + _setup(cfg, episodes)
     body += table(["task", "process", "demos", "cameras", f"success ({episodes} ep.)", "95% CI (Wilson)", "train min",
                    "steps", "parameters (encoder)", "images per frame / on device"], rows)
     if mode_rows:

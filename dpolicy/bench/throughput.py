@@ -167,9 +167,11 @@ def _forever(loader):
         yield from loader
 
 
-def _loader_loop(policy, dataset, batch_size: int, steps: int, device, persistent: bool = False) -> tuple[float, float]:
-    """``(samples/s, share of the time spent waiting for the loader)`` over ``steps`` batches after one warm-up batch."""
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=1,
+def _loader_loop(policy, dataset, batch_size: int, steps: int, device, persistent: bool = False,
+                 workers: int = 1) -> tuple[float, float]:
+    """``(samples/s, share of the time spent waiting for the loader)`` over ``steps`` batches after one warm-up batch.
+    On a GPU the loss runs under the same bf16 autocast as ``Trainer``'s, so both loops train in one precision."""
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=workers,
                                          pin_memory=device.type == "cuda", persistent_workers=persistent, drop_last=True)
     opt = torch.optim.AdamW(policy.parameters(), lr=1e-4, betas=(0.95, 0.999), weight_decay=1e-6)
     ema = EMA(policy)
@@ -182,7 +184,8 @@ def _loader_loop(policy, dataset, batch_size: int, steps: int, device, persisten
         if n:
             wait += time.perf_counter() - t
         obs, act = to_device(batch, device)
-        loss = policy.loss(obs, act)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            loss = policy.loss(obs, act)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -201,10 +204,11 @@ def reference_loop(policy, data: WindowDataset, batch_size: int, steps: int, dev
     return _loader_loop(policy, HostWindows(data), batch_size, steps, device)[0]
 
 
-def image_reference_loop(policy, windows: ImageHostWindows, batch_size: int, steps: int, device) -> tuple[float, float]:
-    """``(samples/s, loader-wait share)`` of the image reference loop. Its worker persists across epochs, so no
+def image_reference_loop(policy, windows: ImageHostWindows, batch_size: int, steps: int, device,
+                         workers: int = 1) -> tuple[float, float]:
+    """``(samples/s, loader-wait share)`` of the image reference loop. Its workers persist across epochs, so no
     worker restart is timed."""
-    return _loader_loop(policy, windows, batch_size, steps, device, persistent=True)
+    return _loader_loop(policy, windows, batch_size, steps, device, persistent=True, workers=workers)
 
 
 def our_loop(policy, data: WindowDataset, batch_size: int, steps: int, device, compile: bool = False) -> float:
@@ -285,20 +289,21 @@ def image_memory(data: WindowDataset) -> dict:
 
 def compare_images(make_policy, data: WindowDataset, batch_size: int, steps: int, repeats: int = 3, compile: bool = False,
                    windows: ImageHostWindows | None = None, threads: int | None = None,
-                   reference_threads: tuple[int | None, ...] = (None,)) -> dict:
+                   reference_threads: tuple[int | None, ...] = (None,), workers: int = 1) -> dict:
     """``compare`` for a policy that reads cameras: the reference reads ``windows`` (compressed frames decoded per
     sample on the host; built here when None), ours the uint8 frames resident on the device; both train a fresh
     copy of the same policy, whose encoder crops on the device. Medians, ratio and the reference's
     median share of time spent waiting for its loader. ``threads`` sets torch's compute threads for our loop and
     each of ``reference_threads`` for one timing of the reference's training process (its loader worker is a
-    process of its own); the ratio is against the fastest of them (None: leave the setting as it is)."""
+    process of its own); the ratio is against the fastest of them (None: leave the setting as it is). ``workers``:
+    the reference's loader processes."""
     windows = ImageHostWindows(data) if windows is None else windows
     ours, ref, wait = [], {n: [] for n in reference_threads}, {n: [] for n in reference_threads}
     for _ in range(repeats):
         for n in reference_threads:
             with torch_threads(n):
                 sps, share = image_reference_loop(make_policy().to(data.device), windows, batch_size, steps,
-                                                  data.device)
+                                                  data.device, workers)
             ref[n].append(sps)
             wait[n].append(share)
         with torch_threads(threads):

@@ -44,7 +44,7 @@ ASYNC_DELAYS, ASYNC_SEED, ASYNC_FORWARD_ROLLOUTS, ASYNC_SELECT_EPISODES = (0, 1,
 # the finetune section's methods (dpolicy.bench.finetune.METHODS)
 FINETUNE_METHODS = ("ppo", "grpo", "gspo", "awm", "awm-exp", "filtered", "grpo-branch")
 SECTIONS = ("envs", "throughput", "image-throughput", "bc", "image", "image-rti", "steer", "headroom", "rti", "latency", "gpu-latency", "compose",
-            "drive", "robosuite", "pusht", "peers", "reliability", "rollouts", "async", "finetune")
+            "drive", "drive-throughput", "robosuite", "pusht", "peers", "reliability", "rollouts", "async", "finetune")
 
 
 def _count(text: str) -> int:
@@ -192,7 +192,10 @@ def main(argv=None) -> int:
     if "throughput" in sections:
         write_section(args.out, "throughput", suite.throughput_section(log=log), command)
     if "image-throughput" in sections:
-        write_section(args.out, "image-throughput", suite.image_throughput_section(log=log), command)
+        import torch
+
+        key = "image-throughput" + (":cuda" if torch.cuda.is_available() else "")  # the CPU's figures stay beside a GPU's
+        write_section(args.out, key, suite.image_throughput_section(log=log), command)
     if "bc" in sections:
         body, results = suite.bc_section(work, tasks=args.tasks.split(","), processes=args.processes.split(","),
                                          episodes=args.episodes, ship=Path("checkpoints") if args.ship else None,
@@ -208,7 +211,8 @@ def main(argv=None) -> int:
                                          or ["diffusion"], episodes=args.episodes,
                                          ship=Path("checkpoints") if args.ship else None, extra=args.overrides, log=log)
         (work / "image_results.json").write_text(json.dumps(results, indent=2, default=str))
-        write_section(args.out, "image:" + ",".join(tasks), body, command)
+        encoder = next((o.split("=", 1)[1] for o in args.overrides if o.startswith("policy.vision.encoder=")), "conv")
+        write_section(args.out, "image:" + ",".join(tasks) + ("" if encoder == "conv" else f":{encoder}"), body, command)
     if "image-rti" in sections:
         from dpolicy.bench.image import image_rti_section
 
@@ -238,6 +242,10 @@ def main(argv=None) -> int:
         from dpolicy.bench.latency import gpu_latency_section
 
         write_section(args.out, "gpu-latency", gpu_latency_section(shipped[0], log=log)[0], command)
+    if "drive-throughput" in sections:
+        from dpolicy.bench.drive import drive_throughput_section
+
+        write_section(args.out, "drive-throughput", drive_throughput_section(log=log)[0], command)
     if "reliability" in sections:
         from dpolicy.bench.reliability import reliability_section
 
