@@ -22,6 +22,18 @@ def run(module, *args, cwd=None):
                           timeout=300, cwd=cwd, env=env)
 
 
+def test_training_without_the_mp4_encoder_stops_before_it_trains(tmp_path, monkeypatch):
+    from dpolicy.bench.suite import compose_run
+    from dpolicy.errors import ConfigError
+    from dpolicy.train.bc import train_bc
+
+    monkeypatch.setitem(sys.modules, "imageio_ffmpeg", None)
+    cfg = compose_run(["task=avoid", *TINY])
+    with pytest.raises(ConfigError, match="pip install imageio-ffmpeg"):
+        train_bc(cfg, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()  # nothing trained, collected or written
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     out = tmp_path_factory.mktemp("train")

@@ -67,6 +67,19 @@ def test_drive_bench_section_quick_writes_tables_and_pictures(tmp_path):
     assert (tmp_path / "drive_results.json").exists()
 
 
+def test_scorer_throughput_section_times_each_device_and_batch():
+    import torch
+
+    from dpolicy.bench.drive import drive_throughput_section
+
+    body, res = drive_throughput_section(log=lambda *_: None, n_scenes=8, cpu_sizes=(16, 64), gpu_sizes=(64,), repeats=1)
+    rows = res["rows"]
+    assert [(r[0], r[1]) for r in rows if r[0] == "cpu"] == [("cpu", 16), ("cpu", 64)]  # 8 scenes x 2 and x 8 plans
+    assert all(r[2] > 0 for r in rows) and "| cpu | 64 |" in body
+    assert (res["device"] is None) == (not torch.cuda.is_available()) == ("none in this run" in body)
+    assert ("GPU rate / CPU rate" in body) == torch.cuda.is_available()
+
+
 @pytest.mark.parametrize("name", ["drive_masked_bc", "drive_masked_gspo", "drive_anchor"])
 def test_shipped_planners_load_through_the_common_loader_and_plan(name):
     from pathlib import Path

@@ -310,6 +310,25 @@ def test_video_written(tmp_path, suffix):
     assert frames.shape[1:3] in ((31, 41), (32, 42))
 
 
+def test_a_missing_mp4_encoder_stops_evaluation_before_its_rollouts(tmp_path, monkeypatch):
+    import sys
+
+    from dpolicy.errors import ConfigError
+
+    monkeypatch.setitem(sys.modules, "imageio_ffmpeg", None)  # as on a machine without imageio-ffmpeg
+    made = []
+
+    def env_fn(**kw):
+        made.append(kw)
+        return make_env(**kw)
+
+    with pytest.raises(ConfigError, match=r"imageio's ffmpeg plugin.*pip install imageio-ffmpeg.*eval.video=false"):
+        evaluate(ScriptedPolicy(), env_fn, n_episodes=2, n_envs=2, video_path=tmp_path / "ep.mp4", progress=False)
+    assert made == [] and not (tmp_path / "ep.mp4").exists()
+    res = evaluate(ScriptedPolicy(), env_fn, n_episodes=2, n_envs=2, video_path=tmp_path / "ep.gif", progress=False)
+    assert res.video_path == str(tmp_path / "ep.gif")  # a GIF needs only Pillow
+
+
 def test_video_failure_is_clear_or_skipped(tmp_path):
     with pytest.raises(RenderError, match="render"):
         record_video(ScriptedPolicy(), lambda **kw: PointEnv(renders=False, **kw), tmp_path / "x.gif")

@@ -50,7 +50,13 @@ def test_actions_agree_across_devices(tmp_path, device):
     moved = ChunkPolicy.from_checkpoint(tmp_path / "p", device=device)
     obs, noise = random_obs(4), torch.randn(4, 8, 3)
     ref = pol.act(obs, noise=noise)
-    out = moved.act({k: v.to(device) for k, v in obs.items()}, noise=noise.to(device)).cpu()
+    # full fp32 on the GPU: Hopper/Ampere convolutions default to TF32, whose 10-bit mantissa moves actions by ~1e-4
+    tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        out = moved.act({k: v.to(device) for k, v in obs.items()}, noise=noise.to(device)).cpu()
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
     assert torch.allclose(ref, out, atol=1e-4)
 
 

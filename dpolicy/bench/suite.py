@@ -263,7 +263,9 @@ def image_throughput_section(batch_sizes=(64, 256), steps: int = 15, repeats: in
              f"cropped {h} -> {crop} inside the encoder. Medians of {repeats} alternating repeats in one process; the "
              f"loader wait is the time the training loop spends blocked on the next batch, the rest is copy and "
              f"training step. The last column is the rate at which one process builds and collates the reference's "
-             f"batches with no training: the most its one-worker loop can reach.\n\n")
+             f"batches with no training: " + ("the most its one-worker loop can reach" if workers == 1 else
+                                               f"with {workers} workers its loop can reach about {workers} times that, "
+                                               f"where the cores allow") + ".\n\n")
     body += table(["reference frame store", "batch", "timed steps", "reference samples/s", "ours samples/s", "ratio",
                    "reference: waiting for loader", "reference: copy + step", "reference loader alone (samples/s)"], rows)
     lo, hi = min(waits), max(waits)

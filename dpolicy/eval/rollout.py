@@ -115,6 +115,10 @@ def evaluate(policy, env_fn: Callable[[], object], n_episodes: int = 50, n_envs:
         raise ConfigError(f"n_envs={n_envs} must be at least 1.")
     if max_steps is not None and max_steps < 1:
         raise ConfigError(f"max_steps={max_steps} must be at least 1 (or None for the env's own limit).")
+    if video_path is not None and video_episodes > 0 and video_strict:  # before the rollouts, not after them
+        from dpolicy.eval.video import check_video_writer
+
+        check_video_writer(video_path)
     seeds = [seed + i for i in range(n_episodes)]
     backend = RolloutBackend.of(backend)
     sharded = backend.placement == "workers"

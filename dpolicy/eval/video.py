@@ -43,6 +43,24 @@ def as_rgb_frame(frame) -> np.ndarray:
     return a
 
 
+def check_video_writer(path: str | Path, what: str = "eval.video=false") -> None:
+    """Raise a ConfigError naming the fix when ``path``'s format cannot be written on this machine.
+
+    Called before the work whose video it is (training, evaluation), so a missing encoder stops a run at its
+    start instead of after hours of training: ``.mp4`` needs imageio's ffmpeg plugin, ``.gif`` only Pillow."""
+    path = Path(path)
+    if path.suffix.lower() not in VIDEO_SUFFIXES:
+        raise ConfigError(f"video path {str(path)!r} must end in one of {VIDEO_SUFFIXES}.")
+    if path.suffix.lower() == ".mp4":
+        try:
+            import imageio_ffmpeg
+
+            imageio_ffmpeg.get_ffmpeg_exe()
+        except Exception as e:  # not installed, or installed without its ffmpeg binary
+            raise ConfigError(f"writing the video {path.name!r} needs imageio's ffmpeg plugin ({type(e).__name__}: {e}); "
+                              f"install it (pip install imageio-ffmpeg) or set {what}.") from e
+
+
 def write_video(frames: Sequence[np.ndarray], path: str | Path, fps: float = 30.0) -> Path:
     """Write rgb frames to ``.mp4`` or ``.gif`` (chosen by suffix); returns the path."""
     import imageio.v2 as iio
@@ -111,8 +129,7 @@ def record_video(policy, env_fn: Callable, path: str | Path, n_episodes: int = 1
     from gymnasium.vector import AutoresetMode
 
     path = Path(path)
-    if path.suffix.lower() not in VIDEO_SUFFIXES:
-        raise ConfigError(f"video path {str(path)!r} must end in one of {VIDEO_SUFFIXES}.")
+    check_video_writer(path)
     frames: list[np.ndarray] = []
     cameras = list(getattr(policy, "image_shapes", {}) or {})
     seen: dict = {}  # the observation of the video env's current step (what the policy reads)

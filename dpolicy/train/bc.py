@@ -130,6 +130,10 @@ def train_bc(cfg: RunConfig, run_dir, progress: bool = True) -> dict:
     from dpolicy.eval import evaluate
 
     run_dir = Path(run_dir)
+    if cfg.eval.video and cfg.eval.episodes:  # the video is written after training: its encoder is checked before
+        from dpolicy.eval.video import check_video_writer
+
+        check_video_writer(run_dir / "rollout.mp4")
     run_dir.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.device)
     rank, world_size, local = dist_utils.init_from_env(device.type)
