@@ -64,6 +64,18 @@ def run_cfg(path, **sections):
     return from_dict(RunConfig, d)
 
 
+def test_a_dataset_without_an_environment_trains_where_no_video_could_be_written(tmp_path, monkeypatch):
+    import sys
+
+    from dpolicy.train.bc import train_bc
+
+    monkeypatch.setitem(sys.modules, "imageio_ffmpeg", None)  # no mp4 encoder: nothing here is filmed, so no error
+    path = write_robomimic_like(tmp_path / "mine.hdf5", obs_dims={"joint_angles": 7, "gripper_state": 2}, action_dim=7,
+                                env_args={"env_name": "dpolicy/Lift-v0", "env_type": "gymnasium", "env_kwargs": {}})
+    m = train_bc(run_cfg(path, eval={"video": True, "episodes": 2}), tmp_path / "run", progress=False)
+    assert "eval_skipped" in m and m["train_steps"] == 20
+
+
 def test_keys_dims_action_dim_and_env_come_from_the_file(tmp_path, capsys):
     from dpolicy.train.bc import train_bc
 

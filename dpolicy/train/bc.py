@@ -130,10 +130,15 @@ def train_bc(cfg: RunConfig, run_dir, progress: bool = True) -> dict:
     from dpolicy.eval import evaluate
 
     run_dir = Path(run_dir)
-    if cfg.eval.video and cfg.eval.episodes:  # the video is written after training: its encoder is checked before
-        from dpolicy.eval.video import check_video_writer
 
-        check_video_writer(run_dir / "rollout.mp4")
+    def check_video():  # the video is written after training and evaluation: its encoder is checked before both
+        if cfg.eval.video and cfg.eval.episodes:
+            from dpolicy.eval.video import check_video_writer
+
+            check_video_writer(run_dir / "rollout.mp4")
+
+    if cfg.task.name is not None:  # a named task has an environment: checked before any demos are collected
+        check_video()
     run_dir.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.device)
     rank, world_size, local = dist_utils.init_from_env(device.type)
@@ -182,6 +187,8 @@ def train_bc(cfg: RunConfig, run_dir, progress: bool = True) -> dict:
             make_env, why_no_eval = None, f"the environment {env_args['env_name']!r} that {path} names does not fit it: {e}"
         finally:
             probe.close()
+    if from_data and make_env is not None:  # the dataset's own environment will be evaluated and filmed
+        check_video()
     if why_no_eval is not None:
         say(f"evaluation skipped: {why_no_eval.rstrip('.')}; the policy is trained on the dataset alone.")
         if cfg.train.keep_best or cfg.train.early_stop:
