@@ -169,6 +169,26 @@ def test_image_throughput_section_reports_both_loops_and_the_memory():
         assert len(cores) == 2 and all(c.count("|") == 8 for c in cores)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks what a machine without CUDA leaves alone")
+def test_gpu_sections_without_a_gpu_leave_a_gpus_figures_in_place(tmp_path):
+    from dpolicy.bench import drive as drive_bench
+    from dpolicy.cli.bench import main
+
+    out = tmp_path / "B.md"
+    gpu = ("<!-- section:gpu-latency -->\nmeasured on a GPU\n<!-- /section:gpu-latency -->\n\n"
+           "<!-- section:drive-throughput:cuda -->\nGPU rows\n<!-- /section:drive-throughput:cuda -->\n")
+    out.write_text("# Benchmarks\n\n" + gpu)
+    full = drive_bench.drive_throughput_section
+    small = lambda log=print: full(log=log, n_scenes=4, cpu_sizes=(8,), repeats=1)  # noqa: E731
+    import unittest.mock as mock
+
+    with mock.patch.object(drive_bench, "drive_throughput_section", small):
+        assert main(["--sections", "gpu-latency,drive-throughput", "--out", str(out)]) == 0
+    text = out.read_text()
+    assert gpu.strip() in text  # both GPU sections untouched
+    assert "<!-- section:drive-throughput -->" in text and "| cpu | 8 |" in text  # the CPU's rows beside them
+
+
 def test_bench_rejects_unknown_section(tmp_path):
     res = subprocess.run([sys.executable, "-m", "dpolicy.cli.bench", "--sections", "envs,nope", "--out", str(tmp_path / "B.md")],
                          capture_output=True, text=True, timeout=120)

@@ -238,14 +238,20 @@ def main(argv=None) -> int:
         work.mkdir(parents=True, exist_ok=True)
         (work / "rti_results.json").write_text(json.dumps(res, indent=2, default=str))
         write_section(args.out, "rti", body, command)
-    if "gpu-latency" in sections:  # says so when this machine has no CUDA device
+    if "gpu-latency" in sections:  # a machine without CUDA says so and leaves a GPU's figures where they are
         from dpolicy.bench.latency import gpu_latency_section
 
-        write_section(args.out, "gpu-latency", gpu_latency_section(shipped[0], log=log)[0], command)
+        body, res = gpu_latency_section(shipped[0], log=log)
+        if res:
+            write_section(args.out, "gpu-latency", body, command)
+        else:
+            log("gpu-latency: no CUDA device on this machine; the section is not written.")
     if "drive-throughput" in sections:
         from dpolicy.bench.drive import drive_throughput_section
 
-        write_section(args.out, "drive-throughput", drive_throughput_section(log=log)[0], command)
+        body, res = drive_throughput_section(log=log)
+        # keyed by device, as image-throughput: a CPU-only run does not replace a GPU's rows
+        write_section(args.out, "drive-throughput" + (":cuda" if res["device"] else ""), body, command)
     if "reliability" in sections:
         from dpolicy.bench.reliability import reliability_section
 
