@@ -24,12 +24,12 @@ def run(module, *args, cwd=None):
 
 def test_training_without_the_mp4_encoder_stops_before_it_trains(tmp_path, monkeypatch):
     from dpolicy.bench.suite import compose_run
-    from dpolicy.errors import ConfigError
+    from dpolicy.eval.video import RenderError
     from dpolicy.train.bc import train_bc
 
     monkeypatch.setitem(sys.modules, "imageio_ffmpeg", None)
     cfg = compose_run(["task=avoid", *TINY])
-    with pytest.raises(ConfigError, match="pip install imageio-ffmpeg"):
+    with pytest.raises(RenderError, match="pip install imageio-ffmpeg"):
         train_bc(cfg, tmp_path / "run", progress=False)
     assert not (tmp_path / "run").exists()  # nothing trained, collected or written
 

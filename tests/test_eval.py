@@ -322,9 +322,15 @@ def test_a_missing_mp4_encoder_stops_evaluation_before_its_rollouts(tmp_path, mo
         made.append(kw)
         return make_env(**kw)
 
-    with pytest.raises(ConfigError, match=r"imageio's ffmpeg plugin.*pip install imageio-ffmpeg.*eval.video=false"):
+    with pytest.raises(RenderError, match=r"imageio's ffmpeg plugin.*pip install imageio-ffmpeg.*eval.video=false"):
         evaluate(ScriptedPolicy(), env_fn, n_episodes=2, n_envs=2, video_path=tmp_path / "ep.mp4", progress=False)
     assert made == [] and not (tmp_path / "ep.mp4").exists()
+    with pytest.warns(RuntimeWarning, match="no video written: .*ffmpeg"):  # not strict: the results, no video
+        res = evaluate(ScriptedPolicy(), env_fn, n_episodes=2, n_envs=2, video_path=tmp_path / "ep.mp4",
+                       video_strict=False, progress=False)
+    assert res.n_episodes == 2 and res.video_path is None and not (tmp_path / "ep.mp4").exists()
+    with pytest.raises(ConfigError, match="must end in one of"):  # a suffix that is no video format stays a setting error
+        evaluate(ScriptedPolicy(), env_fn, n_episodes=2, n_envs=2, video_path=tmp_path / "ep.avi", progress=False)
     res = evaluate(ScriptedPolicy(), env_fn, n_episodes=2, n_envs=2, video_path=tmp_path / "ep.gif", progress=False)
     assert res.video_path == str(tmp_path / "ep.gif")  # a GIF needs only Pillow
 

@@ -43,11 +43,11 @@ def as_rgb_frame(frame) -> np.ndarray:
     return a
 
 
-def check_video_writer(path: str | Path, what: str = "eval.video=false") -> None:
-    """Raise a ConfigError naming the fix when ``path``'s format cannot be written on this machine.
-
-    Called before the work whose video it is (training, evaluation), so a missing encoder stops a run at its
-    start instead of after hours of training: ``.mp4`` needs imageio's ffmpeg plugin, ``.gif`` only Pillow."""
+def check_video_writer(path: str | Path) -> None:
+    """Raise when ``path`` cannot be written on this machine: a ConfigError for a suffix that is no video format,
+    a RenderError naming the fix when its encoder is missing (``.mp4`` needs imageio's ffmpeg plugin, ``.gif``
+    only Pillow). Called before the work whose video it is (training, evaluation), so a missing encoder stops a
+    run at its start instead of after hours of training."""
     path = Path(path)
     if path.suffix.lower() not in VIDEO_SUFFIXES:
         raise ConfigError(f"video path {str(path)!r} must end in one of {VIDEO_SUFFIXES}.")
@@ -57,8 +57,9 @@ def check_video_writer(path: str | Path, what: str = "eval.video=false") -> None
 
             imageio_ffmpeg.get_ffmpeg_exe()
         except Exception as e:  # not installed, or installed without its ffmpeg binary
-            raise ConfigError(f"writing the video {path.name!r} needs imageio's ffmpeg plugin ({type(e).__name__}: {e}); "
-                              f"install it (pip install imageio-ffmpeg) or set {what}.") from e
+            raise RenderError(f"writing the video {path.name!r} needs imageio's ffmpeg plugin ({type(e).__name__}: {e}); "
+                              f"install it (pip install imageio-ffmpeg) or turn the video off (eval.video=false for "
+                              f"dpolicy-train, video=false for dpolicy-eval).") from e
 
 
 def write_video(frames: Sequence[np.ndarray], path: str | Path, fps: float = 30.0) -> Path:
@@ -129,7 +130,6 @@ def record_video(policy, env_fn: Callable, path: str | Path, n_episodes: int = 1
     from gymnasium.vector import AutoresetMode
 
     path = Path(path)
-    check_video_writer(path)
     frames: list[np.ndarray] = []
     cameras = list(getattr(policy, "image_shapes", {}) or {})
     seen: dict = {}  # the observation of the video env's current step (what the policy reads)
@@ -146,6 +146,7 @@ def record_video(policy, env_fn: Callable, path: str | Path, n_episodes: int = 1
             frames.append(frame)
 
     try:
+        check_video_writer(path)  # a missing encoder is a RenderError: raised when strict, else warned about
         try:
             env = make_render_env(env_fn, env_is_render_ready)
         except RenderError:
