@@ -153,7 +153,14 @@ def test_compare_images_times_both_loops_and_the_loader_wait():
     assert r["reference_samples_per_s"] == max(r["reference_by_threads"].values())  # the faster reference counts
 
 
-def test_image_throughput_section_reports_both_loops_and_the_memory():
+def test_image_throughput_section_reports_both_loops_and_the_memory(monkeypatch):
+    compiled = []  # compiling for real takes minutes here: record what would be compiled and run it eagerly
+
+    def fake_compile(fn, *a, **k):
+        compiled.append(type(getattr(fn, "__self__", fn)).__name__)
+        return fn
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
     body = suite.image_throughput_section(batch_sizes=(4,), steps=1, repeats=1, n_demos=2, length=10, log=lambda *_: None)
     for codec in ("zlib", "jpeg2k"):  # one row per reference frame store
         row = next(line for line in body.splitlines() if line.startswith(f"| {codec} | 4 |"))
@@ -167,6 +174,14 @@ def test_image_throughput_section_reports_both_loops_and_the_memory():
         cores = [line for line in body.split("using the whole machine")[1].splitlines() if line.startswith("| ")
                  and "| 4 |" in line]
         assert len(cores) == 2 and all(c.count("|") == 8 for c in cores)
+        # and with both training steps compiled: the reference's loss and our Trainer's model, per store and batch
+        table = body.split("with their training steps compiled")[1]
+        rows = [line for line in table.splitlines() if line.startswith("| ") and "| 4 |" in line]
+        assert len(rows) == 2 and all(r.count("|") == 10 for r in rows)
+        # per store: our model once, the reference's loss with 1 and with every thread; always the policy itself
+        assert len(compiled) == 2 * 3 and set(compiled) == {"ChunkPolicy"}, compiled
+    else:
+        assert "training steps compiled" not in body and not compiled
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks what a machine without CUDA leaves alone")

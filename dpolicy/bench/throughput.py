@@ -13,7 +13,9 @@ encoder takes the random crop (as their ``CropRandomizer`` does, inside the mode
 either as zlib streams (robomimic's HDF5 files, gzip-chunked one frame per chunk) or as JPEG 2000
 codestreams at a 50 dB quality target (Diffusion Policy's replay buffer for robomimic image datasets,
 ``Jpeg2k(level=50)`` one frame per chunk). Ours keeps the uint8 frames on the device and crops them
-inside the encoder's forward.
+inside the encoder's forward. With ``compile`` the image comparison compiles both loops' training step
+(``torch.compile``, inductor on a CPU): the same network is then faster in both, and what is left of
+the reference's time is its input pipeline.
 """
 
 from __future__ import annotations
@@ -168,29 +170,32 @@ def _forever(loader):
 
 
 def _loader_loop(policy, dataset, batch_size: int, steps: int, device, persistent: bool = False,
-                 workers: int = 1) -> tuple[float, float]:
-    """``(samples/s, share of the time spent waiting for the loader)`` over ``steps`` batches after one warm-up batch.
-    On a GPU the loss runs under the same bf16 autocast as ``Trainer``'s, so both loops train in one precision."""
+                 workers: int = 1, compile: bool = False) -> tuple[float, float]:
+    """``(samples/s, share of the time spent waiting for the loader)`` over ``steps`` batches after the warm-up
+    batches (one; four with ``compile``, whose first calls compile the loss). On a GPU the loss runs under the same
+    bf16 autocast as ``Trainer``'s, so both loops train in one precision."""
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=workers,
                                          pin_memory=device.type == "cuda", persistent_workers=persistent, drop_last=True)
     opt = torch.optim.AdamW(policy.parameters(), lr=1e-4, betas=(0.95, 0.999), weight_decay=1e-6)
     ema = EMA(policy)
     policy.train()
+    loss_fn = torch.compile(policy.loss) if compile else policy.loss
+    warm = 4 if compile else 1
     batches = _forever(loader)
     wait, t0 = 0.0, None
-    for n in range(steps + 1):
+    for n in range(steps + warm):
         t = time.perf_counter()
         batch = next(batches)
-        if n:
+        if n >= warm:
             wait += time.perf_counter() - t
         obs, act = to_device(batch, device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            loss = policy.loss(obs, act)
+            loss = loss_fn(obs, act)
         opt.zero_grad()
         loss.backward()
         opt.step()
         ema.update(policy)
-        if n == 0:
+        if n == warm - 1:
             _sync(device)
             t0 = time.perf_counter()
     _sync(device)
@@ -205,10 +210,10 @@ def reference_loop(policy, data: WindowDataset, batch_size: int, steps: int, dev
 
 
 def image_reference_loop(policy, windows: ImageHostWindows, batch_size: int, steps: int, device,
-                         workers: int = 1) -> tuple[float, float]:
+                         workers: int = 1, compile: bool = False) -> tuple[float, float]:
     """``(samples/s, loader-wait share)`` of the image reference loop. Its workers persist across epochs, so no
     worker restart is timed."""
-    return _loader_loop(policy, windows, batch_size, steps, device, persistent=True, workers=workers)
+    return _loader_loop(policy, windows, batch_size, steps, device, persistent=True, workers=workers, compile=compile)
 
 
 def our_loop(policy, data: WindowDataset, batch_size: int, steps: int, device, compile: bool = False) -> float:
@@ -296,14 +301,14 @@ def compare_images(make_policy, data: WindowDataset, batch_size: int, steps: int
     median share of time spent waiting for its loader. ``threads`` sets torch's compute threads for our loop and
     each of ``reference_threads`` for one timing of the reference's training process (its loader worker is a
     process of its own); the ratio is against the fastest of them (None: leave the setting as it is). ``workers``:
-    the reference's loader processes."""
+    the reference's loader processes. ``compile`` compiles the training step of both loops."""
     windows = ImageHostWindows(data) if windows is None else windows
     ours, ref, wait = [], {n: [] for n in reference_threads}, {n: [] for n in reference_threads}
     for _ in range(repeats):
         for n in reference_threads:
             with torch_threads(n):
                 sps, share = image_reference_loop(make_policy().to(data.device), windows, batch_size, steps,
-                                                  data.device, workers)
+                                                  data.device, workers, compile)
             ref[n].append(sps)
             wait[n].append(share)
         with torch_threads(threads):
