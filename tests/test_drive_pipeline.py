@@ -48,6 +48,16 @@ def test_cli_collect_train_rl_eval(tmp_path):
                  "model.d=16"]) == 0
     meta = json.loads((tmp_path / "st" / "planner" / "meta.json").read_text())
     assert meta["metadata"]["teacher"] == str(tmp_path / "sc")
+    # behaviour cloning continued from a planner: starts from its weights (a vanishing step size keeps them)
+    assert main(["train", f"data.path={data}", f"init={tmp_path / 'bc'}", f"run_dir={tmp_path / 'more'}", "train.steps=1",
+                 "train.lr=1e-12"]) == 0
+    from dpolicy.cli.drive import load_planner
+
+    before, after = (load_planner(tmp_path / r, "cpu").state_dict() for r in ("bc", "more"))
+    assert before.keys() == after.keys() and all(torch.allclose(before[k], after[k], atol=1e-6) for k in before)
+    meta = json.loads((tmp_path / "more" / "planner" / "meta.json").read_text())
+    assert meta["metadata"]["init"] == str(tmp_path / "bc")
+    assert main(["train", f"data.path={data}", f"init={tmp_path / 'bc'}", "model.planner=anchor", "train.steps=1"]) != 0
     assert main(["train", f"data.path={data}", f"train.teacher={tmp_path / 'bc'}", "train.steps=2"]) != 0  # not a scorer
     assert main(["eval", f"data.path={data}", f"init={tmp_path / 'bc'}", f"eval.scorer={tmp_path / 'bc'}"]) != 0  # not a scorer
     assert main(["eval", f"data.path={data}", f"init={tmp_path / 'bc'}", "eval.samples=0"]) != 0  # no proposals

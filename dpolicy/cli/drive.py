@@ -4,6 +4,7 @@
   dpolicy-drive train   [data.path=... | data.cache=DIR] [model.planner=masked|anchor] [model.encoder=vector|flat]
                                                         behaviour-clone a planner; saved to RUN/planner (safetensors + JSON)
   dpolicy-drive train   model.planner=scorer init=RUN   a learned scorer for RUN's proposals and the rule candidates
+  dpolicy-drive train   init=RUN                        behaviour cloning continued from RUN's planner (same kind)
   dpolicy-drive rl      init=RUN [rl.algo=gspo|grpo]    group RL from a trained masked planner, with a curve
   dpolicy-drive eval    init=RUN [eval.split=test|val]  PDMS-like sub-scores, a scene picture; the last line is
                         [eval.samples=K eval.rule=true  "PDMS-like <score>"; with several proposals, the one the
@@ -123,7 +124,12 @@ def run(command: str, cfg, log=print) -> dict:
     if (command in ("rl", "eval") or scoring) and cfg.init is None:
         what = "the planner whose proposals the scorer rates" if scoring else "a planner checkpoint or a run directory"
         raise ConfigError(f"{command}{' model.planner=scorer' if scoring else ''} needs init=<{what}>.")
-    planner = load_planner(cfg.init, dev) if command in ("rl", "eval") or scoring else None
+    # train with init: behaviour cloning continues from that planner's weights
+    resuming = command == "train" and not scoring and cfg.init is not None
+    planner = load_planner(cfg.init, dev) if command in ("rl", "eval") or scoring or resuming else None
+    if resuming and hasattr(planner, "decode") != (cfg.model.planner == "masked"):
+        held_kind = "a masked-token" if hasattr(planner, "decode") else "an anchor-diffusion"
+        raise ConfigError(f"init={cfg.init} holds {held_kind} planner; model.planner={cfg.model.planner} trains another kind.")
     encoder = planner.cfg["encoder"] if planner is not None else cfg.model.encoder
     if command == "rl" and not hasattr(planner, "decode"):
         raise ConfigError(f"rl fine-tunes the masked-token planner; {cfg.init} holds an anchor-diffusion planner.")
@@ -158,7 +164,7 @@ def run(command: str, cfg, log=print) -> dict:
             train = replace(train, expert=select(teacher, None, train, 0, rule=True))
             log(f"imitating {cfg.train.teacher}'s choices: PDMS-like {float(evaluate(train, train.expert)['pdms'].mean()):.3f} "
                 "on the train scenes")
-        planner = _new_planner(cfg, train, dev)
+        planner = _new_planner(cfg, train, dev) if planner is None else planner
         t = cfg.train
         fit = train_token_planner if cfg.model.planner == "masked" else train_continuous
         t0 = time.perf_counter()
@@ -166,7 +172,7 @@ def run(command: str, cfg, log=print) -> dict:
         res = {"final_loss": losses[-1] if losses else None, "train_s": time.perf_counter() - t0, "n_train": train.n,
                "test_pdms": score_of(planner)}
         planner.save(out / "planner", {"test_pdms": res["test_pdms"], "n_train": train.n, "steps": t.steps,
-                                       "teacher": t.teacher or "expert"})
+                                       "teacher": t.teacher or "expert", "init": None if cfg.init is None else str(cfg.init)})
     elif command == "rl":
         train = _split(cfg, "train", dev, encoder)
         hist = rl_train(planner, train, score_of, cfg.rl, log=log)

@@ -103,7 +103,7 @@ class DriveEvalConfig:
 class DriveConfig:
     out: str = "runs/drive/drive.hdf5"  # collect: where the robomimic-layout demos go
     run_dir: str = "runs/drive/run"  # train / rl / eval: output directory
-    init: str | None = None  # rl / eval: a planner checkpoint directory (or a train / rl run directory holding planner/)
+    init: str | None = None  # rl / eval / train: a planner checkpoint directory (or a train / rl run directory holding planner/); train continues from it
     device: str = "auto"
     data: DriveDataConfig = field(default_factory=DriveDataConfig)
     model: DriveModelConfig = field(default_factory=DriveModelConfig)
