@@ -179,7 +179,7 @@ def _loader_loop(policy, dataset, batch_size: int, steps: int, device, persisten
     opt = torch.optim.AdamW(policy.parameters(), lr=1e-4, betas=(0.95, 0.999), weight_decay=1e-6)
     ema = EMA(policy)
     policy.train()
-    loss_fn = torch.compile(policy.loss) if compile else policy.loss
+    loss_fn = torch.compile(policy.loss, dynamic=False) if compile else policy.loss  # as Trainer compiles
     warm = 4 if compile else 1
     batches = _forever(loader)
     wait, t0 = 0.0, None

@@ -68,7 +68,7 @@ class Trainer:
         self.amp = cfg.amp and cuda
         model = DDP(policy, device_ids=[self.device.index] if cuda else None) if self.world_size > 1 else policy
         # compile the wrapper, keep the raw policy for EMA and saving: no prefixes leak into weights
-        self.model = torch.compile(model) if cfg.compile else model
+        self.model = torch.compile(model, dynamic=False) if cfg.compile else model  # one batch shape: a static graph
         self.step = 0
         self.bad_steps = 0
         self.bad_in_a_row = 0
