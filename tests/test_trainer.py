@@ -17,7 +17,7 @@ import torch
 from conftest import make_demos, tiny_policy
 from dpolicy.config import TrainConfig
 from dpolicy.data import WindowDataset
-from dpolicy.errors import TrainingError
+from dpolicy.errors import ConfigError, TrainingError
 from dpolicy.policy import ChunkPolicy, load_checkpoint, resolve_checkpoint
 from dpolicy.train import Trainer
 
@@ -357,3 +357,21 @@ def test_compiled_training_on_the_cpu_matches_eager_and_saves_plain_weights(tmp_
     assert compiled == pytest.approx(eager, rel=1e-4, abs=1e-5)
     loaded = load_checkpoint(tmp_path / "compiled" / "checkpoints")
     assert state_equal(loaded.state_dict(), tr.ema.model.state_dict())
+
+
+def test_a_step_that_cannot_be_compiled_is_one_sentence_before_anything_is_written(tmp_path, monkeypatch):
+    import torch._dynamo
+    import torch._functorch.config
+    import torch._inductor.config
+
+    torch._dynamo.reset()  # nothing compiled earlier in this process may stand in for the compiler
+    monkeypatch.setattr(torch._inductor.config.cpp, "cxx", ("/nonexistent/c++",))
+    monkeypatch.setattr(torch._inductor.config, "fx_graph_cache", False)
+    monkeypatch.setattr(torch._functorch.config, "enable_autograd_cache", False)
+    tr = make_trainer(tmp_path, steps=5, compile=True)
+    with pytest.raises(ConfigError, match=r"train.compile=true could not compile the training step .*C\+\+ compiler.*"
+                                          r"set train.compile=false") as err:
+        tr.fit()
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "checkpoints").exists() or not any((tmp_path / "checkpoints").iterdir())
+    torch._dynamo.reset()

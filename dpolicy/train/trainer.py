@@ -206,8 +206,13 @@ class Trainer:
     # -- loop ---------------------------------------------------------------------------------
     def _train_step(self) -> tuple[float, float, bool]:
         obs, actions = self.data.sample(self.cfg.batch_size)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-            loss = self.model(obs, actions, self.gen)
+        try:
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+                loss = self.model(obs, actions, self.gen)
+        except torch._dynamo.exc.BackendCompilerFailed as e:  # train.compile: no working compiler, or inductor failed
+            first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
+            raise ConfigError(f"train.compile=true could not compile the training step on this machine ({first}); "
+                              "install a C++ compiler or set train.compile=false.") from None
         self.opt.zero_grad(set_to_none=True)
         loss.backward()  # always: under DDP every rank must join the all-reduce, NaN or not
         gnorm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.cfg.grad_clip)
