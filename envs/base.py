@@ -299,6 +299,11 @@ class MujocoTaskEnv(gym.Env):
         info["sim_unstable"] = False
         return obs, reward, terminated, truncated, info
 
+    @property
+    def score(self) -> float:
+        """The task's dense score of the current state (1 on success), whatever the reward type."""
+        return self._score
+
     # ---- full state -----------------------------------------------------------------------------
     def get_state(self) -> np.ndarray:
         """Flat float64 [physics integration state (time, qpos, qvel, warmstart, ctrl...), step, extras]."""

@@ -27,11 +27,13 @@ SHORT = dict(ft_steps=1, std=0.1, lr=1e-4, episodes_per_iter=16, group=8, batch_
 RECIPES = {"push": RECIPE, "avoid": SHORT, "lift": SHORT}
 # success-filtered matching is behaviour cloning on the replay of successes: a BC learning rate and batch
 # grpo-branch: GRPO over branching groups (G chunks at one random decision of a shared trunk, common noise after it)
+# grpo-restart: GRPO with half of each iteration's groups started where an earlier failed episode came nearest to success
 # awm-exp: AWM's matching loss with positive weights exp(A) (advantage-weighted regression) instead of the paper's
 # signed advantages and clipped ratio
 ALGO_SETTINGS = {"awm": {"lr": 1e-5}, "awm-exp": {"lr": 1e-5, "awm_weights": "exp"},
-                 "filtered": {"lr": 1e-4, "batch_size": 256, "bc_steps": 200}, "grpo-branch": {"branch": True}}
-METHODS = ("ppo", "grpo", "gspo", "awm", "awm-exp", "filtered", "grpo-branch")
+                 "filtered": {"lr": 1e-4, "batch_size": 256, "bc_steps": 200}, "grpo-branch": {"branch": True},
+                 "grpo-restart": {"restarts": 0.5}}
+METHODS = ("ppo", "grpo", "gspo", "awm", "awm-exp", "filtered", "grpo-branch", "grpo-restart")
 # fine-tuning budgets: push's is the acceptance budget; avoid's and lift's are 15x and 7.5x DSRL-NA's env steps
 # (DSRL's critic updates cost 20-50x more per env step than an iteration here, so a fine-tuning run still ends inside
 # DSRL's wall clock; the section marks where it did)

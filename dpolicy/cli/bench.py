@@ -42,7 +42,7 @@ ASYNC_STRATEGIES = ("naive", "ensemble", "bid", "rtc")
 # the async section's defaults (dpolicy.bench.asynchronous)
 ASYNC_DELAYS, ASYNC_SEED, ASYNC_FORWARD_ROLLOUTS, ASYNC_SELECT_EPISODES = (0, 1, 2, 4, 6), 100000, 0, 100
 # the finetune section's methods (dpolicy.bench.finetune.METHODS)
-FINETUNE_METHODS = ("ppo", "grpo", "gspo", "awm", "awm-exp", "filtered", "grpo-branch")
+FINETUNE_METHODS = ("ppo", "grpo", "gspo", "awm", "awm-exp", "filtered", "grpo-branch", "grpo-restart")
 SECTIONS = ("envs", "throughput", "image-throughput", "bc", "image", "image-rti", "steer", "headroom", "rti", "latency", "gpu-latency", "compose",
             "drive", "drive-throughput", "robosuite", "pusht", "peers", "reliability", "rollouts", "async", "finetune")
 

@@ -250,6 +250,17 @@ class EpisodeRunner:
                 acc[m] = acc[src]
             self.mode[m] = self.mode[src]
 
+    def place(self, slots, states) -> dict:
+        """The episodes in ``slots`` go on from the simulator states ``states`` (a list of envs with ``get_state`` /
+        ``set_state``: a state taken from another episode); returns every slot's current observation."""
+        if self.vector or self.pooled:
+            raise ConfigError("starting an episode from a stored simulator state needs a list of local environments.")
+        for m, state in zip(slots, states):
+            env = self.envs[m].unwrapped
+            env.set_state(state)
+            self._obs[m] = env.observation()
+        return self._stacked()
+
     def restart(self, ended: np.ndarray | None = None) -> tuple[dict, np.ndarray, list] | None:
         """Reset the slots whose episode ended (default: at the last step) with their next episode's seed, and
         the idle slots whose env finished a throwaway episode (or the vector env refuses to step them again).

@@ -35,6 +35,13 @@ Every iteration plays whole episodes with the policy being trained (``collect``)
   loss (fresh noise levels, as in behaviour cloning) is taken on them for ``bc_steps`` steps per iteration; no
   likelihood, no advantage, no critic. Every success the policy stumbles on becomes a demonstration.
 
+With ``restarts`` (any method; local environments whose task stores, restores and scores its simulator state) a
+share of each iteration's groups (episodes, for PPO and filtered) starts not from a reset but from a stored failure
+state: for every episode from a reset that failed, the state at the decision where the task's dense score was
+highest, where it came nearest to success before it went wrong (a reverse curriculum from the policy's own
+failures). A group from such a state shares it as a reset group shares its seed; the episode keeps the state's step
+count, so it ends at the task's horizon as the failed one did.
+
 ``kl_coef`` adds the KL divergence of each fine-tuned step to the frozen base's step (Gaussians with the same
 std: a squared distance of the means). The result is an ordinary checkpoint (the policy's own class and format),
 so evaluation, deployment (chunked or RTI), composition, export and steering load it like any other.
@@ -42,6 +49,7 @@ so evaluation, deployment (chunked or RTI), composition, export and steering loa
 
 from __future__ import annotations
 
+import collections
 import copy
 import dataclasses
 import json
@@ -79,6 +87,8 @@ class FinetuneConfig:
     common_noise: bool = True       # branch: the members draw the same noise after the branch
     branch_horizon: int | None = None  # branch: decisions each member plays from its branch on (None: to the end)
     branch_copy: bool = False       # branch: members copy the leader's simulator state at the branch (trunk paid once)
+    restarts: float = 0.0           # share of each iteration's episodes (groups) started from a stored failure state
+    restart_buffer: int = 256       # restarts: failure states kept (the newest)
     ft_steps: int | None = None     # K': fine-tuned denoising steps, the last ones (None: all of them)
     sampling_steps: int | None = None  # denoising steps of the chain (None: the policy's own)
     std: float = 0.1                # exploration std of each fine-tuned step (normalized action units)
@@ -121,7 +131,7 @@ class FinetuneConfig:
         if self.algo not in ALGOS:
             raise ConfigError(f"algo={self.algo!r} is unknown; choose one of {', '.join(ALGOS)}.")
         for k in ("env_steps", "episodes_per_iter", "group", "epochs", "batch_size", "eval_episodes", "buffer", "bc_steps",
-                  "awm_draws"):
+                  "awm_draws", "restart_buffer"):
             v = getattr(self, k)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ConfigError(f"{k}={v!r} must be an integer of at least 1.")
@@ -143,6 +153,11 @@ class FinetuneConfig:
                 raise ConfigError("branch_horizon needs branch=true: it cuts the members' episodes after their branch.")
         if self.branch_copy and not self.branch:
             raise ConfigError("branch_copy needs branch=true: it is how the members reach their branch's state.")
+        r = self.restarts
+        if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 <= r < 1:
+            raise ConfigError(f"restarts={r!r} must be a share in [0, 1): the rest of each iteration starts from resets.")
+        if r and self.branch:
+            raise ConfigError("restarts and branch=true both choose where a group starts; use one of them.")
         if self.awm_weights not in AWM_WEIGHTS:
             raise ConfigError(f"awm_weights={self.awm_weights!r} is unknown; choose one of {', '.join(AWM_WEIGHTS)}.")
         for k in ("std", "lr", "critic_lr", "clip", "seq_clip", "awm_clip", "temperature", "max_weight"):
@@ -230,19 +245,24 @@ class Batch:
     successes: np.ndarray     # (E,)
     env_steps: int
     branch: np.ndarray | None = None  # (D,) the decision is its episode's branch decision (branching groups)
+    states: list | None = None        # (D,) the simulator state at each decision (restarts)
+    scores: np.ndarray | None = None  # (D,) the task's dense score of that state
 
     def rows(self, keep: np.ndarray) -> "Batch":
         """The decisions where ``keep`` holds (episode-level fields unchanged)."""
         t = torch.as_tensor(np.nonzero(keep)[0], device=self.cond.device)
         pick = lambda a: None if a is None else a[keep]  # noqa: E731
+        states = None if self.states is None else [s for s, k in zip(self.states, keep) if k]
         return dataclasses.replace(self, cond=self.cond[t], latents=self.latents[t], logp=self.logp[t], reward=self.reward[keep],
                                    discount=self.discount[keep], episode=self.episode[keep], last=self.last[keep],
-                                   terminated=self.terminated[keep], branch=pick(self.branch))
+                                   terminated=self.terminated[keep], branch=pick(self.branch), states=states,
+                                   scores=pick(self.scores))
 
 
 def collect(policy, chain: DenoisingChain, envs: list, seeds: list[int], gamma: float, reward_offset: float,
             rng: np.random.Generator, branch_at: np.ndarray | None = None, leader: np.ndarray | None = None,
-            common_noise: bool = True, horizon: int | None = None, copy_state: bool = False) -> Batch:
+            common_noise: bool = True, horizon: int | None = None, copy_state: bool = False, starts: list | None = None,
+            track: bool = False) -> Batch:
     """Play one episode per env slot (``seeds[i]`` in slot ``i``) with the chain's Gaussian steps; record every decision.
 
     Branching groups: slot ``i`` executes the chunks of slot ``leader[i]`` (same seed: the same states) for its
@@ -253,13 +273,21 @@ def collect(policy, chain: DenoisingChain, envs: list, seeds: list[int], gamma: 
     envs with ``get_state`` / ``set_state``) only the leader plays the trunk; at its branch decision every member
     takes the leader's simulator state, history and episode so far, so the trunk's steps are paid once; a member
     whose leader's episode ends before the branch never starts (it repeats the leader's record). ``branch_at[i] < 0``:
-    an ordinary episode."""
+    an ordinary episode.
+
+    Restarts: slot ``i`` with a simulator state in ``starts[i]`` plays its episode on from that state (a state stored
+    from an earlier episode; its step count with it, so the episode ends at the task's horizon as that one would
+    have); ``track`` records every decision's simulator state and the task's dense score there (``Batch.states``,
+    ``Batch.scores``)."""
     n, dev = len(seeds), torch.device(policy.device)
     To, Tp, Ta, Da = policy.To, policy.Tp, policy.Ta, policy.action_dim
     runner = EpisodeRunner(envs, seeds)
     hist = ObsHistory(policy.obs_keys, To, n, dev, policy.obs_dims, shapes=policy.image_shapes)
     gens = [torch.Generator(device=dev).manual_seed(int(rng.integers(2**62))) for _ in range(n)]
     obs, _ = runner.reset()
+    if starts is not None and any(s is not None for s in starts):
+        placed = [i for i, s in enumerate(starts) if s is not None]
+        obs = runner.place(placed, [starts[i] for i in placed])
     hist.start(hist.read(obs)[0])
     queue = np.zeros((n, Ta, Da), np.float32)
     pos = np.full(n, Ta)
@@ -276,7 +304,7 @@ def collect(policy, chain: DenoisingChain, envs: list, seeds: list[int], gamma: 
     waiting = (leader != np.arange(n)) & (branch_at >= 0) if copy_state else np.zeros(n, bool)
     if copy_state and not (isinstance(envs, (list, tuple)) and all(hasattr(e.unwrapped, "get_state") for e in envs)):
         raise ConfigError("branch_copy needs local environments with get_state / set_state (backend=local).")
-    rec: dict[str, list] = {k: [] for k in ("cond", "lat", "logp", "reward", "disc", "episode", "steps")}
+    rec: dict[str, list] = {k: [] for k in ("cond", "lat", "logp", "reward", "disc", "episode", "steps", "state", "score")}
     ended_at, terminated, final_cond = {}, {}, [None] * n
     unnorm = policy.normalizer.action.unnormalize
     env_steps = 0
@@ -323,6 +351,9 @@ def collect(policy, chain: DenoisingChain, envs: list, seeds: list[int], gamma: 
                 rec["disc"].append(1.0)
                 rec["episode"].append(int(r))
                 rec["steps"].append(0)
+                if track:
+                    rec["state"].append(envs[r].unwrapped.get_state())
+                    rec["score"].append(float(envs[r].unwrapped.score))
         rows = np.nonzero(active)[0]
         acts = np.zeros((n, Da), np.float32)
         acts[rows] = queue[rows, pos[rows]]
@@ -354,7 +385,8 @@ def collect(policy, chain: DenoisingChain, envs: list, seeds: list[int], gamma: 
                  reward=np.array(rec["reward"]), discount=np.array(rec["disc"]), episode=np.array(rec["episode"]),
                  last=last, terminated=term, final_cond=torch.stack(final_cond),
                  returns=np.array([r.ret + reward_offset * r.length for r in recs]),
-                 successes=np.array([r.success for r in recs], dtype=bool), env_steps=env_steps, branch=np.array(flags, bool))
+                 successes=np.array([r.success for r in recs], dtype=bool), env_steps=env_steps, branch=np.array(flags, bool),
+                 states=rec["state"] if track else None, scores=np.array(rec["score"]) if track else None)
 
 
 def clipped_surrogate(ratio: torch.Tensor, adv: torch.Tensor, clip: float) -> tuple[torch.Tensor, float]:
@@ -421,6 +453,12 @@ class Finetuner:
         self.env_steps = 0
         self.decisions = 1.0  # branch: the median episode's decisions in the last iteration (branch points drawn below it)
         self.replay: tuple[torch.Tensor, torch.Tensor] | None = None  # filtered: (cond, chunk) of successful decisions
+        self.failures: collections.deque = collections.deque(maxlen=cfg.restart_buffer)  # restarts: stored states
+        if cfg.restarts:
+            env = self.envs[0].unwrapped if isinstance(self.envs, list) else None
+            if env is None or not all(hasattr(type(env), a) for a in ("get_state", "set_state", "score")):
+                raise ConfigError("restarts need local environments (backend=local) whose tasks store and restore their "
+                                  "simulator state and score it (get_state, set_state, score).")
 
     def seeds(self) -> list[int]:
         c = self.cfg
@@ -438,20 +476,52 @@ class Finetuner:
         at = self.rng.integers(0, max(int(self.decisions), 1), size=n)
         return np.repeat(at, c.group), np.repeat(np.arange(n) * c.group, c.group)
 
+    def starts(self) -> list | None:
+        """Restarts: each slot's start state (None: a reset). The last ``restarts`` share of the iteration's groups
+        (episodes, for the methods without groups) each start from one stored failure state drawn at random."""
+        c = self.cfg
+        if not c.restarts or not self.failures:
+            return None
+        unit = c.group if c.algo in ("grpo", "gspo", "awm") else 1
+        units = c.episodes_per_iter // unit
+        k = min(max(int(round(c.restarts * units)), 1), units - 1) if units > 1 else 0
+        starts: list = [None] * c.episodes_per_iter
+        for j, i in enumerate(self.rng.integers(len(self.failures), size=k)):
+            first = (units - k + j) * unit
+            starts[first:first + unit] = [self.failures[int(i)]] * unit
+        return starts
+
+    def store_failures(self, batch: Batch, starts: list | None) -> None:
+        """Keep, for every episode from a reset that failed, the simulator state of the decision where the task's
+        dense score was highest: where it came nearest to success before it went wrong."""
+        for e in np.nonzero(~batch.successes)[0]:
+            if starts is not None and starts[e] is not None:
+                continue
+            idx = np.nonzero(batch.episode == e)[0]
+            if len(idx):
+                self.failures.append(batch.states[idx[int(np.argmax(batch.scores[idx]))]])
+
     def iteration(self) -> dict:
         c, pol = self.cfg, self.policy
         pol.eval()
         seeds = self.seeds()
         branch_at, leader = self.branches()
+        starts = self.starts()
         batch = collect(pol, self.chain, self.envs, seeds, c.gamma, c.reward_offset, self.rng, branch_at, leader,
-                        c.common_noise, c.branch_horizon, c.branch_copy)
+                        c.common_noise, c.branch_horizon, c.branch_copy, starts, track=bool(c.restarts))
         self.env_steps += batch.env_steps
         per = np.bincount(batch.episode)
         self.decisions = float(np.median(per[per > 0]))
+        fresh = np.array([s is None for s in starts]) if starts is not None else np.ones(len(batch.successes), bool)
+        out = {"env_steps": self.env_steps, "return": float(batch.returns[fresh].mean()),
+               "success": float(batch.successes[fresh].mean()), "decisions": len(batch.reward)}
+        if c.restarts:
+            if not fresh.all():  # success from the stored failure states
+                out["restart_success"] = float(batch.successes[~fresh].mean())
+            self.store_failures(batch, starts)
+            out["failures_kept"] = len(self.failures)
         if c.algo == "filtered":
-            stats = self.imitate_successes(batch)
-            return {"env_steps": self.env_steps, "return": float(batch.returns.mean()),
-                    "success": float(batch.successes.mean()), "decisions": len(batch.reward), **stats}
+            return {**out, **self.imitate_successes(batch)}
         if c.algo == "ppo":
             with torch.no_grad():
                 values = self.critic(batch.cond).cpu().numpy()
@@ -460,8 +530,6 @@ class Finetuner:
             adv = (adv - adv.mean()) / (adv.std() + 1e-6)
         else:
             adv, targets = group_advantages(batch, c.group), None
-        out = {"env_steps": self.env_steps, "return": float(batch.returns.mean()), "success": float(batch.successes.mean()),
-               "decisions": len(batch.reward)}
         if c.branch:  # only the branch decisions are trained; a group whose trunk ended before its branch has none
             adv, batch = adv[batch.branch], batch.rows(batch.branch)
             out["trained"] = len(adv)
