@@ -265,7 +265,12 @@ def test_branching_grpo_trains_only_the_branch_decisions_and_moves_the_bandit():
 
 
 class ScoredWalk(Walk):
-    """The walk with a dense score (minus the distance from the origin) and its current observation."""
+    """The walk with a dense score (minus the distance from the origin), its current observation, and a log of the
+    states it handed out with their scores."""
+
+    def __init__(self, moves=True):
+        super().__init__(moves)
+        self.handed = []
 
     @property
     def score(self):
@@ -274,26 +279,40 @@ class ScoredWalk(Walk):
     def observation(self):
         return self._obs()
 
+    def get_state(self):
+        state = super().get_state()
+        self.handed.append((state, self.score))
+        return state
 
-def test_episodes_restart_from_a_stored_state_and_run_to_the_tasks_horizon():
+
+def test_episodes_restart_from_a_stored_state_and_history_and_run_to_the_tasks_horizon():
     pol = tiny_policy(process="flow", sampler="euler", steps=3, seed=2).eval()
     chain = DenoisingChain(pol, ft_steps=1, std=0.3)
-    n, state = 4, np.array([0.5, -0.5, 4.0])  # four of the twelve steps already played
-    starts = [None, state, None, state]
-    b = collect(pol, chain, [ScoredWalk() for _ in range(n)], [3] * n, 0.99, 0.0, np.random.default_rng(0), starts=starts,
-                track=True)
+    To = pol.To
+    state = np.array([0.5, -0.5, 4.0])  # four of the twelve steps already played
+    past = torch.zeros(To, 5)
+    past[:, :2] = torch.tensor([0.5, -0.5])
+    past[0, :2] = torch.tensor([0.3, -0.2])  # an older observation than the state's own (To > 1)
+    starts = [None, (state, None), None, (state, past)]
+    envs = [ScoredWalk(), ScoredWalk(), ScoredWalk(), ScoredWalk(moves=False)]
+    b = collect(pol, chain, envs, [3] * 4, 0.99, 0.0, np.random.default_rng(0), starts=starts, track=True)
     assert b.env_steps == 12 + 8 + 12 + 8  # a restarted episode plays the steps its state had left
-    first = {e: np.nonzero(b.episode == e)[0][0] for e in range(n)}
-    To = pol.To  # a restarted history starts as a reset's does: its first observation repeated
-    expect = pol.encode({"pos": torch.tensor([[[0.5, -0.5]] * To]), "vel": torch.zeros(1, To, 3)})[0]
-    for e in (1, 3):
-        torch.testing.assert_close(b.cond[first[e]], expect)
-        np.testing.assert_array_equal(b.states[first[e]], state)
-        assert b.scores[first[e]] == -1.0
-    assert not torch.equal(b.cond[first[0]], expect)
-    assert len(b.states) == len(b.scores) == len(b.episode)
+    first = {e: np.nonzero(b.episode == e)[0][0] for e in range(4)}
+    fresh = pol.encode({"pos": torch.tensor([[[0.5, -0.5]] * To]), "vel": torch.zeros(1, To, 3)})[0]
+    torch.testing.assert_close(b.cond[first[1]], fresh)  # no history given: the state's observation repeated
+    given = pol.encode({"pos": past[None, :, :2], "vel": past[None, :, 2:]})[0]
+    torch.testing.assert_close(b.cond[first[3]], given)
+    assert not torch.equal(b.cond[first[0]], fresh)
+    # each episode's nearest approach: the state its env handed out with the highest score, and the history there
+    for e in range(4):
+        states, scores = zip(*envs[e].handed)
+        np.testing.assert_array_equal(b.nearest[e][0], states[int(np.argmax(scores))])
+        assert b.nearest[e][1].shape == (To, 5)
+    # a walker that stays put scores the same at every decision: the first is kept, with the history it was given
+    np.testing.assert_array_equal(b.nearest[3][0], state)
+    torch.testing.assert_close(b.nearest[3][1], past)
     plain = collect(pol, chain, [Walk() for _ in range(2)], [3, 3], 0.99, 0.0, np.random.default_rng(0))
-    assert plain.states is None and plain.scores is None
+    assert plain.nearest is None
 
 
 def test_restarts_store_where_each_failure_came_nearest_and_start_later_groups_there():
@@ -305,11 +324,7 @@ def test_restarts_store_where_each_failure_came_nearest_and_start_later_groups_t
     b = collect(pol, tuner.chain, tuner.envs, list(range(16)), 0.99, 0.0, np.random.default_rng(0), track=True)
     tuner.store_failures(b, None)
     assert len(tuner.failures) == 16  # a walk never succeeds: one state per episode
-    for e, kept in enumerate(tuner.failures):
-        idx = np.nonzero(b.episode == e)[0]
-        best = idx[np.argmax(b.scores[idx])]
-        np.testing.assert_array_equal(kept, b.states[best])
-        assert -np.abs(kept[:2]).sum() == b.scores[idx].max()
+    assert all(kept is b.nearest[e] for e, kept in enumerate(tuner.failures))
     starts = tuner.starts()
     assert starts[:8] == [None] * 8  # half of the four groups restart, each group from one state
     assert all(starts[i] is starts[4 * (i // 4)] and starts[i] is not None for i in range(8, 16))

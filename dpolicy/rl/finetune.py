@@ -37,8 +37,8 @@ Every iteration plays whole episodes with the policy being trained (``collect``)
 
 With ``restarts`` (any method; local environments whose task stores, restores and scores its simulator state) a
 share of each iteration's groups (episodes, for PPO and filtered) starts not from a reset but from a stored failure
-state: for every episode from a reset that failed, the state at the decision where the task's dense score was
-highest, where it came nearest to success before it went wrong (a reverse curriculum from the policy's own
+state: for every episode from a reset that failed, the simulator state and observation history at the decision
+where the task's dense score was highest, where it came nearest to success before it went wrong (a reverse curriculum from the policy's own
 failures). A group from such a state shares it as a reset group shares its seed; the episode keeps the state's step
 count, so it ends at the task's horizon as the failed one did.
 
@@ -245,18 +245,16 @@ class Batch:
     successes: np.ndarray     # (E,)
     env_steps: int
     branch: np.ndarray | None = None  # (D,) the decision is its episode's branch decision (branching groups)
-    states: list | None = None        # (D,) the simulator state at each decision (restarts)
-    scores: np.ndarray | None = None  # (D,) the task's dense score of that state
+    nearest: list | None = None       # (E,) restarts: (simulator state, observation history) at the episode's decision
+                                      # with the highest dense score
 
     def rows(self, keep: np.ndarray) -> "Batch":
         """The decisions where ``keep`` holds (episode-level fields unchanged)."""
         t = torch.as_tensor(np.nonzero(keep)[0], device=self.cond.device)
         pick = lambda a: None if a is None else a[keep]  # noqa: E731
-        states = None if self.states is None else [s for s, k in zip(self.states, keep) if k]
         return dataclasses.replace(self, cond=self.cond[t], latents=self.latents[t], logp=self.logp[t], reward=self.reward[keep],
                                    discount=self.discount[keep], episode=self.episode[keep], last=self.last[keep],
-                                   terminated=self.terminated[keep], branch=pick(self.branch), states=states,
-                                   scores=pick(self.scores))
+                                   terminated=self.terminated[keep], branch=pick(self.branch))
 
 
 def collect(policy, chain: DenoisingChain, envs: list, seeds: list[int], gamma: float, reward_offset: float,
@@ -275,20 +273,24 @@ def collect(policy, chain: DenoisingChain, envs: list, seeds: list[int], gamma: 
     whose leader's episode ends before the branch never starts (it repeats the leader's record). ``branch_at[i] < 0``:
     an ordinary episode.
 
-    Restarts: slot ``i`` with a simulator state in ``starts[i]`` plays its episode on from that state (a state stored
-    from an earlier episode; its step count with it, so the episode ends at the task's horizon as that one would
-    have); ``track`` records every decision's simulator state and the task's dense score there (``Batch.states``,
-    ``Batch.scores``)."""
+    Restarts: slot ``i`` with ``starts[i] = (state, history)`` plays its episode on from that simulator state (stored
+    from an earlier episode, its step count with it, so the episode ends at the task's horizon as that one would
+    have) and with that observation history (None: the state's observation repeated, as at a reset); ``track``
+    keeps, per episode, the simulator state and observation history of its decision where the task's dense score
+    was highest (``Batch.nearest``)."""
     n, dev = len(seeds), torch.device(policy.device)
     To, Tp, Ta, Da = policy.To, policy.Tp, policy.Ta, policy.action_dim
     runner = EpisodeRunner(envs, seeds)
     hist = ObsHistory(policy.obs_keys, To, n, dev, policy.obs_dims, shapes=policy.image_shapes)
     gens = [torch.Generator(device=dev).manual_seed(int(rng.integers(2**62))) for _ in range(n)]
     obs, _ = runner.reset()
-    if starts is not None and any(s is not None for s in starts):
-        placed = [i for i, s in enumerate(starts) if s is not None]
-        obs = runner.place(placed, [starts[i] for i in placed])
+    placed = [] if starts is None else [i for i, s in enumerate(starts) if s is not None]
+    if placed:
+        obs = runner.place(placed, [starts[i][0] for i in placed])
     hist.start(hist.read(obs)[0])
+    for i in placed:
+        if starts[i][1] is not None:
+            hist.buffer[i] = starts[i][1]
     queue = np.zeros((n, Ta, Da), np.float32)
     pos = np.full(n, Ta)
     cur = np.full(n, -1)  # each slot's current decision
@@ -304,7 +306,8 @@ def collect(policy, chain: DenoisingChain, envs: list, seeds: list[int], gamma: 
     waiting = (leader != np.arange(n)) & (branch_at >= 0) if copy_state else np.zeros(n, bool)
     if copy_state and not (isinstance(envs, (list, tuple)) and all(hasattr(e.unwrapped, "get_state") for e in envs)):
         raise ConfigError("branch_copy needs local environments with get_state / set_state (backend=local).")
-    rec: dict[str, list] = {k: [] for k in ("cond", "lat", "logp", "reward", "disc", "episode", "steps", "state", "score")}
+    rec: dict[str, list] = {k: [] for k in ("cond", "lat", "logp", "reward", "disc", "episode", "steps")}
+    nearest: list = [None] * n  # track: each slot's (score, state, history) at its best decision so far
     ended_at, terminated, final_cond = {}, {}, [None] * n
     unnorm = policy.normalizer.action.unnormalize
     env_steps = 0
@@ -352,8 +355,9 @@ def collect(policy, chain: DenoisingChain, envs: list, seeds: list[int], gamma: 
                 rec["episode"].append(int(r))
                 rec["steps"].append(0)
                 if track:
-                    rec["state"].append(envs[r].unwrapped.get_state())
-                    rec["score"].append(float(envs[r].unwrapped.score))
+                    env = envs[r].unwrapped
+                    if nearest[r] is None or env.score > nearest[r][0]:
+                        nearest[r] = (float(env.score), env.get_state(), hist.buffer[r].clone())
         rows = np.nonzero(active)[0]
         acts = np.zeros((n, Da), np.float32)
         acts[rows] = queue[rows, pos[rows]]
@@ -386,7 +390,7 @@ def collect(policy, chain: DenoisingChain, envs: list, seeds: list[int], gamma: 
                  last=last, terminated=term, final_cond=torch.stack(final_cond),
                  returns=np.array([r.ret + reward_offset * r.length for r in recs]),
                  successes=np.array([r.success for r in recs], dtype=bool), env_steps=env_steps, branch=np.array(flags, bool),
-                 states=rec["state"] if track else None, scores=np.array(rec["score"]) if track else None)
+                 nearest=[None if b is None else b[1:] for b in nearest] if track else None)
 
 
 def clipped_surrogate(ratio: torch.Tensor, adv: torch.Tensor, clip: float) -> tuple[torch.Tensor, float]:
@@ -492,14 +496,11 @@ class Finetuner:
         return starts
 
     def store_failures(self, batch: Batch, starts: list | None) -> None:
-        """Keep, for every episode from a reset that failed, the simulator state of the decision where the task's
-        dense score was highest: where it came nearest to success before it went wrong."""
+        """Keep, for every episode from a reset that failed, the simulator state and observation history of the
+        decision where the task's dense score was highest: where it came nearest to success before it went wrong."""
         for e in np.nonzero(~batch.successes)[0]:
-            if starts is not None and starts[e] is not None:
-                continue
-            idx = np.nonzero(batch.episode == e)[0]
-            if len(idx):
-                self.failures.append(batch.states[idx[int(np.argmax(batch.scores[idx]))]])
+            if (starts is None or starts[e] is None) and batch.nearest[e] is not None:
+                self.failures.append(batch.nearest[e])
 
     def iteration(self) -> dict:
         c, pol = self.cfg, self.policy
