@@ -38,9 +38,9 @@ Every iteration plays whole episodes with the policy being trained (``collect``)
 With ``restarts`` (any method; local environments whose task stores, restores and scores its simulator state) a
 share of each iteration's groups (episodes, for PPO and filtered) starts not from a reset but from a stored failure
 state: for every episode from a reset that failed, the simulator state and observation history at the decision
-where the task's dense score was highest, where it came nearest to success before it went wrong (a reverse curriculum from the policy's own
-failures). A group from such a state shares it as a reset group shares its seed; the episode keeps the state's step
-count, so it ends at the task's horizon as the failed one did.
+where the task's dense score was highest, where it came nearest to success before it went wrong (a reverse
+curriculum from the policy's own failures). A group from such a state shares it as a reset group shares its seed;
+the episode keeps the state's step count, so it ends at the task's horizon as the failed one did.
 
 ``kl_coef`` adds the KL divergence of each fine-tuned step to the frozen base's step (Gaussians with the same
 std: a squared distance of the means). The result is an ordinary checkpoint (the policy's own class and format),
@@ -481,8 +481,9 @@ class Finetuner:
         return np.repeat(at, c.group), np.repeat(np.arange(n) * c.group, c.group)
 
     def starts(self) -> list | None:
-        """Restarts: each slot's start state (None: a reset). The last ``restarts`` share of the iteration's groups
-        (episodes, for the methods without groups) each start from one stored failure state drawn at random."""
+        """Restarts: each slot's start, a stored (simulator state, observation history) or None (a reset). The last
+        ``restarts`` share of the iteration's groups (episodes, for the methods without groups) each start from one
+        stored failure drawn at random."""
         c = self.cfg
         if not c.restarts or not self.failures:
             return None
