@@ -71,6 +71,7 @@ from dpolicy.process import sample_loop
 
 logger = logging.getLogger("dpolicy.finetune")
 ALGOS = ("ppo", "grpo", "gspo", "awm", "filtered")
+GROUPED = ("grpo", "gspo", "awm")  # the methods whose episodes come in groups of a shared start
 AWM_WEIGHTS = ("linear", "exp")
 AWM_ADV_CLAMP = 5.0  # awm linear: group advantages (z-scores) clamped to +-this, as the AWM paper does
 
@@ -135,7 +136,7 @@ class FinetuneConfig:
             v = getattr(self, k)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ConfigError(f"{k}={v!r} must be an integer of at least 1.")
-        grouped = self.algo in ("grpo", "gspo", "awm")
+        grouped = self.algo in GROUPED
         if grouped and self.episodes_per_iter % self.group:
             raise ConfigError(f"episodes_per_iter={self.episodes_per_iter} must be a multiple of group={self.group}.")
         if grouped and self.group < 2:
@@ -466,7 +467,7 @@ class Finetuner:
 
     def seeds(self) -> list[int]:
         c = self.cfg
-        if c.algo in ("ppo", "filtered"):
+        if c.algo not in GROUPED:
             return [int(s) for s in self.rng.integers(2**31, size=c.episodes_per_iter)]
         return [int(s) for s in self.rng.integers(2**31, size=c.episodes_per_iter // c.group) for _ in range(c.group)]
 
@@ -487,7 +488,7 @@ class Finetuner:
         c = self.cfg
         if not c.restarts or not self.failures:
             return None
-        unit = c.group if c.algo in ("grpo", "gspo", "awm") else 1
+        unit = c.group if c.algo in GROUPED else 1
         units = c.episodes_per_iter // unit
         k = min(max(int(round(c.restarts * units)), 1), units - 1) if units > 1 else 0
         starts: list = [None] * c.episodes_per_iter
