@@ -4,7 +4,9 @@ Per scene a group of G trajectories is decoded, scored with the PDMS-like scorer
 are normalised within the group: the PDMS-like score itself (``advantage="group"``), or each sub-score
 (NC, DAC, TTC, comfort, EP) separately, summed, then normalised over the batch (``"decoupled"``,
 GDPO), so that different failure combinations with the same PDMS-like score (a collision, a trip off
-the road) stop collapsing to the same advantage. ``kl_coef`` adds a KL penalty to the starting planner (the
+the road) stop collapsing to the same advantage. With ``baseline="greedy"`` the reference is not the group's
+mean but the planner's own greedy plan for the scene (self-critical, as in SCST): a sample is pushed up only
+when it beats the plan the planner would actually drive, which is what the evaluation decodes. ``kl_coef`` adds a KL penalty to the starting planner (the
 k3 estimate on the sampled tokens, as GRPO does); 0 by default. Each rollout batch is split into several
 mini-batches (and optionally epochs) so that the policy moves away from the one that sampled.
 """
@@ -29,12 +31,29 @@ def group_advantages(rewards: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return torch.where(std > eps, adv, torch.zeros_like(adv))
 
 
-def decoupled_advantages(subs: dict, keys=("nc", "dac", "ttc", "comfort", "ep"), eps: float = 1e-6) -> torch.Tensor:
+DECOUPLED_KEYS = ("nc", "dac", "ttc", "comfort", "ep")
+
+
+def decoupled_advantages(subs: dict, keys=DECOUPLED_KEYS, eps: float = 1e-6) -> torch.Tensor:
     """GDPO: sum over ``keys`` of each sub-score's group-normalised advantage ((S, G) each), then normalised
     over the whole batch (mean 0, std 1; 0 everywhere when nothing differs)."""
     total = sum(group_advantages(subs[k], eps) for k in keys)
     std = total.std(unbiased=False)
     return (total - total.mean()) / std if std > eps else torch.zeros_like(total)
+
+
+def greedy_advantages(rewards, greedy, keys=None, eps: float = 1e-6) -> torch.Tensor:
+    """Self-critical advantages (S, G): each sample's reward minus its scene's greedy-plan reward ((S, 1)),
+    divided by the batch std of that difference (the sign, better or worse than the greedy plan, is kept).
+    With ``keys`` (decoupled) ``rewards`` and ``greedy`` are dicts of sub-scores: each key's difference is
+    scaled by its own batch std, the sum then by its batch std."""
+    def scaled(d):
+        std = d.std(unbiased=False)
+        return d / std if std > eps else torch.zeros_like(d)
+
+    if keys is None:
+        return scaled(rewards - greedy)
+    return scaled(sum(scaled(rewards[k] - greedy[k]) for k in keys))
 
 
 def gspo_loss(logp: torch.Tensor, logp_old: torch.Tensor, adv: torch.Tensor, eps_low: float = 0.02,
@@ -64,6 +83,7 @@ class RLConfig:
     algo: str = "gspo"            # gspo | grpo
     advantage: str = "group"      # group (PDMS-like normalised per group) | decoupled (GDPO: per sub-score, summed,
                                   # then normalised over the batch)
+    baseline: str = "group"       # group (the group's mean) | greedy (the scene's greedy plan: self-critical)
     group: int = 8                # G trajectories per scene
     scenes_per_iter: int = 64     # scenes per rollout batch (x group = 512 trajectories, the drive benchmark's recipe)
     iters: int = 50
@@ -89,6 +109,8 @@ class RLConfig:
             raise ConfigError(f"rl.advantage {self.advantage!r} is unknown; choose group or decoupled.")
         if self.lr_schedule not in ("constant", "linear"):
             raise ConfigError(f"rl.lr_schedule {self.lr_schedule!r} is unknown; choose constant or linear.")
+        if self.baseline not in ("group", "greedy"):
+            raise ConfigError(f"rl.baseline {self.baseline!r} is unknown; choose group or greedy.")
         if self.estimator not in ("one_step", "elbo", "replay"):
             raise ConfigError(f"rl.estimator {self.estimator!r} is unknown; choose one_step, elbo or replay.")
         if self.group < 2:
@@ -145,7 +167,15 @@ def rl_train(planner, train, evaluate, cfg: RLConfig, log=print) -> list[dict]:
         traj = planner.tok.decode(toks).reshape(len(idx), cfg.group, -1, 2)
         scores = score(sub.scenes, traj, best_progress=sub.best_progress)           # each (S, G)
         r = scores["pdms"]
-        adv = (group_advantages(r) if cfg.advantage == "group" else decoupled_advantages(scores)).reshape(-1)
+        if cfg.baseline == "greedy":  # the plan the evaluation drives, decoded as it decodes (same steps and order)
+            with torch.no_grad():
+                g_traj = planner.tok.decode(planner.decode(sub.obs, steps=cfg.steps, order=cfg.order, temperature=0.0))
+            g_scores = score(sub.scenes, g_traj[:, None], best_progress=sub.best_progress)            # each (S, 1)
+            keys = None if cfg.advantage == "group" else DECOUPLED_KEYS
+            adv = greedy_advantages(r if keys is None else scores, g_scores["pdms"] if keys is None else g_scores, keys)
+        else:
+            adv = group_advantages(r) if cfg.advantage == "group" else decoupled_advantages(scores)
+        adv = adv.reshape(-1)
         obs = {k: v.repeat_interleave(cfg.group, 0) for k, v in sub.obs.items()}
         mseed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen, device=dev))
         with torch.no_grad():
@@ -171,10 +201,12 @@ def rl_train(planner, train, evaluate, cfg: RLConfig, log=print) -> list[dict]:
                 torch.nn.utils.clip_grad_norm_(planner.parameters(), 1.0)
                 opt.step()
                 stats.append(st)
-        samples += n
+        samples += n + (len(idx) if cfg.baseline == "greedy" else 0)  # the greedy plans are scored too
         rec = {"iter": it, "samples": samples, "reward": float(r.mean()),
                "ratio_dev": sum(s["ratio_dev"] for s in stats) / len(stats),
                "clip_frac": sum(s["clip_frac"] for s in stats) / len(stats)}
+        if cfg.baseline == "greedy":
+            rec["greedy_reward"] = float(g_scores["pdms"].mean())
         if ref is not None:
             rec["kl"] = sum(s["kl"] for s in stats) / len(stats)
         if it % cfg.eval_every == 0 or it == cfg.iters:
