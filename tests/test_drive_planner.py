@@ -183,7 +183,7 @@ def test_greedy_baseline_advantages_keep_the_sign_against_the_greedy_plan():
     d = greedy_advantages(subs, greedy, ("nc", "ep"))
     assert float(d[0, 0]) == pytest.approx(-float(d[0, 1])) and float(d[0, 0]) == pytest.approx(0.0, abs=1e-6)
     with pytest.raises(ConfigError, match="baseline"):
-        RLConfig(baseline="mean")
+        RLConfig(baseline="median")
 
 
 def test_rl_greedy_baseline_scores_the_greedy_plan_and_counts_it(drive_sets, monkeypatch):
@@ -204,6 +204,33 @@ def test_rl_greedy_baseline_scores_the_greedy_plan_and_counts_it(drive_sets, mon
     assert calls == [(2, 3), (2, 1)] * 2  # the samples, then the scenes' greedy plans
     assert [h["samples"] for h in hist] == [0, 8, 16] and all("greedy_reward" in h for h in hist[1:])
     assert any(not torch.equal(a, b) for a, b in zip(before, m.parameters()))
+
+
+def test_rl_mean_baseline_does_not_blow_up_a_near_tied_group(drive_sets, monkeypatch):
+    """Per-group std scaling turns a group's 1e-4 spread into advantages of +-1; the batch's std keeps them small."""
+    import dpolicy.drive.rl as R
+    import dpolicy_envs.driving
+
+    train, _ = drive_sets
+    seen = {}
+    monkeypatch.setattr(dpolicy_envs.driving, "score", lambda sc, traj, best_progress=None: {
+        "pdms": torch.tensor([[0.0, 1.0, 0.5], [0.5, 0.5001, 0.5002]])})
+    loss = R.gspo_loss
+
+    def spy(lp, old, adv, lo, hi):
+        seen.setdefault("adv", adv.detach().clone())
+        return loss(lp, old, adv, lo, hi)
+
+    monkeypatch.setattr(R, "gspo_loss", spy)
+    got = {}
+    for base in ("group", "mean"):
+        seen.clear()
+        rl_train(_tiny(), train, lambda p: 0.0, RLConfig(group=3, scenes_per_iter=2, iters=1, steps=4, eval_every=1,
+                                                          minibatches=1, baseline=base))
+        got[base] = sorted(seen["adv"].abs().tolist())  # one mini-batch in a random order
+    # per group: the tied group's 1e-4 steps become +-1.22 like the other group's 0.5 steps
+    assert got["group"] == pytest.approx([0.0, 0.0, 1.2247, 1.2247, 1.2247, 1.2247], abs=1e-3)
+    assert got["mean"] == pytest.approx([0.0, 0.0, 0.00035, 0.00035, 1.7320, 1.7320], abs=1e-4)
 
 
 def test_rl_kl_penalty_keeps_the_planner_near_its_start(drive_sets, monkeypatch):

@@ -43,7 +43,8 @@ def decoupled_advantages(subs: dict, keys=DECOUPLED_KEYS, eps: float = 1e-6) -> 
 
 
 def greedy_advantages(rewards, greedy, keys=None, eps: float = 1e-6) -> torch.Tensor:
-    """Self-critical advantages (S, G): each sample's reward minus its scene's greedy-plan reward ((S, 1)),
+    """Advantages (S, G) against a per-scene baseline: each sample's reward minus its scene's baseline ((S, 1):
+    the greedy plan's reward, self-critical; or the group's mean),
     divided by the batch std of that difference (the sign, better or worse than the greedy plan, is kept).
     With ``keys`` (decoupled) ``rewards`` and ``greedy`` are dicts of sub-scores: each key's difference is
     scaled by its own batch std, the sum then by its batch std."""
@@ -83,7 +84,8 @@ class RLConfig:
     algo: str = "gspo"            # gspo | grpo
     advantage: str = "group"      # group (PDMS-like normalised per group) | decoupled (GDPO: per sub-score, summed,
                                   # then normalised over the batch)
-    baseline: str = "group"       # group (the group's mean) | greedy (the scene's greedy plan: self-critical)
+    baseline: str = "group"       # group (the group's mean and std) | mean (the group's mean, the batch's std: Dr. GRPO) |
+                                  # greedy (the scene's greedy plan, the batch's std: self-critical)
     group: int = 8                # G trajectories per scene
     scenes_per_iter: int = 64     # scenes per rollout batch (x group = 512 trajectories, the drive benchmark's recipe)
     iters: int = 50
@@ -109,8 +111,8 @@ class RLConfig:
             raise ConfigError(f"rl.advantage {self.advantage!r} is unknown; choose group or decoupled.")
         if self.lr_schedule not in ("constant", "linear"):
             raise ConfigError(f"rl.lr_schedule {self.lr_schedule!r} is unknown; choose constant or linear.")
-        if self.baseline not in ("group", "greedy"):
-            raise ConfigError(f"rl.baseline {self.baseline!r} is unknown; choose group or greedy.")
+        if self.baseline not in ("group", "mean", "greedy"):
+            raise ConfigError(f"rl.baseline {self.baseline!r} is unknown; choose group, mean or greedy.")
         if self.estimator not in ("one_step", "elbo", "replay"):
             raise ConfigError(f"rl.estimator {self.estimator!r} is unknown; choose one_step, elbo or replay.")
         if self.group < 2:
@@ -173,6 +175,10 @@ def rl_train(planner, train, evaluate, cfg: RLConfig, log=print) -> list[dict]:
             g_scores = score(sub.scenes, g_traj[:, None], best_progress=sub.best_progress)            # each (S, 1)
             keys = None if cfg.advantage == "group" else DECOUPLED_KEYS
             adv = greedy_advantages(r if keys is None else scores, g_scores["pdms"] if keys is None else g_scores, keys)
+        elif cfg.baseline == "mean":  # a near-tied group keeps its near-zero advantages (no per-group std to blow them up)
+            keys = None if cfg.advantage == "group" else DECOUPLED_KEYS
+            adv = greedy_advantages(r if keys is None else scores, r.mean(1, keepdim=True) if keys is None else
+                                    {k: scores[k].mean(1, keepdim=True) for k in keys}, keys)
         else:
             adv = group_advantages(r) if cfg.advantage == "group" else decoupled_advantages(scores)
         adv = adv.reshape(-1)
