@@ -33,11 +33,16 @@ def test_cli_collect_train_rl_eval(tmp_path):
     assert main(["train", f"data.path={data}", f"run_dir={tmp_path / 'bc'}", "train.steps=4", "model.d=16"]) == 0
     assert (tmp_path / "bc" / "planner" / "model.safetensors").exists()
     assert main(["rl", f"data.path={data}", f"init={tmp_path / 'bc'}", f"run_dir={tmp_path / 'rl'}", "rl.iters=2",
-                 "rl.group=2", "rl.scenes_per_iter=2", "rl.eval_every=1"]) == 0
+                 "rl.group=2", "rl.scenes_per_iter=2", "rl.eval_every=1", "rl.order=causal", "rl.baseline=greedy"]) == 0
     assert (tmp_path / "rl" / "curve.png").exists()
+    # the planner keeps the order its RL decoded in: eval uses it unless eval.order says otherwise
+    assert json.loads((tmp_path / "bc" / "planner" / "config.json").read_text())["order"] == "confidence"
+    assert json.loads((tmp_path / "rl" / "planner" / "config.json").read_text())["order"] == "causal"
     assert main(["eval", f"data.path={data}", f"init={tmp_path / 'rl'}", f"run_dir={tmp_path / 'ev'}"]) == 0
     res = json.loads((tmp_path / "ev" / "eval.json").read_text())
-    assert 0 <= res["pdms"] <= 1 and (tmp_path / "ev" / "scenes.png").exists()
+    assert 0 <= res["pdms"] <= 1 and (tmp_path / "ev" / "scenes.png").exists() and res["order"] == "causal"
+    assert main(["eval", f"data.path={data}", f"init={tmp_path / 'rl'}", "eval.order=confidence", f"run_dir={tmp_path / 'evc'}"]) == 0
+    assert json.loads((tmp_path / "evc" / "eval.json").read_text())["order"] == "confidence"
     assert main(["train", f"data.path={data}", "model.planner=scorer", f"init={tmp_path / 'bc'}", f"run_dir={tmp_path / 'sc'}",
                  "train.steps=3", "train.proposals=2"]) == 0
     assert main(["eval", f"data.path={data}", f"init={tmp_path / 'bc'}", f"eval.scorer={tmp_path / 'sc'}", "eval.rule=true",

@@ -94,6 +94,24 @@ def test_decoding_orders_commit_the_right_positions(order, first):
     assert (seen[1][:, first] != m.tok.mask_id).all() and (seen[1] != m.tok.mask_id).sum(1).tolist() == [2, 2]
 
 
+def test_planner_order_round_trips_and_old_configs_decode_in_confidence_order(tmp_path):
+    import json
+
+    from dpolicy.errors import CheckpointError
+    from dpolicy.kinds import load_policy
+
+    m = MaskedTokenPlanner(TrajectoryTokenizer(), d=16, layers=1, heads=2, order="causal")
+    m.save(tmp_path / "p")
+    assert load_policy(tmp_path / "p", "cpu").cfg["order"] == "causal"
+    cfg = json.loads((tmp_path / "p" / "config.json").read_text())
+    del cfg["order"]  # a planner saved before planners kept their order
+    (tmp_path / "p" / "config.json").write_text(json.dumps(cfg))
+    assert load_policy(tmp_path / "p", "cpu").cfg["order"] == "confidence"
+    (tmp_path / "p" / "config.json").write_text(json.dumps({**cfg, "order": "sideways"}))
+    with pytest.raises(CheckpointError, match="order"):
+        load_policy(tmp_path / "p", "cpu")
+
+
 def test_decoding_is_deterministic_and_rejects_unknown_order():
     m = _tiny()
     o = _obs(3)

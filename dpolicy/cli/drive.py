@@ -137,10 +137,13 @@ def run(command: str, cfg, log=print) -> dict:
     split = o.split if command in ("eval", "rl") else "test"  # rl's curve is measured on eval.split
     held = _split(cfg, split, dev, encoder)
 
+    def order_of(p):  # eval.order, else the planner's own
+        return o.order if o.order is not None else (p.cfg.get("order", "confidence") if hasattr(p, "decode") else "confidence")
+
     def score_of(p, ds=None):
         ds = held if ds is None else ds
-        return float(evaluate(ds, plan(p, ds, o.steps, o.order))["pdms"].mean())
-    o_select = dict(samples=o.samples, rule=o.rule, steps=o.steps, order=o.order)
+        return float(evaluate(ds, plan(p, ds, o.steps, order_of(p)))["pdms"].mean())
+    o_select = dict(samples=o.samples, rule=o.rule, steps=o.steps, order=order_of(planner))
     if command == "train" and scoring:
         train = _split(cfg, "train", dev, encoder)
         t, pc = cfg.train, planner.cfg
@@ -175,6 +178,8 @@ def run(command: str, cfg, log=print) -> dict:
                                        "teacher": t.teacher or "expert", "init": None if cfg.init is None else str(cfg.init)})
     elif command == "rl":
         train = _split(cfg, "train", dev, encoder)
+        planner.cfg["order"] = cfg.rl.order  # the planner is saved to decode as its rollouts did (so is the curve,
+                                             # unless eval.order says otherwise)
         hist = rl_train(planner, train, score_of, cfg.rl, log=log)
         out.mkdir(parents=True, exist_ok=True)
         plot_curves(out / "curve.png", {cfg.rl.algo.upper(): hist}, ylabel=f"{split} PDMS-like")
@@ -188,9 +193,11 @@ def run(command: str, cfg, log=print) -> dict:
 
         scorer = None if o.scorer is None else _load_scorer(o.scorer, dev, encoder, "eval.scorer")
         choosing = o.samples > 1 or o.rule or scorer is not None
-        traj = select(scorer, planner, held, **o_select) if choosing else plan(planner, held, o.steps, o.order)
+        traj = select(scorer, planner, held, **o_select) if choosing else plan(planner, held, o.steps, order_of(planner))
         res = {k: float(v.mean()) for k, v in evaluate(held, traj).items()}
         res["proposals"] = f"{o.samples} planner{' + rule' if o.rule else ''}"
+        if hasattr(planner, "decode"):
+            res["order"] = order_of(planner)
         if choosing:
             res["chosen_by"] = "learned scorer" if scorer is not None else "forecast"
         res["expert_pdms"] = float(evaluate(held, held.expert)["pdms"].mean())
@@ -199,8 +206,8 @@ def run(command: str, cfg, log=print) -> dict:
         res["expert_forecast_pdms"], res["expert_forecast_nc"] = float(blind["pdms"].mean()), float(blind["nc"].mean())
         res["split"], res["scenes"] = split, held.n
         if o.closed_loop:  # rates over scenes: at-fault collision, leaving the drivable area; mean progress (m)
-            for who, fn in (("cl", scene_chooser(scorer, planner, encoder, o.samples, o.rule, o.steps, o.order) if choosing
-                                   else scene_planner(planner, encoder, o.steps, o.order)), ("expert_cl", lambda s: expert_plan(s)[0]),
+            for who, fn in (("cl", scene_chooser(scorer, planner, encoder, o.samples, o.rule, o.steps, order_of(planner)) if choosing
+                                   else scene_planner(planner, encoder, o.steps, order_of(planner))), ("expert_cl", lambda s: expert_plan(s)[0]),
                             ("expert_forecast_cl", lambda s: expert_plan(forecast(s))[0])):
                 m = closed_loop(held.scenes, fn)
                 res.update({f"{who}_collision_rate": float(1 - m["nc"].mean()), f"{who}_offroad_rate": float(1 - m["dac"].mean()),

@@ -80,7 +80,8 @@ class DriveTrainConfig:
 
 @dataclass
 class DriveEvalConfig:
-    order: str = "confidence"  # decoding order: confidence | random | causal | reverse
+    order: str | None = None  # decoding order: confidence | random | causal | reverse; null: the planner's own (the
+                              # order its RL trained, else confidence)
     steps: int | None = None  # decoding (masked) or denoising (anchor) steps; null: the planner's own (8 / 2)
     samples: int = 1  # the planner's proposals per scene: 1 = its own plan; K > 1 adds K - 1 samples; 0 (with rule) none
     rule: bool = False  # also propose the map-only rule candidates (lanes x speed profiles)
@@ -91,7 +92,8 @@ class DriveEvalConfig:
     scenes_in_picture: int = 4
 
     def __post_init__(self):
-        check_choice(self, "eval", "order", ORDERS)
+        if self.order is not None:
+            check_choice(self, "eval", "order", ORDERS)
         check_choice(self, "eval", "split", ("test", "val"))
         check_min(self, "eval", 1, "scenes_in_picture")
         check_min(self, "eval", 0, "samples")

@@ -39,11 +39,14 @@ def masked_diffusion_loss(logits: torch.Tensor, x0: torch.Tensor, mask: torch.Te
 @register_kind("drive_masked")
 class MaskedTokenPlanner(nn.Module):
     def __init__(self, tokenizer: TrajectoryTokenizer, d: int = 64, layers: int = 2, heads: int = 4, encoder: str = "flat",
-                 encoder_layers: int = 2, ego_dropout: float = 0.0):
+                 encoder_layers: int = 2, ego_dropout: float = 0.0, order: str = "confidence"):
         super().__init__()
+        if order not in ORDERS:
+            raise ConfigError(f"decoding order {order!r} is unknown; choose from {', '.join(ORDERS)}.")
         self.tok = tokenizer
+        # order: the decoding order the planner is evaluated with by default (RL sets the one it trained)
         self.cfg = {"d": d, "layers": layers, "heads": heads, "encoder": encoder, "encoder_layers": encoder_layers,
-                    "ego_dropout": ego_dropout, "tokenizer": tokenizer.config()}
+                    "ego_dropout": ego_dropout, "tokenizer": tokenizer.config(), "order": order}
         self.encoder = make_encoder(encoder, d, encoder_layers, heads, ego_dropout)
         self.embed = nn.Embedding(tokenizer.vocab + 1, d)
         self.pos = nn.Parameter(torch.randn(tokenizer.length, d) * 0.02)
@@ -59,8 +62,8 @@ class MaskedTokenPlanner(nn.Module):
     def load(cls, d, meta: dict, device="cpu") -> "MaskedTokenPlanner":
         cfg, state = read_planner_dir(d, meta)
         keys = ("d", "layers", "heads", "encoder", "encoder_layers", "ego_dropout")
-        return build_planner(cls, d, cfg, state, lambda c: cls(TrajectoryTokenizer(**c["tokenizer"]), **{k: c[k] for k in keys}),
-                             device)
+        return build_planner(cls, d, cfg, state, lambda c: cls(TrajectoryTokenizer(**c["tokenizer"]), **{k: c[k] for k in keys},
+                                                               order=c.get("order", "confidence")), device)
 
     def logits(self, obs: dict, tokens: torch.Tensor, gen: torch.Generator | None = None, ctx=None) -> torch.Tensor:
         """(B, L) ids (mask id where masked) -> (B, L, V) logits; ids a position cannot take are -inf.
