@@ -177,3 +177,17 @@ def test_shipped_scorer_loads_and_chooses_among_the_rule_candidates():
     pdms = evaluate(ds, select(scorer, None, ds, samples=0, rule=True))["pdms"]
     # the shipped scorer's choices score ~0.85 over 500 test scenes
     assert pdms.mean() > 0.6, pdms
+
+
+def test_seed_band_plot_reads_each_runs_history(tmp_path):
+    from dpolicy.drive.plots import plot_seed_bands
+
+    for s, end in ((0, 0.80), (1, 0.84)):
+        d = tmp_path / f"s{s}"
+        d.mkdir()
+        (d / "history.json").write_text(json.dumps([{"iter": 0, "samples": 0, "test_pdms": 0.75}, {"iter": 1, "samples": 10},
+                                                    {"iter": 2, "samples": 20, "test_pdms": end}]))
+    out = plot_seed_bands(tmp_path / "bands.png", {"GSPO": [tmp_path / "s0", tmp_path / "s1"]}, reference={"start": 0.75})
+    assert out.exists() and out.stat().st_size > 5000
+    with pytest.raises(FileNotFoundError):
+        plot_seed_bands(tmp_path / "x.png", {"GSPO": [tmp_path / "missing"]})

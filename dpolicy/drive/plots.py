@@ -30,6 +30,33 @@ def plot_curves(path, curves: dict, ylabel: str = "test PDMS-like", xkey: str = 
     return Path(path)
 
 
+def plot_seed_bands(path, runs: dict, ylabel: str = "validation PDMS-like", xkey: str = "samples",
+                    reference: dict | None = None) -> Path:
+    """runs: label -> run directories (one per seed) holding ``history.json``; the mean over seeds with a band from
+    the lowest to the highest seed at each evaluation. ``reference``: label -> a level drawn as a dashed line."""
+    import json
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, dirs in runs.items():
+        hists = [[h for h in json.loads((Path(d) / "history.json").read_text()) if "test_pdms" in h] for d in dirs]
+        n = min(len(h) for h in hists)
+        x = np.array([h[xkey] for h in hists[0][:n]])
+        y = np.array([[h["test_pdms"] for h in hist[:n]] for hist in hists])
+        line, = ax.plot(x, y.mean(0), marker="o", label=f"{label} (mean of {len(dirs)} seeds, band: min-max)")
+        ax.fill_between(x, y.min(0), y.max(0), color=line.get_color(), alpha=0.2)
+    for label, level in (reference or {}).items():
+        ax.axhline(level, ls="--", color="gray", lw=1)
+        ax.annotate(label, (ax.get_xlim()[0], level), fontsize=7, va="bottom")
+    ax.set_xlabel("rollout trajectories" if xkey == "samples" else xkey)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)
+
+
 def plot_scenes(path, ds, plans: dict, n: int = 4) -> Path:
     """A few scenes: drivable area, agents at t = 0 (with their logged paths), and each planner's plan."""
     fig, axes = plt.subplots(1, n, figsize=(4 * n, 4))
