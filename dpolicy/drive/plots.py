@@ -14,20 +14,24 @@ from dpolicy_envs.driving import boundary_polygon  # noqa: E402
 from dpolicy_envs.driving.scenes import S0, STATION_STEP, frenet_to_xy  # noqa: E402
 
 
+def _finish(fig, ax, path, xkey: str, ylabel: str, legend_size: int) -> Path:
+    ax.set_xlabel("rollout trajectories" if xkey == "samples" else xkey)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=legend_size)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)
+
+
 def plot_curves(path, curves: dict, ylabel: str = "test PDMS-like", xkey: str = "samples") -> Path:
     """curves: label -> list of history records with ``xkey`` and ``test_pdms``."""
     fig, ax = plt.subplots(figsize=(6, 4))
     for label, hist in curves.items():
         pts = [(h[xkey], h["test_pdms"]) for h in hist if "test_pdms" in h]
         ax.plot(*zip(*pts), marker="o", label=label)
-    ax.set_xlabel("rollout trajectories" if xkey == "samples" else xkey)
-    ax.set_ylabel(ylabel)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return Path(path)
+    return _finish(fig, ax, path, xkey, ylabel, 8)
 
 
 def plot_seed_bands(path, runs: dict, ylabel: str = "validation PDMS-like", xkey: str = "samples",
@@ -47,14 +51,7 @@ def plot_seed_bands(path, runs: dict, ylabel: str = "validation PDMS-like", xkey
     for label, level in (reference or {}).items():
         ax.axhline(level, ls="--", color="gray", lw=1)
         ax.annotate(label, (ax.get_xlim()[0], level), fontsize=7, va="bottom")
-    ax.set_xlabel("rollout trajectories" if xkey == "samples" else xkey)
-    ax.set_ylabel(ylabel)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return Path(path)
+    return _finish(fig, ax, path, xkey, ylabel, 7)
 
 
 def plot_scenes(path, ds, plans: dict, n: int = 4) -> Path:
