@@ -187,7 +187,8 @@ def run(command: str, cfg, log=print) -> dict:
         res = {"split": split, "start_pdms": hist[0]["test_pdms"], "final_pdms": hist[-1]["test_pdms"]}
         if split != "test":
             res["test_pdms"] = score_of(planner, _split(cfg, "test", dev, encoder))
-        planner.save(out / "planner", {f"{split}_pdms": res["final_pdms"], "rl": cfg.rl.algo, "advantage": cfg.rl.advantage})
+        planner.save(out / "planner", {f"{split}_pdms": res["final_pdms"], "rl": cfg.rl.algo, "advantage": cfg.rl.advantage,
+                                       "baseline": cfg.rl.baseline, "init": str(cfg.init)})
     else:  # eval
         from dpolicy_envs.driving import expert_plan, forecast
 
