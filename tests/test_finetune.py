@@ -403,3 +403,23 @@ def test_bench_verdict_names_the_family_with_the_higher_median():
     line = _verdict(0.2, reads, 10000, 300.0)
     assert "10,000 env steps: DSRL-NA 0.20, best fine-tuning (ppo) 0.55 -> ppo" in line
     assert "300 s of wall clock: DSRL-NA 0.20, best fine-tuning (ppo) 0.80 -> ppo" in line
+
+
+def test_train_seeds_draw_every_start_from_the_pool():
+    from types import SimpleNamespace
+
+    for algo, group in (("grpo", 4), ("ppo", 8)):
+        cfg = FinetuneConfig(base="x", algo=algo, episodes_per_iter=16, group=group, train_seeds=[11, 22, 33])
+        seen = set()
+        for _ in range(20):
+            seeds = Finetuner.seeds(SimpleNamespace(cfg=cfg, rng=np.random.default_rng(len(seen))))
+            assert len(seeds) == 16 and set(seeds) <= {11, 22, 33}
+            if algo == "grpo":  # a group shares its start
+                assert all(len(set(seeds[i:i + 4])) == 1 for i in range(0, 16, 4))
+            seen |= set(seeds)
+        assert seen == {11, 22, 33}
+    fresh = Finetuner.seeds(SimpleNamespace(cfg=FinetuneConfig(base="x", algo="ppo"), rng=np.random.default_rng(0)))
+    assert len(set(fresh)) == len(fresh)
+    for bad in ([], [1, -2], "11", [1.5], 7):
+        with pytest.raises(ConfigError, match="train_seeds"):
+            FinetuneConfig(base="x", train_seeds=bad)

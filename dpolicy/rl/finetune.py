@@ -90,6 +90,8 @@ class FinetuneConfig:
     branch_copy: bool = False       # branch: members copy the leader's simulator state at the branch (trunk paid once)
     restarts: float = 0.0           # share of each iteration's episodes (groups) started from a stored failure state
     restart_buffer: int = 256       # restarts: failure states kept (the newest)
+    train_seeds: list | None = None  # a fixed pool of reset seeds every episode (group) starts from: a fit check (does
+                                     # the method raise success on starts it replays?); None: a fresh seed each time
     ft_steps: int | None = None     # K': fine-tuned denoising steps, the last ones (None: all of them)
     sampling_steps: int | None = None  # denoising steps of the chain (None: the policy's own)
     std: float = 0.1                # exploration std of each fine-tuned step (normalized action units)
@@ -159,6 +161,14 @@ class FinetuneConfig:
             raise ConfigError(f"restarts={r!r} must be a share in [0, 1): the rest of each iteration starts from resets.")
         if r and self.branch:
             raise ConfigError("restarts and branch=true both choose where a group starts; use one of them.")
+        if self.train_seeds is not None:
+            pool = self.train_seeds
+            if isinstance(pool, (str, bytes)) or not hasattr(pool, "__iter__"):
+                raise ConfigError(f"train_seeds={pool!r} must be a list of seeds (or null for fresh ones).")
+            pool = list(pool)
+            if not pool or any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in pool):
+                raise ConfigError(f"train_seeds={pool!r} must be a non-empty list of integers of at least 0.")
+            self.train_seeds = pool
         if self.awm_weights not in AWM_WEIGHTS:
             raise ConfigError(f"awm_weights={self.awm_weights!r} is unknown; choose one of {', '.join(AWM_WEIGHTS)}.")
         for k in ("std", "lr", "critic_lr", "clip", "seq_clip", "awm_clip", "temperature", "max_weight"):
@@ -467,9 +477,12 @@ class Finetuner:
 
     def seeds(self) -> list[int]:
         c = self.cfg
-        if c.algo not in GROUPED:
-            return [int(s) for s in self.rng.integers(2**31, size=c.episodes_per_iter)]
-        return [int(s) for s in self.rng.integers(2**31, size=c.episodes_per_iter // c.group) for _ in range(c.group)]
+        n = c.episodes_per_iter // (c.group if c.algo in GROUPED else 1)
+        if c.train_seeds is not None:
+            picks = [c.train_seeds[int(i)] for i in self.rng.integers(len(c.train_seeds), size=n)]
+        else:
+            picks = [int(s) for s in self.rng.integers(2**31, size=n)]
+        return [s for s in picks for _ in range(c.group if c.algo in GROUPED else 1)]
 
     def branches(self) -> tuple[np.ndarray | None, np.ndarray | None]:
         """Branching groups: each slot's branch decision (one draw per group, below the last iteration's median
