@@ -7,7 +7,7 @@ import torch
 
 from dpolicy.drive.anchor import AnchorDiffusionPlanner, VanillaDiffusionPlanner, kmeans, to_norm
 from dpolicy.drive.masked import MaskedTokenPlanner, masked_diffusion_loss
-from dpolicy.drive.rl import RLConfig, greedy_advantages, group_advantages, grpo_loss, gspo_loss, rl_train
+from dpolicy.drive.rl import RLConfig, baseline_advantages, group_advantages, grpo_loss, gspo_loss, rl_train
 from dpolicy.drive.tokenizer import TrajectoryTokenizer
 from dpolicy.errors import ConfigError, ShapeError
 
@@ -185,20 +185,20 @@ def test_rl_loop_runs_and_moves_the_policy(drive_sets, monkeypatch):
     assert any(not torch.equal(a, b) for a, b in zip(before, m.parameters()))
 
 
-def test_greedy_baseline_advantages_keep_the_sign_against_the_greedy_plan():
+def test_baseline_advantages_keep_the_sign_against_the_baseline():
     r = torch.tensor([[0.2, 0.9, 0.5], [1.0, 1.0, 0.0]])
     g = torch.tensor([[0.5], [1.0]])
-    a = greedy_advantages(r, g)
+    a = baseline_advantages({"pdms": r}, {"pdms": g})
     d = r - g
     assert torch.allclose(a, d / d.std(unbiased=False))
     assert (a[0, 0] < 0) and (a[0, 1] > 0) and a[0, 2] == 0 and (a[1, :2] == 0).all() and a[1, 2] < 0
     # not centred: a group all better than its greedy plan is pushed up as a whole (the group mean would cancel it)
-    assert (greedy_advantages(torch.tensor([[0.8, 0.9]]), torch.tensor([[0.1]])) > 0).all()
-    assert (greedy_advantages(torch.ones(2, 3), torch.ones(2, 1)) == 0).all()
+    assert (baseline_advantages({"pdms": torch.tensor([[0.8, 0.9]])}, {"pdms": torch.tensor([[0.1]])}) > 0).all()
+    assert (baseline_advantages({"pdms": torch.ones(2, 3)}, {"pdms": torch.ones(2, 1)}) == 0).all()
     # decoupled: each sub-score's difference scaled by its own spread, so a rare large NC gain is not drowned by EP
     subs = {"nc": torch.tensor([[1.0, 0.0]]), "ep": torch.tensor([[0.0, 10.0]])}
-    greedy = {"nc": torch.tensor([[0.0]]), "ep": torch.tensor([[5.0]])}
-    d = greedy_advantages(subs, greedy, ("nc", "ep"))
+    base = {"nc": torch.tensor([[0.0]]), "ep": torch.tensor([[5.0]])}
+    d = baseline_advantages(subs, base, ("nc", "ep"))
     assert float(d[0, 0]) == pytest.approx(-float(d[0, 1])) and float(d[0, 0]) == pytest.approx(0.0, abs=1e-6)
     with pytest.raises(ConfigError, match="baseline"):
         RLConfig(baseline="median")

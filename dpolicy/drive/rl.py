@@ -42,19 +42,17 @@ def decoupled_advantages(subs: dict, keys=DECOUPLED_KEYS, eps: float = 1e-6) -> 
     return (total - total.mean()) / std if std > eps else torch.zeros_like(total)
 
 
-def greedy_advantages(rewards, greedy, keys=None, eps: float = 1e-6) -> torch.Tensor:
-    """Advantages (S, G) against a per-scene baseline: each sample's reward minus its scene's baseline ((S, 1):
-    the greedy plan's reward, self-critical; or the group's mean),
-    divided by the batch std of that difference (the sign, better or worse than the greedy plan, is kept).
-    With ``keys`` (decoupled) ``rewards`` and ``greedy`` are dicts of sub-scores: each key's difference is
-    scaled by its own batch std, the sum then by its batch std."""
+def baseline_advantages(rewards: dict, base: dict, keys=("pdms",), eps: float = 1e-6) -> torch.Tensor:
+    """Advantages (S, G) against a per-scene baseline: each sample's reward minus its scene's baseline (``base``,
+    (S, 1) per key: the greedy plan's scores, or the group's means), divided by the batch's std of that difference;
+    the sign, better or worse than the baseline, is kept. With several ``keys`` (decoupled) each key's difference is
+    scaled by its own batch std, and their sum by its batch std."""
     def scaled(d):
         std = d.std(unbiased=False)
         return d / std if std > eps else torch.zeros_like(d)
 
-    if keys is None:
-        return scaled(rewards - greedy)
-    return scaled(sum(scaled(rewards[k] - greedy[k]) for k in keys))
+    diffs = [scaled(rewards[k] - base[k]) for k in keys]
+    return diffs[0] if len(diffs) == 1 else scaled(sum(diffs))
 
 
 def gspo_loss(logp: torch.Tensor, logp_old: torch.Tensor, adv: torch.Tensor, eps_low: float = 0.02,
@@ -169,18 +167,17 @@ def rl_train(planner, train, evaluate, cfg: RLConfig, log=print) -> list[dict]:
         traj = planner.tok.decode(toks).reshape(len(idx), cfg.group, -1, 2)
         scores = score(sub.scenes, traj, best_progress=sub.best_progress)           # each (S, G)
         r = scores["pdms"]
-        if cfg.baseline == "greedy":  # the plan the evaluation drives, decoded as it decodes (same steps and order)
-            with torch.no_grad():
-                g_traj = planner.tok.decode(planner.decode(sub.obs, steps=cfg.steps, order=cfg.order, temperature=0.0))
-            g_scores = score(sub.scenes, g_traj[:, None], best_progress=sub.best_progress)            # each (S, 1)
-            keys = None if cfg.advantage == "group" else DECOUPLED_KEYS
-            adv = greedy_advantages(r if keys is None else scores, g_scores["pdms"] if keys is None else g_scores, keys)
-        elif cfg.baseline == "mean":  # a near-tied group keeps its near-zero advantages (no per-group std to blow them up)
-            keys = None if cfg.advantage == "group" else DECOUPLED_KEYS
-            adv = greedy_advantages(r if keys is None else scores, r.mean(1, keepdim=True) if keys is None else
-                                    {k: scores[k].mean(1, keepdim=True) for k in keys}, keys)
-        else:
+        if cfg.baseline == "group":
             adv = group_advantages(r) if cfg.advantage == "group" else decoupled_advantages(scores)
+        else:
+            keys = ("pdms",) if cfg.advantage == "group" else DECOUPLED_KEYS
+            if cfg.baseline == "greedy":  # the plan the evaluation drives, decoded as it decodes (same steps and order)
+                with torch.no_grad():
+                    g_traj = planner.tok.decode(planner.decode(sub.obs, steps=cfg.steps, order=cfg.order, temperature=0.0))
+                base = score(sub.scenes, g_traj[:, None], best_progress=sub.best_progress)          # each (S, 1)
+            else:  # the group's mean: a near-tied group keeps near-zero advantages (no per-group std blows them up)
+                base = {k: scores[k].mean(1, keepdim=True) for k in keys}
+            adv = baseline_advantages(scores, base, keys)
         adv = adv.reshape(-1)
         obs = {k: v.repeat_interleave(cfg.group, 0) for k, v in sub.obs.items()}
         mseed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen, device=dev))
@@ -212,7 +209,7 @@ def rl_train(planner, train, evaluate, cfg: RLConfig, log=print) -> list[dict]:
                "ratio_dev": sum(s["ratio_dev"] for s in stats) / len(stats),
                "clip_frac": sum(s["clip_frac"] for s in stats) / len(stats)}
         if cfg.baseline == "greedy":
-            rec["greedy_reward"] = float(g_scores["pdms"].mean())
+            rec["greedy_reward"] = float(base["pdms"].mean())
         if ref is not None:
             rec["kl"] = sum(s["kl"] for s in stats) / len(stats)
         if it % cfg.eval_every == 0 or it == cfg.iters:
