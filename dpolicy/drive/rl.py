@@ -4,10 +4,12 @@ Per scene a group of G trajectories is decoded, scored with the PDMS-like scorer
 are normalised within the group: the PDMS-like score itself (``advantage="group"``), or each sub-score
 (NC, DAC, TTC, comfort, EP) separately, summed, then normalised over the batch (``"decoupled"``,
 GDPO), so that different failure combinations with the same PDMS-like score (a collision, a trip off
-the road) stop collapsing to the same advantage. With ``baseline="greedy"`` the reference is not the group's
-mean but the planner's own greedy plan for the scene (self-critical, as in SCST): a sample is pushed up only
-when it beats the plan the planner would actually drive, which is what the evaluation decodes. ``kl_coef`` adds a KL penalty to the starting planner (the
-k3 estimate on the sampled tokens, as GRPO does); 0 by default. Each rollout batch is split into several
+the road) stop collapsing to the same advantage. Dividing by each group's std turns a near-tied group's
+thousandths into advantages as large as a collision's; ``baseline="mean"`` keeps the group's mean and divides by
+the batch's std instead (Dr. GRPO), and ``baseline="greedy"`` also replaces the mean with the planner's own
+greedy plan for the scene (self-critical, as in SCST): a sample is pushed up only when it beats the plan the
+planner would actually drive, which is what the evaluation decodes. ``kl_coef`` adds a KL penalty to the
+starting planner (the k3 estimate on the sampled tokens, as GRPO does); 0 by default. Each rollout batch is split into several
 mini-batches (and optionally epochs) so that the policy moves away from the one that sampled.
 """
 
