@@ -477,12 +477,13 @@ class Finetuner:
 
     def seeds(self) -> list[int]:
         c = self.cfg
-        n = c.episodes_per_iter // (c.group if c.algo in GROUPED else 1)
+        size = c.group if c.algo in GROUPED else 1  # episodes sharing a start
+        n = c.episodes_per_iter // size
         if c.train_seeds is not None:
             picks = [c.train_seeds[int(i)] for i in self.rng.integers(len(c.train_seeds), size=n)]
         else:
             picks = [int(s) for s in self.rng.integers(2**31, size=n)]
-        return [s for s in picks for _ in range(c.group if c.algo in GROUPED else 1)]
+        return [s for s in picks for _ in range(size)]
 
     def branches(self) -> tuple[np.ndarray | None, np.ndarray | None]:
         """Branching groups: each slot's branch decision (one draw per group, below the last iteration's median
