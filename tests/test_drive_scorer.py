@@ -114,3 +114,16 @@ def test_expert_scores_well_and_is_batched_consistently():
     assert traj.shape == (12, 8, 2) and float(info["pdms"].mean()) >= 0.85
     traj2, _ = expert_plan(sc.index(slice(3, 5)))
     assert torch.allclose(traj[3:5], traj2, atol=1e-4)
+
+
+def test_the_expert_brakes_hard_when_every_smooth_candidate_collides():
+    from dpolicy_envs.driving import candidates
+
+    # a stopped car 14 m ahead in the ego lane, and a car alongside in the other lane: the smooth speed
+    # profiles (3 m/s^2 at most) run into the first, a lane change into the second
+    sc = straight_scene([(14.0, 0.0, 0.0), (0.0, 3.5, V)])
+    cand = candidates(sc)
+    r = score(sc, cand)
+    assert (r["nc"][0, :-1] == 0).all() and float(r["nc"][0, -1]) == 1.0   # only the emergency stop is collision-free
+    traj, info = expert_plan(sc)
+    assert torch.equal(traj[0], cand[0, -1]) and float(info["nc"][0]) == 1.0 and float(info["pdms"][0]) > 0

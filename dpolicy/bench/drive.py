@@ -21,7 +21,7 @@ from dpolicy.drive.plots import plot_curves, plot_scenes
 from dpolicy.drive.rl import RLConfig, rl_train
 from dpolicy.drive.tokenizer import TrajectoryTokenizer
 from dpolicy.drive.train import evaluate, plan_tokens, train_continuous, train_token_planner
-from dpolicy_envs.driving import SUB_SCORES, score
+from dpolicy_envs.driving import SUB_SCORES, candidates, score
 
 # RL budget: 50 iterations of 512 trajectories, lr 2e-4 decayed linearly to 0. At a constant lr (3e-5 for 40 x 256,
 # 1e-4 for 100 x 512) the greedy score rose early and fell back (GRPO +7 points after 25 iterations, then +0);
@@ -63,7 +63,7 @@ def drive_section(work: Path, log=print, quick: bool = False, figures: Path | No
             f"{P['n_rl']}) / {P['n_val']} validation / {P['n_test']} test seeds, "
             "scored with our batched **PDMS-like** scorer (NAVSIM-v1-style NC, DAC, TTC, comfort, EP; not NAVSIM). "
             "EP is normalised by the best progress of the expert's candidate set for each scene.",
-            "", "**(1) Expert (PDM-Closed-style, 30 candidates) on the test split, PDMS-like**", "",
+            "", f"**(1) Expert (PDM-Closed-style, {candidates(test.scenes.index(slice(0, 1))).shape[1]} candidates) on the test split, PDMS-like**", "",
             table(["metric", "mean", "share = 0", "share = 1"],
                   [[k, ex[k], hist[k][0], hist[k][1]] for k in ("nc", "dac", "ttc", "comfort")]
                   + [["ep", ex["ep"], float((ev["ep"] == 0).float().mean()), float((ev["ep"] == 1).float().mean())],

@@ -1,12 +1,14 @@
 """Scene sets cached on disk, so that 20,000+ procedural training scenes are built once.
 
-Building a scene costs ~10 ms (numpy agents) and its expert plan ~35 ms (30 candidates through the
+Building a scene costs ~10 ms (numpy agents) and its expert plan ~35 ms (31 candidates through the
 scorer) on one CPU core, so 20,000 scenes take ~15 minutes; reading them back takes seconds. A split
 is cached in chunks of ``CHUNK`` consecutive seeds (``<split>_<first seed index>_<CHUNK>.safetensors``: the
 scene tensors, the expert's plan, its sub-scores and the EP normaliser), each written atomically, so a
 set of n scenes reuses every chunk a smaller set built and an interrupted build resumes where it
 stopped. Chunks live under a directory named by a fingerprint of what the scene generator, expert and
-scorer produce for three probe scenes: change their output and the old chunks are simply not found. Observations are not
+scorer produce for three probe scenes, and of the expert's candidate set on them (a candidate the probes'
+expert never picks still changes other scenes' plans and EP normalisers): change their output and the old
+chunks are simply not found. Observations are not
 cached; ``DriveSet.observed`` computes them from the scenes (batched, fast) for the chosen encoder.
 """
 
@@ -30,11 +32,17 @@ CHUNK = 1000
 @functools.lru_cache(maxsize=1)
 def fingerprint() -> str:
     """A short hash of what the generator, the expert and the scorer make of three probe scenes (one per
-    split): a change that alters any cached tensor changes it, a refactor that does not leaves it alone."""
+    split), with the expert's candidates and their scores there: a change that alters any cached tensor or
+    the candidate set changes it, a refactor that does not leaves it alone."""
+    from dpolicy_envs.driving.expert import candidates
+    from dpolicy_envs.driving.scorer import score
+
     probe = build_set("train", 1, "cpu", 0)
     h = hashlib.sha256()
     for ds in (probe, build_set("val", 1, "cpu", 0), build_set("test", 1, "cpu", 0)):
-        for t in [getattr(ds.scenes, f.name) for f in fields(Scenes)] + [ds.expert, ds.best_progress] + list(ds.expert_scores.values()):
+        cand = candidates(ds.scenes)
+        rows = [getattr(ds.scenes, f.name) for f in fields(Scenes)] + [ds.expert, ds.best_progress, cand]
+        for t in rows + list(ds.expert_scores.values()) + [score(ds.scenes, cand)["pdms"]]:
             h.update(t.contiguous().numpy().tobytes())
     return h.hexdigest()[:12]
 

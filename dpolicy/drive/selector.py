@@ -94,7 +94,7 @@ def proposals(planner, obs: dict, scenes, samples: int, gen: torch.Generator, ru
               order: str = "confidence") -> torch.Tensor:
     """Candidates (B, C, 8, 2) for the scenes: ``samples`` plans of ``planner`` (its own plan first, then sampled
     ones at temperature 1 or from fresh noise; none when ``samples`` is 0) and, with ``rule``, the map-only rule
-    candidates (every lane and two route offsets x five speed profiles)."""
+    candidates (every lane and two route offsets x five speed profiles, and the emergency stop)."""
     parts = []
     if samples > 0:
         if hasattr(planner, "decode"):

@@ -1,8 +1,10 @@
 """A PDM-Closed-style rule-based expert and the planner observation.
 
 Candidates follow lane centrelines (every lane present, plus the route lane shifted by +-0.5 m)
-with several target speeds on smooth speed profiles; all are scored with the PDMS-like scorer and
-the best is kept. The best candidate progress (over candidates with NC*DAC = 1) is returned as
+with several target speeds on smooth speed profiles, plus one emergency stop (every waypoint at the ego's
+current position, which the tracker turns into braking at its limit, as PDM-Closed's IDM brakes hard for a
+leader that stops); all are scored with the PDMS-like scorer and the best is kept. The smooth profiles
+alone brake at 3 m/s^2 at most, and in ~6% of scenes every one of them ends in an at-fault collision. The best candidate progress (over candidates with NC*DAC = 1) is returned as
 the EP normaliser for any other planner on the same scene, as NAVSIM does with PDM-Closed.
 
 The expert scores its candidates against the agents' logged futures, which hold what no planner can
@@ -30,7 +32,7 @@ N_ROUTE_PTS = 16
 
 
 def candidates(scenes: Scenes) -> torch.Tensor:
-    """Candidate trajectories (B, C, 8, 2) for the scenes."""
+    """Candidate trajectories (B, C, 8, 2) for the scenes: lanes x speed profiles, then the emergency stop."""
     dev = scenes.device
     B = scenes.batch
     offs = scenes.lane_offsets
@@ -54,7 +56,8 @@ def candidates(scenes: Scenes) -> torch.Tensor:
     ss = s[:, None].expand(B, L, S, N_WAYPOINTS)
     dd = d[:, :, None].expand(B, L, S, N_WAYPOINTS)
     xy = road_points(scenes.road, ss, dd)[..., :2]
-    return xy.reshape(B, L * S, N_WAYPOINTS, 2)
+    stop = xy.new_zeros(B, 1, N_WAYPOINTS, 2)          # the ego frame's origin: brake to a standstill
+    return torch.cat([xy.reshape(B, L * S, N_WAYPOINTS, 2), stop], 1)
 
 
 def forecast(scenes: Scenes) -> Scenes:
