@@ -201,7 +201,8 @@ def run(command: str, cfg, log=print) -> dict:
             res["order"] = order_of(planner)
         if choosing:
             res["chosen_by"] = "learned scorer" if scorer is not None else "forecast"
-        res["expert_pdms"] = float(evaluate(held, held.expert)["pdms"].mean())
+        ex = evaluate(held, held.expert)
+        res["expert_pdms"], res["expert_nc"] = float(ex["pdms"].mean()), float(ex["nc"].mean())
         # the same rule-based planner without the log: its candidates scored against a constant-speed forecast
         blind = evaluate(held, expert_plan(forecast(held.scenes))[0])
         res["expert_forecast_pdms"], res["expert_forecast_nc"] = float(blind["pdms"].mean()), float(blind["nc"].mean())
