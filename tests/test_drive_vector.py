@@ -162,6 +162,21 @@ def test_scene_cache_matches_build_set_and_reuses_its_chunks(tmp_path, monkeypat
         cache.cached_set("val", 5, tmp_path, chunk=3)
 
 
+def test_scene_cache_fingerprint_sees_a_candidate_the_expert_never_picks(monkeypatch):
+    import dpolicy.drive.cache as cache
+    import dpolicy_envs.driving.expert as expert
+
+    from dpolicy.drive.data import build_set
+
+    before, ref = cache.fingerprint.__wrapped__(), build_set("val", 1)
+    plain = expert.candidates
+    # one more candidate far off the road: never chosen, so the probes' plans and normalisers stay the same
+    monkeypatch.setattr(expert, "candidates", lambda sc: torch.cat([plain(sc), plain(sc)[:, :1] + torch.tensor([0.0, 80.0])], 1))
+    now = build_set("val", 1)
+    assert torch.equal(ref.expert, now.expert) and torch.equal(ref.best_progress, now.best_progress)
+    assert cache.fingerprint.__wrapped__() != before
+
+
 def test_cli_trains_and_evaluates_both_planners_from_the_cache(tmp_path, capsys):
     from dpolicy.cli.drive import main
 

@@ -4,8 +4,9 @@ Candidates follow lane centrelines (every lane present, plus the route lane shif
 with several target speeds on smooth speed profiles, plus one emergency stop (every waypoint at the ego's
 current position, which the tracker turns into braking at its limit, as PDM-Closed's IDM brakes hard for a
 leader that stops); all are scored with the PDMS-like scorer and the best is kept. The smooth profiles
-alone brake at 3 m/s^2 at most, and in ~6% of scenes every one of them ends in an at-fault collision. The best candidate progress (over candidates with NC*DAC = 1) is returned as
-the EP normaliser for any other planner on the same scene, as NAVSIM does with PDM-Closed.
+alone brake at 3 m/s^2 at most, and in ~6% of scenes every one of them ends in an at-fault collision.
+The best candidate progress (over candidates with NC*DAC = 1) is returned as the EP normaliser for any
+other planner on the same scene, as NAVSIM does with PDM-Closed.
 
 The expert scores its candidates against the agents' logged futures, which hold what no planner can
 observe at t = 0 (a leader's IDM braking, a lane change that has not started). ``forecast`` replaces
