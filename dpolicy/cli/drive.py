@@ -104,7 +104,8 @@ def run(command: str, cfg, log=print) -> dict:
     from dpolicy.drive.data import build_set, write_demos
     from dpolicy.drive.plots import plot_curves, plot_scenes
     from dpolicy.drive.rl import rl_train
-    from dpolicy.drive.selector import TrajectoryScorer, scene_chooser, scoring_set, select, train_scorer
+    from dpolicy.drive.selector import (TrajectoryScorer, rated_candidates, scene_chooser, scoring_set, select,
+                                        train_scorer)
     from dpolicy.drive.train import closed_loop, evaluate, plan, scene_planner, train_continuous, train_token_planner
 
     if command not in COMMANDS:
@@ -159,23 +160,29 @@ def run(command: str, cfg, log=print) -> dict:
         scorer.save(out / "scorer", {"test_pdms": res["test_pdms"], "n_train": train.n, "steps": t.steps, "proposer": str(cfg.init),
                                      "eval": o_select})
     elif command == "train":
-        train = _split(cfg, "train", dev, encoder)
+        train, soft = _split(cfg, "train", dev, encoder), None
         if cfg.train.teacher is not None:
             from dataclasses import replace
 
             teacher = _load_scorer(cfg.train.teacher, dev, encoder, "train.teacher")
-            train = replace(train, expert=select(teacher, None, train, 0, rule=True))
+            cand, ratings = rated_candidates(teacher, train)
+            train = replace(train, expert=cand[torch.arange(train.n, device=cand.device), ratings.argmax(1)])
             log(f"imitating {cfg.train.teacher}'s choices: PDMS-like {float(evaluate(train, train.expert)['pdms'].mean()):.3f} "
                 "on the train scenes")
+            if cfg.train.teacher_temperature > 0:
+                soft = (cand, torch.softmax(ratings / cfg.train.teacher_temperature, 1))
+                log(f"  targets drawn among its {cand.shape[1]} candidates at temperature {cfg.train.teacher_temperature:g}: "
+                    f"the best one's mean weight {float(soft[1].max(1).values.mean()):.2f}")
         planner = _new_planner(cfg, train, dev) if planner is None else planner
         t = cfg.train
         fit = train_token_planner if cfg.model.planner == "masked" else train_continuous
         t0 = time.perf_counter()
-        losses = fit(planner, train, t.steps, t.batch, t.lr, t.seed, log=log)
+        losses = fit(planner, train, t.steps, t.batch, t.lr, t.seed, log=log, soft=soft)
         res = {"final_loss": losses[-1] if losses else None, "train_s": time.perf_counter() - t0, "n_train": train.n,
                "test_pdms": score_of(planner)}
         planner.save(out / "planner", {"test_pdms": res["test_pdms"], "n_train": train.n, "steps": t.steps,
-                                       "teacher": t.teacher or "expert", "init": None if cfg.init is None else str(cfg.init)})
+                                       "teacher": t.teacher or "expert",
+                                       "teacher_temperature": t.teacher_temperature, "init": None if cfg.init is None else str(cfg.init)})
     elif command == "rl":
         train = _split(cfg, "train", dev, encoder)
         planner.cfg["order"] = cfg.rl.order  # the planner is saved to decode as its rollouts did (so is the curve,

@@ -171,6 +171,19 @@ def select(scorer, planner, ds, samples: int, rule: bool = True, seed: int = 0, 
                              samples, rule, gen, steps, order) for i in range(0, ds.n, chunk)])
 
 
+@torch.no_grad()
+def rated_candidates(scorer, ds, chunk: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """The map-only rule candidates of every scene of ``ds`` (n, C, 8, 2) and ``rate``'s ratings of them (n, C)."""
+    cands, ratings = [], []
+    for i in range(0, ds.n, chunk):
+        sl = slice(i, i + chunk)
+        obs, sc = {k: v[sl] for k, v in ds.obs.items()}, ds.scenes.index(sl)
+        c = candidates(sc)
+        cands.append(c)
+        ratings.append(rate(scorer, obs, sc, c))
+    return torch.cat(cands), torch.cat(ratings)
+
+
 def scene_chooser(scorer, planner, encoder: str, samples: int, rule: bool, steps: int | None = None, order: str = "confidence",
                   seed: int = 0):
     """``plan(scenes) -> (B, 8, 2)`` for closed-loop rollouts: observe the scenes for ``encoder`` and drive the best

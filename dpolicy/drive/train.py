@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from dpolicy.errors import TrainingError
+from dpolicy.errors import ShapeError, TrainingError
 from dpolicy_envs.driving import score
 
 
@@ -47,14 +47,37 @@ def fit(model, loss_fn, n: int, steps: int, batch: int = 64, lr: float = 1e-3, s
     return losses
 
 
-def train_token_planner(planner, ds, steps: int, batch: int = 64, lr: float = 1e-3, seed: int = 0, log=None):
-    toks = planner.tok.encode(ds.expert)
-    return fit(planner, lambda idx, gen: planner.loss({k: v[idx] for k, v in ds.obs.items()}, toks[idx], gen),
-               ds.n, steps, batch, lr, seed, toks.device, log, max(steps // 5, 1))
+def _target_draw(targets: torch.Tensor, weights: torch.Tensor | None):
+    """``(idx, gen) -> targets`` of those scenes: ``targets[idx]`` when ``weights`` is None, else one of each
+    scene's candidates ``targets[idx, j]`` drawn with probabilities ``weights[idx]`` (rows summing to 1)."""
+    if weights is None:
+        return lambda idx, gen: targets[idx]
+    if weights.shape != targets.shape[:2]:
+        raise ShapeError(f"target weights {tuple(weights.shape)} do not match the candidates {tuple(targets.shape[:2])}.")
+
+    def draw(idx, gen):
+        j = torch.multinomial(weights[idx], 1, generator=gen)[:, 0]
+        return targets[idx, j]
+    return draw
 
 
-def train_continuous(planner, ds, steps: int, batch: int = 64, lr: float = 1e-3, seed: int = 0, log=None):
-    return fit(planner, lambda idx, gen: planner.loss({k: v[idx] for k, v in ds.obs.items()}, ds.expert[idx], gen),
+def train_token_planner(planner, ds, steps: int, batch: int = 64, lr: float = 1e-3, seed: int = 0, log=None,
+                        soft: tuple | None = None):
+    """Masked-token BC on the set's plans, or with ``soft`` = (candidates (n, C, 8, 2), weights (n, C)) on a
+    candidate drawn per scene and step."""
+    if soft is None:
+        draw = _target_draw(planner.tok.encode(ds.expert), None)
+    else:
+        cand, w = soft
+        draw = _target_draw(planner.tok.encode(cand.reshape(-1, *cand.shape[2:])).reshape(*cand.shape[:2], -1), w)
+    return fit(planner, lambda idx, gen: planner.loss({k: v[idx] for k, v in ds.obs.items()}, draw(idx, gen), gen),
+               ds.n, steps, batch, lr, seed, ds.expert.device, log, max(steps // 5, 1))
+
+
+def train_continuous(planner, ds, steps: int, batch: int = 64, lr: float = 1e-3, seed: int = 0, log=None,
+                     soft: tuple | None = None):
+    draw = _target_draw(ds.expert, None) if soft is None else _target_draw(*soft)
+    return fit(planner, lambda idx, gen: planner.loss({k: v[idx] for k, v in ds.obs.items()}, draw(idx, gen), gen),
                ds.n, steps, batch, lr, seed, ds.expert.device, log, max(steps // 5, 1))
 
 
