@@ -52,7 +52,13 @@ def test_cli_collect_train_rl_eval(tmp_path):
     assert main(["train", f"data.path={data}", f"train.teacher={tmp_path / 'sc'}", f"run_dir={tmp_path / 'st'}", "train.steps=2",
                  "model.d=16"]) == 0
     meta = json.loads((tmp_path / "st" / "planner" / "meta.json").read_text())
-    assert meta["metadata"]["teacher"] == str(tmp_path / "sc")
+    assert meta["metadata"]["teacher"] == str(tmp_path / "sc") and meta["metadata"]["teacher_temperature"] == 0
+    assert main(["train", f"data.path={data}", f"train.teacher={tmp_path / 'sc'}", "train.teacher_temperature=0.01",
+                 "model.planner=anchor", "model.anchors=4", f"run_dir={tmp_path / 'sa'}", "train.steps=2", "model.d=16"]) == 0
+    meta = json.loads((tmp_path / "sa" / "planner" / "meta.json").read_text())
+    assert meta["metadata"]["teacher_temperature"] == 0.01
+    assert main(["train", f"data.path={data}", "train.teacher_temperature=0.01", "train.steps=2"]) != 0  # no teacher
+    assert main(["train", f"data.path={data}", f"train.teacher={tmp_path / 'sc'}", "train.teacher_temperature=-1"]) != 0
     # behaviour cloning continued from a planner: starts from its weights (a vanishing step size keeps them)
     assert main(["train", f"data.path={data}", f"init={tmp_path / 'bc'}", f"run_dir={tmp_path / 'more'}", "train.steps=1",
                  "train.lr=1e-12"]) == 0

@@ -360,3 +360,10 @@ def test_rl_loop_with_decoupled_advantages_uses_every_sub_score(drive_sets, monk
     before = [p.detach().clone() for p in m.parameters()]
     rl_train(m, train, lambda p: 0.0, RLConfig(group=3, scenes_per_iter=2, iters=2, steps=4, eval_every=2, advantage="decoupled"))
     assert len(seen) == 2 and any(not torch.equal(a, b) for a, b in zip(before, m.parameters()))
+
+
+def test_kmeans_takes_rows_with_fewer_distinct_values_than_centres():
+    x = torch.tensor([[0.0, 1.0]] * 6 + [[2.0, 3.0]] * 6)
+    c = kmeans(x, 5)
+    assert c.shape == (5, 2) and torch.isfinite(c).all()
+    assert {tuple(r) for r in c.tolist()} == {(0.0, 1.0), (2.0, 3.0)}

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from dpolicy.drive.data import build_set
-from dpolicy.drive.selector import TrajectoryScorer, combine, proposals, scoring_set, select, train_scorer
+from dpolicy.drive.selector import (TrajectoryScorer, combine, proposals, rated_candidates, scoring_set, select,
+                                    train_scorer)
 
 
 @pytest.fixture(scope="module")
@@ -69,3 +70,28 @@ def test_candidates_do_not_attend_to_each_other_and_selection_reads_no_log(scene
         select(sc, None, scenes, samples=0, rule=False)
     with pytest.raises(Exception, match="shape"):
         sc(scenes.obs, trajs[..., 0])
+
+
+def test_rated_candidates_hold_the_teachers_choice_and_soft_targets_follow_their_weights(scenes):
+    from dpolicy.drive.train import _target_draw
+
+    torch.manual_seed(0)
+    sc = TrajectoryScorer(d=16, layers=1, heads=2, encoder_layers=1).eval()
+    cand, ratings = rated_candidates(sc, scenes, chunk=5)
+    assert cand.shape[:2] == ratings.shape and ratings.shape[0] == scenes.n
+    best = cand[torch.arange(scenes.n), ratings.argmax(1)]
+    assert torch.equal(best, select(sc, None, scenes, 0, rule=True))  # the hard target is the scorer's choice
+    # one-hot weights give that choice back; two equal weights are drawn about equally often, others never
+    draw = _target_draw(cand, torch.nn.functional.one_hot(ratings.argmax(1), cand.shape[1]).float())
+    gen = torch.Generator().manual_seed(0)
+    idx = torch.arange(scenes.n)
+    assert torch.equal(draw(idx, gen), best)
+    w = torch.zeros_like(ratings)
+    w[:, 2] = w[:, 5] = 0.5
+    draw = _target_draw(cand, w)
+    picks = torch.stack([draw(torch.zeros(1, dtype=torch.long), gen)[0] for _ in range(400)])
+    hit2 = (picks == cand[0, 2]).flatten(1).all(1).float().mean()
+    hit5 = (picks == cand[0, 5]).flatten(1).all(1).float().mean()
+    assert hit2 + hit5 == 1 and 0.4 < hit2 < 0.6
+    with pytest.raises(Exception, match="do not match"):
+        _target_draw(cand, w[:, :3])

@@ -53,6 +53,8 @@ def kmeans(x: torch.Tensor, k: int, iters: int = 30, seed: int = 0) -> torch.Ten
     c = [xc[torch.randint(len(xc), (1,), generator=g)][0]]
     for _ in range(1, k):
         d = torch.cdist(xc, torch.stack(c)).min(1).values ** 2
+        if d.sum() <= 0:  # fewer distinct rows than k (a teacher that always picks one plan): repeat centres
+            d = torch.ones_like(d)
         c.append(xc[torch.multinomial(d / d.sum(), 1, generator=g)][0])
     c = torch.stack(c)
     for _ in range(iters):
