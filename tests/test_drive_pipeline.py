@@ -73,6 +73,7 @@ def test_cli_collect_train_rl_eval(tmp_path):
     assert main(["eval", f"data.path={data}", f"init={tmp_path / 'bc'}", f"eval.scorer={tmp_path / 'bc'}"]) != 0  # not a scorer
     assert main(["eval", f"data.path={data}", f"init={tmp_path / 'bc'}", "eval.samples=0"]) != 0  # no proposals
     assert main(["train", f"data.path={data}", "model.planner=scorer"]) != 0  # no proposer
+    assert main(["train", f"data.path={data}", "model.experts=2", "model.top_k=3"]) != 0  # more experts chosen than exist
     assert main(["eval", f"data.path={data}", "init=nowhere"]) != 0
     assert main(["train", "rl.algo=ppo"]) != 0
 

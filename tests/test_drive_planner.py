@@ -367,3 +367,62 @@ def test_kmeans_takes_rows_with_fewer_distinct_values_than_centres():
     c = kmeans(x, 5)
     assert c.shape == (5, 2) and torch.isfinite(c).all()
     assert {tuple(r) for r in c.tolist()} == {(0.0, 1.0), (2.0, 3.0)}
+
+
+def test_moe_feed_forward_routes_each_token_to_its_top_k_experts_alone():
+    from dpolicy.drive.masked import MoEFeedForward
+
+    torch.manual_seed(0)
+    ff = MoEFeedForward(8, 16, experts=4, hidden_routed=6, top_k=2)
+    z = torch.randn(5, 3, 8)
+    out = ff(z)
+    # a token's output does not depend on the rest of the batch
+    assert torch.allclose(ff(z[:1]), out[:1], atol=1e-6)
+    # changing an expert that a token did not choose leaves that token's output as it was; a chosen one changes it
+    chosen = ff.gate(z).topk(2, -1).indices                                   # (5, 3, 2)
+    unused = next(e for e in range(4) if not (chosen[0, 0] == e).any())
+    used = int(chosen[0, 0, 0])
+    with torch.no_grad():
+        ff.w2[unused] += 1.0
+    assert torch.allclose(ff(z)[0, 0], out[0, 0], atol=1e-6)
+    with torch.no_grad():
+        ff.w2[used] += 1.0
+    assert not torch.allclose(ff(z)[0, 0], out[0, 0], atol=1e-3)
+    # the balance term: 1 when gates are uniform, the number of experts when every token prefers one expert fully
+    with torch.no_grad():
+        ff.gate.weight.zero_()
+        ff(z)
+        assert float(ff.balance) == pytest.approx(1.0)
+        ff.gate.weight[0] = 100 * z.reshape(-1, 8).mean(0).sign()
+        ff.gate.weight[1:] = 0
+        ff(z.abs() * z.reshape(-1, 8).mean(0).sign())
+        assert float(ff.balance) == pytest.approx(4.0, rel=1e-3)
+    with pytest.raises(ConfigError, match="top_k"):
+        MoEFeedForward(8, 16, experts=2, hidden_routed=4, top_k=3)
+
+
+def test_moe_planner_trains_round_trips_and_dense_checkpoints_stay_dense(tmp_path, drive_sets):
+    from dpolicy.drive.train import train_token_planner
+    from dpolicy.kinds import load_policy
+
+    train, _ = drive_sets
+    tok = TrajectoryTokenizer()
+    torch.manual_seed(0)
+    moe = MaskedTokenPlanner(tok, d=16, layers=1, heads=2, experts=4, expert_hidden=8, top_k=2)
+    x0 = tok.encode(train.expert)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # the loss carries the balance term, weighted as configured
+        base = float(moe.loss(train.obs, x0, torch.Generator().manual_seed(1)))
+        moe.cfg["balance_weight"] = 1.0
+        heavier = float(moe.loss(train.obs, x0, torch.Generator().manual_seed(1)))
+        assert heavier - base == pytest.approx(0.99 * float(moe.body.balance()), rel=1e-4)
+        moe.cfg["balance_weight"] = 0.01
+    losses = train_token_planner(moe, train, steps=30, lr=3e-3)
+    assert losses[-1] < losses[0]
+    moe.save(tmp_path / "moe")
+    back = load_policy(tmp_path / "moe")
+    assert isinstance(back, MaskedTokenPlanner) and back.cfg["experts"] == 4 and back.cfg["top_k"] == 2
+    assert torch.equal(back.decode(train.obs, gen=g), moe.decode(train.obs, gen=g))
+    dense = MaskedTokenPlanner(tok, d=16, layers=1, heads=2)
+    dense.save(tmp_path / "dense")
+    assert "experts" not in dense.cfg and isinstance(load_policy(tmp_path / "dense").body, torch.nn.TransformerEncoder)

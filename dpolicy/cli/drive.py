@@ -90,7 +90,8 @@ def _new_planner(cfg, train, dev):
     torch.manual_seed(cfg.train.seed)
     if m.planner == "masked":
         return MaskedTokenPlanner(TrajectoryTokenizer(**asdict(cfg.tokenizer)), m.d, m.layers, m.heads, m.encoder,
-                                  m.encoder_layers, m.ego_dropout).to(dev)
+                                  m.encoder_layers, m.ego_dropout, experts=m.experts, expert_hidden=m.expert_hidden,
+                                  top_k=m.top_k).to(dev)
     anchors = kmeans(to_norm(train.expert), m.anchors, seed=cfg.train.seed)
     return AnchorDiffusionPlanner(anchors, d=m.d, encoder=m.encoder, layers=m.layers, heads=m.heads,
                                   encoder_layers=m.encoder_layers, ego_dropout=m.ego_dropout).to(dev)

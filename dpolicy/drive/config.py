@@ -37,11 +37,18 @@ class DriveModelConfig:
     encoder_layers: int = 2  # vector encoder: transformer layers over the scene tokens
     ego_dropout: float = 0.0  # vector encoder: share of training samples whose ego history is hidden
     anchors: int = 20  # anchor planner: K-means anchors of the training plans
+    experts: int = 0  # masked planner: routed experts in every feed-forward beside the dense one (WAM-Diff's MoE);
+                      # 0: none
+    expert_hidden: int = 32  # masked planner: each routed expert's hidden width
+    top_k: int = 2  # masked planner: experts each token is routed to
 
     def __post_init__(self):
         check_choice(self, "model", "planner", ("masked", "anchor", "scorer"))
         check_choice(self, "model", "encoder", ENCODERS)
-        check_min(self, "model", 1, "d", "layers", "heads", "encoder_layers", "anchors")
+        check_min(self, "model", 1, "d", "layers", "heads", "encoder_layers", "anchors", "expert_hidden", "top_k")
+        check_min(self, "model", 0, "experts")
+        _check(self.experts == 0 or self.top_k <= self.experts,
+               f"model.top_k={self.top_k} must not exceed model.experts={self.experts}.")
         _check(self.d % self.heads == 0, f"model.d={self.d} must be a multiple of model.heads={self.heads}.")
         _check(0 <= self.ego_dropout < 1, f"model.ego_dropout={self.ego_dropout!r} must lie in [0, 1).")
 

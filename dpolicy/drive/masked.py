@@ -36,10 +36,74 @@ def masked_diffusion_loss(logits: torch.Tensor, x0: torch.Tensor, mask: torch.Te
     return ((ce * mask).sum(1) / r / x0.shape[1]).mean()
 
 
+class MoEFeedForward(nn.Module):
+    """A dense feed-forward (the shared expert) plus ``experts`` small routed ones (hidden width ``hidden``):
+    each token's gate softmax(W_g z) keeps its ``top_k`` experts, renormalised (token-choice routing, so a
+    token's output never depends on the rest of the batch). WAM-Diff adds LoRA experts beside the FFN it
+    keeps as the shared expert; here the routed experts are two-layer MLPs. The experts are evaluated
+    densely and the gate zeroes all but the chosen ones: at this size that is cheaper than gathering.
+    ``balance`` holds the Switch-Transformer load-balancing term of the last forward pass
+    (experts * sum_i share of tokens whose first choice is i * mean gate of i; 1 when balanced)."""
+
+    def __init__(self, d: int, hidden: int, experts: int, hidden_routed: int, top_k: int):
+        super().__init__()
+        if not 1 <= top_k <= experts:
+            raise ConfigError(f"top_k must be in [1, experts={experts}], got {top_k}.")
+        self.shared = nn.Sequential(nn.Linear(d, hidden), nn.GELU(), nn.Linear(hidden, d))
+        self.gate = nn.Linear(d, experts, bias=False)
+        self.w1 = nn.Parameter(torch.randn(experts, d, hidden_routed) / math.sqrt(d))
+        self.b1 = nn.Parameter(torch.zeros(experts, hidden_routed))
+        self.w2 = nn.Parameter(torch.randn(experts, hidden_routed, d) / math.sqrt(hidden_routed) * 0.1)
+        self.top_k = top_k
+        self.balance = torch.zeros(())
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        probs = F.softmax(self.gate(z), -1)                                      # (..., E)
+        top = probs.topk(self.top_k, -1)
+        g = torch.zeros_like(probs).scatter(-1, top.indices, top.values)
+        g = g / g.sum(-1, keepdim=True)
+        h = F.gelu(torch.einsum("...d,edh->...eh", z, self.w1) + self.b1)      # (..., E, H)
+        routed = torch.einsum("...eh,ehd,...e->...d", h, self.w2, g)
+        E = probs.shape[-1]
+        first = F.one_hot(top.indices[..., 0], E).float().reshape(-1, E).mean(0)
+        self.balance = E * (first * probs.reshape(-1, E).mean(0)).sum()
+        return self.shared(z) + routed
+
+
+class _Block(nn.Module):
+    """A pre-norm transformer layer whose feed-forward is ``MoEFeedForward``."""
+
+    def __init__(self, d: int, heads: int, experts: int, hidden_routed: int, top_k: int):
+        super().__init__()
+        self.n1, self.n2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.att = nn.MultiheadAttention(d, heads, batch_first=True)
+        self.ff = MoEFeedForward(d, 2 * d, experts, hidden_routed, top_k)
+
+    def forward(self, x, pad):
+        h = self.n1(x)
+        x = x + self.att(h, h, h, key_padding_mask=pad, need_weights=False)[0]
+        return x + self.ff(self.n2(x))
+
+
+class _MoEBody(nn.Module):
+    def __init__(self, d: int, heads: int, layers: int, experts: int, hidden_routed: int, top_k: int):
+        super().__init__()
+        self.layers = nn.ModuleList(_Block(d, heads, experts, hidden_routed, top_k) for _ in range(layers))
+
+    def forward(self, x, src_key_padding_mask=None):
+        for blk in self.layers:
+            x = blk(x, src_key_padding_mask)
+        return x
+
+    def balance(self) -> torch.Tensor:
+        return torch.stack([blk.ff.balance for blk in self.layers]).mean()
+
+
 @register_kind("drive_masked")
 class MaskedTokenPlanner(nn.Module):
     def __init__(self, tokenizer: TrajectoryTokenizer, d: int = 64, layers: int = 2, heads: int = 4, encoder: str = "flat",
-                 encoder_layers: int = 2, ego_dropout: float = 0.0, order: str = "confidence"):
+                 encoder_layers: int = 2, ego_dropout: float = 0.0, order: str = "confidence", experts: int = 0,
+                 expert_hidden: int = 32, top_k: int = 2, balance_weight: float = 0.01):
         super().__init__()
         if order not in ORDERS:
             raise ConfigError(f"decoding order {order!r} is unknown; choose from {', '.join(ORDERS)}.")
@@ -47,11 +111,16 @@ class MaskedTokenPlanner(nn.Module):
         # order: the decoding order the planner is evaluated with by default (RL sets the one it trained)
         self.cfg = {"d": d, "layers": layers, "heads": heads, "encoder": encoder, "encoder_layers": encoder_layers,
                     "ego_dropout": ego_dropout, "tokenizer": tokenizer.config(), "order": order}
+        if experts:  # a mixture-of-experts feed-forward in every layer; 0: the dense transformer layers
+            self.cfg.update(experts=experts, expert_hidden=expert_hidden, top_k=top_k, balance_weight=balance_weight)
         self.encoder = make_encoder(encoder, d, encoder_layers, heads, ego_dropout)
         self.embed = nn.Embedding(tokenizer.vocab + 1, d)
         self.pos = nn.Parameter(torch.randn(tokenizer.length, d) * 0.02)
-        layer = nn.TransformerEncoderLayer(d, heads, 2 * d, dropout=0.0, batch_first=True, norm_first=True)
-        self.body = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        if experts:
+            self.body = _MoEBody(d, heads, layers, experts, expert_hidden, top_k)
+        else:
+            layer = nn.TransformerEncoderLayer(d, heads, 2 * d, dropout=0.0, batch_first=True, norm_first=True)
+            self.body = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
         self.head = nn.Linear(d, tokenizer.vocab)
         self.register_buffer("valid", tokenizer.valid_mask(), persistent=False)
 
@@ -62,8 +131,10 @@ class MaskedTokenPlanner(nn.Module):
     def load(cls, d, meta: dict, device="cpu") -> "MaskedTokenPlanner":
         cfg, state = read_planner_dir(d, meta)
         keys = ("d", "layers", "heads", "encoder", "encoder_layers", "ego_dropout")
+        moe = ("experts", "expert_hidden", "top_k", "balance_weight")  # absent: a dense planner
         return build_planner(cls, d, cfg, state, lambda c: cls(TrajectoryTokenizer(**c["tokenizer"]), **{k: c[k] for k in keys},
-                                                               order=c.get("order", "confidence")), device)
+                                                               order=c.get("order", "confidence"),
+                                                               **{k: c[k] for k in moe if k in c}), device)
 
     def logits(self, obs: dict, tokens: torch.Tensor, gen: torch.Generator | None = None, ctx=None) -> torch.Tensor:
         """(B, L) ids (mask id where masked) -> (B, L, V) logits; ids a position cannot take are -inf.
@@ -84,7 +155,10 @@ class MaskedTokenPlanner(nn.Module):
         r = (u[torch.randperm(B, device=x0.device, generator=gen)]).clamp(min=1.0 / L)
         mask = torch.rand(B, L, device=x0.device, generator=gen) < r[:, None]
         xt = torch.where(mask, torch.full_like(x0, self.tok.mask_id), x0)
-        return masked_diffusion_loss(self.logits(obs, xt, gen), x0, mask, r)
+        loss = masked_diffusion_loss(self.logits(obs, xt, gen), x0, mask, r)
+        if isinstance(self.body, _MoEBody):
+            loss = loss + self.cfg["balance_weight"] * self.body.balance()
+        return loss
 
     @torch.no_grad()
     def decode(self, obs: dict, steps: int = 8, order: str = "confidence", temperature: float = 0.0,
