@@ -41,6 +41,7 @@ def test_cli_collect_train_rl_eval(tmp_path):
     assert main(["eval", f"data.path={data}", f"init={tmp_path / 'rl'}", f"run_dir={tmp_path / 'ev'}"]) == 0
     res = json.loads((tmp_path / "ev" / "eval.json").read_text())
     assert 0 <= res["pdms"] <= 1 and (tmp_path / "ev" / "scenes.png").exists() and res["order"] == "causal"
+    assert 0 <= res["expert_tokenized_pdms"] <= 1 and res["expert_tokenized_pdms"] != res["expert_pdms"]
     assert main(["eval", f"data.path={data}", f"init={tmp_path / 'rl'}", "eval.order=confidence", f"run_dir={tmp_path / 'evc'}"]) == 0
     assert json.loads((tmp_path / "evc" / "eval.json").read_text())["order"] == "confidence"
     assert main(["train", f"data.path={data}", "model.planner=scorer", f"init={tmp_path / 'bc'}", f"run_dir={tmp_path / 'sc'}",

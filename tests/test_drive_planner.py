@@ -426,3 +426,17 @@ def test_moe_planner_trains_round_trips_and_dense_checkpoints_stay_dense(tmp_pat
     dense = MaskedTokenPlanner(tok, d=16, layers=1, heads=2)
     dense.save(tmp_path / "dense")
     assert "experts" not in dense.cfg and isinstance(load_policy(tmp_path / "dense").body, torch.nn.TransformerEncoder)
+
+
+def test_tokenizer_grid_holds_zero_at_any_resolution():
+    """A lane-keeping or standing-still plan has zero steps; a grid anchored at a low end the resolution does not
+    divide would move it by up to half a bin at every step."""
+    still = torch.zeros(1, 8, 2)
+    straight = torch.stack([torch.arange(1, 9) * 4.0, torch.zeros(8)], -1)[None]
+    for res in (0.2, 0.3, 0.4, 0.7):
+        tok = TrajectoryTokenizer("deltas", res, (-1.0, 13.0), (-3.0, 3.0))
+        assert torch.equal(tok.decode(tok.encode(still)), still)
+        assert torch.equal(tok.decode(tok.encode(straight))[..., 1], straight[..., 1])
+        assert (tok.decode(tok.encode(straight))[..., 0] - straight[..., 0]).abs().max() <= res / 2 + 1e-5
+    assert TrajectoryTokenizer(resolution=0.2).sizes == (71, 31)  # grids whose low end is a multiple stay as they were
+    assert TrajectoryTokenizer(resolution=0.4).sizes == (37, 17)  # -1.2 .. 13.2 and -3.2 .. 3.2

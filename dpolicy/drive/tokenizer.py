@@ -8,6 +8,8 @@ disjoint id ranges of one vocabulary; ``valid_mask`` says which ids each positio
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from dpolicy.errors import ConfigError, ShapeError
@@ -26,7 +28,11 @@ class TrajectoryTokenizer:
                 raise ConfigError(f"tokenizer {name} must be (low, high) with low < high, got {r}.")
         self.mode, self.res, self.n_waypoints = mode, float(resolution), int(n_waypoints)
         self.ranges = (tuple(map(float, x_range)), tuple(map(float, y_range)))
-        self.sizes = tuple(int(round((hi - lo) / self.res)) + 1 for lo, hi in self.ranges)
+        # bins sit at integer multiples of the resolution, so 0 (holding the lane, standing still) is always one;
+        # the grid starts at the last multiple at or below low and ends at the first at or above high
+        self.lows = tuple(lo if abs(lo / self.res - round(lo / self.res)) < 1e-6 else math.floor(lo / self.res) * self.res
+                          for lo, _ in self.ranges)
+        self.sizes = tuple(math.ceil((hi - lo) / self.res - 1e-9) + 1 for lo, (_, hi) in zip(self.lows, self.ranges))
         self.offsets = (0, self.sizes[0])
         self.vocab = sum(self.sizes)
         self.mask_id = self.vocab
@@ -44,11 +50,10 @@ class TrajectoryTokenizer:
         return m
 
     def _q(self, v: torch.Tensor, c: int) -> torch.Tensor:
-        lo, _ = self.ranges[c]
-        return torch.round((v - lo) / self.res).clamp(0, self.sizes[c] - 1).long()
+        return torch.round((v - self.lows[c]) / self.res).clamp(0, self.sizes[c] - 1).long()
 
     def _dq(self, q: torch.Tensor, c: int) -> torch.Tensor:
-        return self.ranges[c][0] + q.float() * self.res
+        return self.lows[c] + q.float() * self.res
 
     def encode(self, traj: torch.Tensor) -> torch.Tensor:
         if traj.dim() != 3 or traj.shape[1:] != (self.n_waypoints, 2):
