@@ -168,8 +168,9 @@ def run(command: str, cfg, log=print) -> dict:
             teacher = _load_scorer(cfg.train.teacher, dev, encoder, "train.teacher")
             cand, ratings = rated_candidates(teacher, train)
             train = replace(train, expert=cand[torch.arange(train.n, device=cand.device), ratings.argmax(1)])
+            top2 = ratings.topk(2, 1).values
             log(f"imitating {cfg.train.teacher}'s choices: PDMS-like {float(evaluate(train, train.expert)['pdms'].mean()):.3f} "
-                "on the train scenes")
+                f"on the train scenes (median gap between its two best ratings {float((top2[:, 0] - top2[:, 1]).median()):.4f})")
             if cfg.train.teacher_temperature > 0:
                 soft = (cand, torch.softmax(ratings / cfg.train.teacher_temperature, 1))
                 log(f"  targets drawn among its {cand.shape[1]} candidates at temperature {cfg.train.teacher_temperature:g}: "

@@ -80,7 +80,8 @@ class DriveTrainConfig:
                                 # the logged expert's plan, which depends on the log
     teacher_temperature: float = 0.0  # 0: the teacher's best candidate is the target; T > 0: every step draws each
                                       # scene's target among the candidates with weights exp(rating / T), so near-tied
-                                      # candidates (median top-two gap 0.003 on val) stop being an arbitrary choice
+                                      # candidates (train logs the median gap of the best two) stop being an arbitrary
+                                      # choice
 
     def __post_init__(self):
         check_min(self, "train", 1, "steps", "batch")
