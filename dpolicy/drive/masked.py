@@ -37,7 +37,7 @@ def masked_diffusion_loss(logits: torch.Tensor, x0: torch.Tensor, mask: torch.Te
 
 
 class MoEFeedForward(nn.Module):
-    """A dense feed-forward (the shared expert) plus ``experts`` small routed ones (hidden width ``hidden``):
+    """A dense feed-forward (the shared expert) plus ``experts`` small routed ones (hidden width ``hidden_routed``):
     each token's gate softmax(W_g z) keeps its ``top_k`` experts, renormalised (token-choice routing, so a
     token's output never depends on the rest of the batch). WAM-Diff adds LoRA experts beside the FFN it
     keeps as the shared expert; here the routed experts are two-layer MLPs. The experts are evaluated
