@@ -423,3 +423,29 @@ def test_train_seeds_draw_every_start_from_the_pool():
     for bad in ([], [1, -2], "11", [1.5], 7):
         with pytest.raises(ConfigError, match="train_seeds"):
             FinetuneConfig(base="x", train_seeds=bad)
+
+
+def test_group_noise_gives_a_groups_members_one_initial_noise_per_decision():
+    from types import SimpleNamespace
+
+    pol = tiny_policy(process="flow", sampler="euler", steps=3, seed=2).eval()
+    chain = DenoisingChain(pol, std=0.3)  # every step fine-tuned: the first latent is the initial noise itself
+    n, g = 8, 4
+    for shared in (True, False):
+        init = np.repeat([3, 9], g).tolist() if shared else None
+        b = collect(pol, chain, [Walk() for _ in range(n)], [5] * n, 0.99, 0.0, np.random.default_rng(0), init_seeds=init)
+        dec = {e: np.nonzero(b.episode == e)[0] for e in range(n)}
+        for k in range(3):
+            x0 = [b.latents[dec[e][k], 0] for e in range(n)]
+            assert all(torch.equal(x0[0], x) for x in x0[1:g]) == shared and all(torch.equal(x0[g], x) for x in x0[g + 1:]) == shared
+            assert not torch.equal(x0[0], x0[g])  # another group, another noise
+            last = [b.latents[dec[e][k], -1] for e in range(g)]  # the explored steps stay each member's own
+            assert all(not torch.equal(last[0], x) for x in last[1:])
+    # the fine-tuner draws one seed per group when asked, none otherwise
+    cfg = FinetuneConfig(base="x", algo="grpo", episodes_per_iter=8, group=4, group_noise=True)
+    seeds = Finetuner.init_seeds(SimpleNamespace(cfg=cfg, rng=np.random.default_rng(0)), 8)
+    assert len(seeds) == 8 and len(set(seeds[:4])) == len(set(seeds[4:])) == 1 and seeds[0] != seeds[4]
+    assert Finetuner.init_seeds(SimpleNamespace(cfg=FinetuneConfig(base="x", algo="grpo"), rng=None), 16) is None
+    for bad in (dict(algo="ppo"), dict(algo="grpo", branch=True), dict(algo="grpo", group_noise="yes")):
+        with pytest.raises(ConfigError, match="group_noise"):
+            FinetuneConfig(base="x", **{"group_noise": True, **bad})

@@ -90,6 +90,8 @@ class FinetuneConfig:
     branch_copy: bool = False       # branch: members copy the leader's simulator state at the branch (trunk paid once)
     restarts: float = 0.0           # share of each iteration's episodes (groups) started from a stored failure state
     restart_buffer: int = 256       # restarts: failure states kept (the newest)
+    group_noise: bool = False       # grpo/gspo/awm: a group's members draw the same initial noise at their k-th decision,
+                                    # so only the fine-tuned steps' noise (and where it led) tells their returns apart
     train_seeds: list | None = None  # a fixed pool of reset seeds every episode (group) starts from: a fit check (does
                                      # the method raise success on starts it replays?); None: a fresh seed each time
     ft_steps: int | None = None     # K': fine-tuned denoising steps, the last ones (None: all of them)
@@ -143,7 +145,7 @@ class FinetuneConfig:
             raise ConfigError(f"episodes_per_iter={self.episodes_per_iter} must be a multiple of group={self.group}.")
         if grouped and self.group < 2:
             raise ConfigError(f"group={self.group} must be at least 2: a group normalizes returns against each other.")
-        for k in ("branch", "common_noise", "branch_copy"):
+        for k in ("branch", "common_noise", "branch_copy", "group_noise"):
             if not isinstance(getattr(self, k), bool):
                 raise ConfigError(f"{k}={getattr(self, k)!r} must be true or false.")
         if self.branch and not grouped:
@@ -154,6 +156,9 @@ class FinetuneConfig:
                 raise ConfigError(f"branch_horizon={h!r} must be an integer of at least 1 (or null: to the episode's end).")
             if not self.branch:
                 raise ConfigError("branch_horizon needs branch=true: it cuts the members' episodes after their branch.")
+        if self.group_noise and (not grouped or self.branch):
+            raise ConfigError("group_noise needs a group method (grpo, gspo or awm) without branch=true (branching groups "
+                              "share their trunk and, with common_noise, the noise after it).")
         if self.branch_copy and not self.branch:
             raise ConfigError("branch_copy needs branch=true: it is how the members reach their branch's state.")
         r = self.restarts
@@ -271,7 +276,7 @@ class Batch:
 def collect(policy, chain: DenoisingChain, envs: list, seeds: list[int], gamma: float, reward_offset: float,
             rng: np.random.Generator, branch_at: np.ndarray | None = None, leader: np.ndarray | None = None,
             common_noise: bool = True, horizon: int | None = None, copy_state: bool = False, starts: list | None = None,
-            track: bool = False) -> Batch:
+            track: bool = False, init_seeds: list | None = None) -> Batch:
     """Play one episode per env slot (``seeds[i]`` in slot ``i``) with the chain's Gaussian steps; record every decision.
 
     Branching groups: slot ``i`` executes the chunks of slot ``leader[i]`` (same seed: the same states) for its
@@ -288,12 +293,17 @@ def collect(policy, chain: DenoisingChain, envs: list, seeds: list[int], gamma: 
     from an earlier episode, its step count with it, so the episode ends at the task's horizon as that one would
     have) and with that observation history (None: the state's observation repeated, as at a reset); ``track``
     keeps, per episode, the simulator state and observation history of its decision where the task's dense score
-    was highest (``Batch.nearest``)."""
+    was highest (``Batch.nearest``).
+
+    ``init_seeds``: slot ``i`` draws each decision's initial noise from its own stream seeded ``init_seeds[i]``, so
+    slots with one seed draw the same initial noise at their k-th decision (the fine-tuned steps' noise stays their
+    own)."""
     n, dev = len(seeds), torch.device(policy.device)
     To, Tp, Ta, Da = policy.To, policy.Tp, policy.Ta, policy.action_dim
     runner = EpisodeRunner(envs, seeds)
     hist = ObsHistory(policy.obs_keys, To, n, dev, policy.obs_dims, shapes=policy.image_shapes)
     gens = [torch.Generator(device=dev).manual_seed(int(rng.integers(2**62))) for _ in range(n)]
+    init_gens = gens if init_seeds is None else [torch.Generator(device=dev).manual_seed(int(v)) for v in init_seeds]
     obs, _ = runner.reset()
     placed = [] if starts is None else [i for i, s in enumerate(starts) if s is not None]
     if placed:
@@ -346,7 +356,7 @@ def collect(policy, chain: DenoisingChain, envs: list, seeds: list[int], gamma: 
             rows = np.nonzero(plan)[0]
             with torch.no_grad():
                 cond = policy.encode(hist.window(rows))
-                noise = torch.stack([torch.randn(Tp, Da, device=dev, generator=gens[r]) for r in rows])
+                noise = torch.stack([torch.randn(Tp, Da, device=dev, generator=init_gens[r]) for r in rows])
                 x, lat, logp = chain.sample(cond, noise, [gens[r] for r in rows])
                 queue[rows] = unnorm(x)[:, :Ta].cpu().numpy()
             trunk = rows[made[rows] < branch_at[rows]]
@@ -495,6 +505,11 @@ class Finetuner:
         at = self.rng.integers(0, max(int(self.decisions), 1), size=n)
         return np.repeat(at, c.group), np.repeat(np.arange(n) * c.group, c.group)
 
+    def init_seeds(self, n: int) -> list | None:
+        """group_noise: one initial-noise seed per group, repeated for its members (None otherwise)."""
+        c = self.cfg
+        return np.repeat(self.rng.integers(2**62, size=n // c.group), c.group).tolist() if c.group_noise else None
+
     def starts(self) -> list | None:
         """Restarts: each slot's start, a stored (simulator state, observation history) or None (a reset). The last
         ``restarts`` share of the iteration's groups (episodes, for the methods without groups) each start from one
@@ -524,8 +539,9 @@ class Finetuner:
         seeds = self.seeds()
         branch_at, leader = self.branches()
         starts = self.starts()
+        init = self.init_seeds(len(seeds))
         batch = collect(pol, self.chain, self.envs, seeds, c.gamma, c.reward_offset, self.rng, branch_at, leader,
-                        c.common_noise, c.branch_horizon, c.branch_copy, starts, track=bool(c.restarts))
+                        c.common_noise, c.branch_horizon, c.branch_copy, starts, track=bool(c.restarts), init_seeds=init)
         self.env_steps += batch.env_steps
         per = np.bincount(batch.episode)
         self.decisions = float(np.median(per[per > 0]))
