@@ -65,18 +65,16 @@ def train_token_planner(planner, ds, steps: int, batch: int = 64, lr: float = 1e
                         soft: tuple | None = None):
     """Masked-token BC on the set's plans, or with ``soft`` = (candidates (n, C, 8, 2), weights (n, C)) on a
     candidate drawn per scene and step."""
-    if soft is None:
-        draw = _target_draw(planner.tok.encode(ds.expert), None)
-    else:
-        cand, w = soft
-        draw = _target_draw(planner.tok.encode(cand.reshape(-1, *cand.shape[2:])).reshape(*cand.shape[:2], -1), w)
+    targets, w = (ds.expert, None) if soft is None else soft
+    toks = planner.tok.encode(targets.reshape(-1, *targets.shape[-2:])).reshape(*targets.shape[:-2], -1)
+    draw = _target_draw(toks, w)
     return fit(planner, lambda idx, gen: planner.loss({k: v[idx] for k, v in ds.obs.items()}, draw(idx, gen), gen),
                ds.n, steps, batch, lr, seed, ds.expert.device, log, max(steps // 5, 1))
 
 
 def train_continuous(planner, ds, steps: int, batch: int = 64, lr: float = 1e-3, seed: int = 0, log=None,
                      soft: tuple | None = None):
-    draw = _target_draw(ds.expert, None) if soft is None else _target_draw(*soft)
+    draw = _target_draw(*((ds.expert, None) if soft is None else soft))
     return fit(planner, lambda idx, gen: planner.loss({k: v[idx] for k, v in ds.obs.items()}, draw(idx, gen), gen),
                ds.n, steps, batch, lr, seed, ds.expert.device, log, max(steps // 5, 1))
 
