@@ -213,7 +213,7 @@ def run(command: str, cfg, log=print) -> dict:
         ex = evaluate(held, held.expert)
         res["expert_pdms"], res["expert_nc"] = float(ex["pdms"].mean()), float(ex["nc"].mean())
         if hasattr(planner, "tok"):  # what the planner's tokens alone cost: the expert's plans through its tokenizer
-            res["expert_tokenized_pdms"] = float(evaluate(held, planner.tok.decode(planner.tok.encode(held.expert)))["pdms"].mean())
+            res["expert_tokenized_pdms"] = float(evaluate(held, planner.tok.decode(planner.tok.encode(held.expert, held.obs), held.obs))["pdms"].mean())
         # the same rule-based planner without the log: its candidates scored against a constant-speed forecast
         blind = evaluate(held, expert_plan(forecast(held.scenes))[0])
         res["expert_forecast_pdms"], res["expert_forecast_nc"] = float(blind["pdms"].mean()), float(blind["nc"].mean())

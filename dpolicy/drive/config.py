@@ -59,9 +59,11 @@ class DriveTokenizerConfig:
     resolution: float = 0.2  # metres per bin
     x_range: list[float] = field(default_factory=lambda: [-1.0, 13.0])  # per-step (deltas) or absolute (waypoints)
     y_range: list[float] = field(default_factory=lambda: [-3.0, 3.0])
+    frame: str = "ego"  # ego (x ahead, y left) | route (station along the route lane, offset from it; vector encoders)
 
     def __post_init__(self):
         check_choice(self, "tokenizer", "mode", ("deltas", "waypoints"))
+        check_choice(self, "tokenizer", "frame", ("ego", "route"))
         _check(self.resolution > 0, f"tokenizer.resolution={self.resolution!r} must be positive.")
         for name in ("x_range", "y_range"):
             r = getattr(self, name)
@@ -130,6 +132,8 @@ class DriveConfig:
 
     def __post_init__(self):
         check_device(self.device)
+        _check(self.tokenizer.frame == "ego" or self.model.encoder != "flat",
+               "tokenizer.frame=route reads the route lane from the vectorized observation; model.encoder=flat has none.")
 
 
 register(DriveDataConfig, DriveModelConfig, DriveTokenizerConfig, DriveTrainConfig, DriveEvalConfig, DriveConfig, RLConfig)

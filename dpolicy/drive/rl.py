@@ -166,7 +166,8 @@ def rl_train(planner, train, evaluate, cfg: RLConfig, log=print) -> list[dict]:
         planner.eval()
         toks, when = planner.decode(sub.obs, steps=cfg.steps, order=cfg.order, temperature=cfg.temperature, gen=gen,
                                     n=cfg.group, return_steps=True)
-        traj = planner.tok.decode(toks).reshape(len(idx), cfg.group, -1, 2)
+        obs = {k: v.repeat_interleave(cfg.group, 0) for k, v in sub.obs.items()}
+        traj = planner.tok.decode(toks, obs).reshape(len(idx), cfg.group, -1, 2)
         scores = score(sub.scenes, traj, best_progress=sub.best_progress)           # each (S, G)
         r = scores["pdms"]
         if cfg.baseline == "group":
@@ -175,13 +176,12 @@ def rl_train(planner, train, evaluate, cfg: RLConfig, log=print) -> list[dict]:
             keys = ("pdms",) if cfg.advantage == "group" else DECOUPLED_KEYS
             if cfg.baseline == "greedy":  # the plan the evaluation drives, decoded as it decodes (same steps and order)
                 with torch.no_grad():
-                    g_traj = planner.tok.decode(planner.decode(sub.obs, steps=cfg.steps, order=cfg.order, temperature=0.0))
+                    g_traj = planner.tok.decode(planner.decode(sub.obs, steps=cfg.steps, order=cfg.order, temperature=0.0), sub.obs)
                 base = score(sub.scenes, g_traj[:, None], best_progress=sub.best_progress)          # each (S, 1)
             else:  # the group's mean: a near-tied group keeps near-zero advantages (no per-group std blows them up)
                 base = {k: scores[k].mean(1, keepdim=True) for k in keys}
             adv = baseline_advantages(scores, base, keys)
         adv = adv.reshape(-1)
-        obs = {k: v.repeat_interleave(cfg.group, 0) for k, v in sub.obs.items()}
         mseed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen, device=dev))
         with torch.no_grad():
             old = _logp(planner, obs, toks, cfg, mseed, when)

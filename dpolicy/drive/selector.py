@@ -99,10 +99,11 @@ def proposals(planner, obs: dict, scenes, samples: int, gen: torch.Generator, ru
     if samples > 0:
         if hasattr(planner, "decode"):
             s = 8 if steps is None else steps
-            first = planner.tok.decode(planner.decode(obs, steps=s, order=order))
+            first = planner.tok.decode(planner.decode(obs, steps=s, order=order), obs)
             parts.append(first[:, None])
             if samples > 1:
-                more = planner.tok.decode(planner.decode(obs, steps=s, order=order, temperature=1.0, gen=gen, n=samples - 1))
+                rep = {k: v.repeat_interleave(samples - 1, 0) for k, v in obs.items()}
+                more = planner.tok.decode(planner.decode(obs, steps=s, order=order, temperature=1.0, gen=gen, n=samples - 1), rep)
                 parts.append(more.reshape(first.shape[0], samples - 1, 8, 2))
         else:
             parts.append(torch.stack([planner.plan(obs, gen=gen, steps=steps) for _ in range(samples)], 1))

@@ -4,6 +4,10 @@
 previously *reconstructed* waypoint (error feedback), so every reconstructed waypoint stays within
 half a bin of the original in both modes as long as it lies in range. x tokens and y tokens use
 disjoint id ranges of one vocabulary; ``valid_mask`` says which ids each position may take.
+
+``frame="ego"`` tokenizes the waypoints as they are (x ahead, y left of the ego); ``frame="route"`` first
+writes them as station along the route lane and lateral offset from it, relative to the ego's own
+(``dpolicy.drive.frenet``), so encoding and decoding then need the scenes' observation (``obs``).
 """
 
 from __future__ import annotations
@@ -15,9 +19,14 @@ import torch
 from dpolicy.errors import ConfigError, ShapeError
 
 
+FRAMES = ("ego", "route")
+
+
 class TrajectoryTokenizer:
     def __init__(self, mode: str = "deltas", resolution: float = 0.2, x_range=(-1.0, 13.0), y_range=(-3.0, 3.0),
-                 n_waypoints: int = 8):
+                 n_waypoints: int = 8, frame: str = "ego"):
+        if frame not in FRAMES:
+            raise ConfigError(f"tokenizer frame {frame!r} is unknown; choose {' or '.join(FRAMES)}.")
         if mode not in ("waypoints", "deltas"):
             raise ConfigError(f"tokenizer mode {mode!r} is unknown; choose waypoints or deltas.")
         # ranges are waypoint ranges in "waypoints" mode and per-step (0.5 s) delta ranges in "deltas" mode
@@ -26,7 +35,7 @@ class TrajectoryTokenizer:
         for name, r in (("x_range", x_range), ("y_range", y_range)):
             if len(r) != 2 or not r[0] < r[1]:
                 raise ConfigError(f"tokenizer {name} must be (low, high) with low < high, got {r}.")
-        self.mode, self.res, self.n_waypoints = mode, float(resolution), int(n_waypoints)
+        self.mode, self.res, self.n_waypoints, self.frame = mode, float(resolution), int(n_waypoints), frame
         self.ranges = (tuple(map(float, x_range)), tuple(map(float, y_range)))
         # bins sit at integer multiples of the resolution, so 0 (holding the lane, standing still) is always one;
         # the grid starts at the last multiple at or below low and ends at the first at or above high
@@ -39,8 +48,24 @@ class TrajectoryTokenizer:
         self.length = 2 * self.n_waypoints
 
     def config(self) -> dict:
-        return {"mode": self.mode, "resolution": self.res, "x_range": list(self.ranges[0]), "y_range": list(self.ranges[1]),
-                "n_waypoints": self.n_waypoints}
+        out = {"mode": self.mode, "resolution": self.res, "x_range": list(self.ranges[0]), "y_range": list(self.ranges[1]),
+               "n_waypoints": self.n_waypoints}
+        if self.frame != "ego":  # ego-frame tokenizers keep the config they were saved with
+            out["frame"] = self.frame
+        return out
+
+    def _frame(self, obs: dict | None, batch: int):
+        """The route frame of ``obs`` for ``batch`` plans (None in the ego frame)."""
+        if self.frame == "ego":
+            return None
+        if obs is None:
+            raise ConfigError("a route-frame tokenizer needs the scenes' observation (obs) to encode or decode plans.")
+        from dpolicy.drive.frenet import route_polyline
+
+        frame = route_polyline(obs)
+        if frame[0].shape[0] != batch:
+            raise ShapeError(f"{batch} plans but an observation of {frame[0].shape[0]} scenes.")
+        return frame
 
     def valid_mask(self, device=None) -> torch.Tensor:
         """(L, V) bool: position 2k takes x ids, 2k+1 takes y ids."""
@@ -55,11 +80,16 @@ class TrajectoryTokenizer:
     def _dq(self, q: torch.Tensor, c: int) -> torch.Tensor:
         return self.lows[c] + q.float() * self.res
 
-    def encode(self, traj: torch.Tensor) -> torch.Tensor:
+    def encode(self, traj: torch.Tensor, obs: dict | None = None) -> torch.Tensor:
         if traj.dim() != 3 or traj.shape[1:] != (self.n_waypoints, 2):
             raise ShapeError(f"trajectories must have shape (B, {self.n_waypoints}, 2), got {tuple(traj.shape)}.")
         if not torch.isfinite(traj).all():
             raise ShapeError("trajectories to encode contain NaN or infinite values.")
+        frame = self._frame(obs, traj.shape[0])
+        if frame is not None:
+            from dpolicy.drive.frenet import ego_relative
+
+            traj = ego_relative(frame, traj)
         toks = torch.empty(traj.shape[0], self.n_waypoints, 2, dtype=torch.long, device=traj.device)
         if self.mode == "waypoints":
             for c in range(2):
@@ -74,11 +104,17 @@ class TrajectoryTokenizer:
         toks = toks + torch.tensor(self.offsets, device=traj.device)
         return toks.reshape(traj.shape[0], self.length)
 
-    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
+    def decode(self, tokens: torch.Tensor, obs: dict | None = None) -> torch.Tensor:
         if tokens.dim() != 2 or tokens.shape[1] != self.length:
             raise ShapeError(f"tokens must have shape (B, {self.length}), got {tuple(tokens.shape)}.")
         t = tokens.reshape(-1, self.n_waypoints, 2) - torch.tensor(self.offsets, device=tokens.device)
         if (t < 0).any() or (t[..., 0] >= self.sizes[0]).any() or (t[..., 1] >= self.sizes[1]).any():
             raise ShapeError("tokens hold ids outside their coordinate's range (a mask token left undecoded?).")
+        frame = self._frame(obs, t.shape[0])
         out = torch.stack([self._dq(t[..., c], c) for c in range(2)], -1)
-        return out.cumsum(1) if self.mode == "deltas" else out
+        out = out.cumsum(1) if self.mode == "deltas" else out
+        if frame is not None:
+            from dpolicy.drive.frenet import from_ego_relative
+
+            out = from_ego_relative(frame, out)
+        return out

@@ -66,7 +66,10 @@ def train_token_planner(planner, ds, steps: int, batch: int = 64, lr: float = 1e
     """Masked-token BC on the set's plans, or with ``soft`` = (candidates (n, C, 8, 2), weights (n, C)) on a
     candidate drawn per scene and step."""
     targets, w = (ds.expert, None) if soft is None else soft
-    toks = planner.tok.encode(targets.reshape(-1, *targets.shape[-2:])).reshape(*targets.shape[:-2], -1)
+    if targets.dim() == 3:
+        toks = planner.tok.encode(targets, ds.obs)
+    else:  # one candidate at a time: every scene's j-th candidate in that scene's frame
+        toks = torch.stack([planner.tok.encode(targets[:, j], ds.obs) for j in range(targets.shape[1])], 1)
     draw = _target_draw(toks, w)
     return fit(planner, lambda idx, gen: planner.loss({k: v[idx] for k, v in ds.obs.items()}, draw(idx, gen), gen),
                ds.n, steps, batch, lr, seed, ds.expert.device, log, max(steps // 5, 1))
@@ -86,7 +89,7 @@ def plan_tokens(planner, ds, steps: int = 8, order: str = "confidence", temperat
     out = []
     for i in range(0, ds.n, chunk):
         o = {k: v[i:i + chunk] for k, v in ds.obs.items()}
-        out.append(planner.tok.decode(planner.decode(o, steps=steps, order=order, temperature=temperature, gen=gen)))
+        out.append(planner.tok.decode(planner.decode(o, steps=steps, order=order, temperature=temperature, gen=gen), o))
     return torch.cat(out)
 
 
@@ -112,7 +115,7 @@ def scene_planner(planner, encoder: str, steps: int | None = None, order: str = 
     def fn(scenes):
         obs = OBSERVERS[encoder](scenes)
         if hasattr(planner, "decode"):
-            return planner.tok.decode(planner.decode(obs, steps=8 if steps is None else steps, order=order))
+            return planner.tok.decode(planner.decode(obs, steps=8 if steps is None else steps, order=order), obs)
         g = torch.Generator(scenes.device).manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
         return planner.plan(obs, gen=g, steps=steps)
     return fn
