@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from dpolicy.drive.anchor import AnchorDiffusionPlanner
 from dpolicy.drive.frenet import ego_relative, from_ego_relative, from_route, route_polyline, to_route
 from dpolicy.drive.masked import MaskedTokenPlanner
 from dpolicy.drive.tokenizer import TrajectoryTokenizer
@@ -72,11 +73,13 @@ def test_route_frame_refuses_what_it_cannot_read(scenes_set):
         tok.decode(tok.encode(scenes_set.expert, scenes_set.obs), {k: v[:2] for k, v in scenes_set.obs.items()})
     with pytest.raises(ConfigError, match="frame 'road' is unknown"):
         TrajectoryTokenizer(frame="road")
+    with pytest.raises(ConfigError, match="frame 'road' is unknown"):
+        AnchorDiffusionPlanner(torch.zeros(4, 16), frame="road")
     from dpolicy.cli.common import settings
     from dpolicy.drive.config import DriveConfig
 
     with pytest.raises(ConfigError, match="model.encoder=flat has none"):
-        settings(DriveConfig, {"model": {"encoder": "flat"}, "tokenizer": {"frame": "route"}})
+        settings(DriveConfig, {"model": {"encoder": "flat", "frame": "route"}})
 
 
 def test_route_frame_planner_trains_saves_and_plans_in_its_frame(tmp_path, scenes_set):
@@ -98,3 +101,22 @@ def test_route_frame_planner_trains_saves_and_plans_in_its_frame(tmp_path, scene
     # the same tokens read in the ego frame are another path (the road bends, the ego is off the route lane)
     toks = m.tok.encode(ds.expert, ds.obs)
     assert (TrajectoryTokenizer().decode(toks) - ds.expert).norm(dim=-1).max() > 0.5
+
+
+def test_route_frame_anchor_planner_learns_in_its_frame_and_round_trips(tmp_path, scenes_set):
+    from dpolicy.drive.anchor import kmeans, to_norm
+    from dpolicy.drive.frenet import to_frame
+    from dpolicy.drive.train import plan, train_continuous
+    from dpolicy.kinds import load_policy
+
+    ds = scenes_set
+    torch.manual_seed(0)
+    anchors = kmeans(to_norm(to_frame("route", ds.obs, ds.expert)), 3)
+    m = AnchorDiffusionPlanner(anchors, d=16, encoder="vector_mlp", layers=1, heads=2, encoder_layers=1, frame="route")
+    losses = train_continuous(m, ds, steps=30, lr=3e-3)
+    assert losses[-1] < losses[0]
+    m.save(tmp_path / "anchor")
+    back = load_policy(tmp_path / "anchor")
+    assert back.frame == "route" and back.cfg["frame"] == "route"
+    assert torch.equal(plan(back, ds), plan(m, ds))
+    assert "frame" not in AnchorDiffusionPlanner(anchors).cfg

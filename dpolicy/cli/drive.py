@@ -83,18 +83,19 @@ def _new_planner(cfg, train, dev):
     from dataclasses import asdict
 
     from dpolicy.drive.anchor import AnchorDiffusionPlanner, kmeans, to_norm
+    from dpolicy.drive.frenet import to_frame
     from dpolicy.drive.masked import MaskedTokenPlanner
     from dpolicy.drive.tokenizer import TrajectoryTokenizer
 
     m = cfg.model
     torch.manual_seed(cfg.train.seed)
     if m.planner == "masked":
-        return MaskedTokenPlanner(TrajectoryTokenizer(**asdict(cfg.tokenizer)), m.d, m.layers, m.heads, m.encoder,
+        return MaskedTokenPlanner(TrajectoryTokenizer(**asdict(cfg.tokenizer), frame=m.frame), m.d, m.layers, m.heads, m.encoder,
                                   m.encoder_layers, m.ego_dropout, experts=m.experts, expert_hidden=m.expert_hidden,
                                   top_k=m.top_k).to(dev)
-    anchors = kmeans(to_norm(train.expert), m.anchors, seed=cfg.train.seed)
+    anchors = kmeans(to_norm(to_frame(m.frame, train.obs, train.expert)), m.anchors, seed=cfg.train.seed)
     return AnchorDiffusionPlanner(anchors, d=m.d, encoder=m.encoder, layers=m.layers, heads=m.heads,
-                                  encoder_layers=m.encoder_layers, ego_dropout=m.ego_dropout).to(dev)
+                                  encoder_layers=m.encoder_layers, ego_dropout=m.ego_dropout, frame=m.frame).to(dev)
 
 
 def run(command: str, cfg, log=print) -> dict:

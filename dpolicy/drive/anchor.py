@@ -19,6 +19,7 @@ from torch import nn
 
 from dpolicy.drive.checkpoint import build_planner, read_planner_dir, save_planner
 from dpolicy.drive.encoder import SceneEncoder, make_encoder
+from dpolicy.drive.frenet import from_frame, to_frame
 from dpolicy.errors import ConfigError
 from dpolicy.policy.checkpoint import register_kind
 from dpolicy.process import sample_loop
@@ -160,7 +161,8 @@ def _denoise(den, process, x, ctx, schedule):
 @register_kind("drive_anchor")
 class AnchorDiffusionPlanner(nn.Module):
     def __init__(self, anchors: torch.Tensor, d: int = 64, t_trunc: int = 50, t_start: int = 8, steps: int = 2,
-                 encoder: str = "flat", layers: int = 2, heads: int = 4, encoder_layers: int = 2, ego_dropout: float = 0.0):
+                 encoder: str = "flat", layers: int = 2, heads: int = 4, encoder_layers: int = 2, ego_dropout: float = 0.0,
+                 frame: str = "ego"):
         super().__init__()
         self.register_buffer("anchors", anchors)      # (K, 16) normalised
         self.process = planner_process()
@@ -170,6 +172,11 @@ class AnchorDiffusionPlanner(nn.Module):
         self.cfg = {"n_anchors": int(anchors.shape[0]), "d": d, "t_trunc": t_trunc, "t_start": t_start, "steps": steps,
                     "encoder": encoder, "layers": layers, "heads": heads, "encoder_layers": encoder_layers,
                     "ego_dropout": ego_dropout}
+        if frame not in ("ego", "route"):
+            raise ConfigError(f"plan frame {frame!r} is unknown; choose ego or route.")
+        self.frame = frame  # anchors, targets and plans in this frame (dpolicy.drive.frenet); ego-frame configs omit it
+        if frame != "ego":
+            self.cfg["frame"] = frame
 
     def save(self, path, metadata: dict | None = None):
         return save_planner(self, path, metadata)
@@ -178,11 +185,12 @@ class AnchorDiffusionPlanner(nn.Module):
     def load(cls, d, meta: dict, device="cpu") -> "AnchorDiffusionPlanner":
         cfg, state = read_planner_dir(d, meta)
         keys = ("d", "t_trunc", "t_start", "steps", "encoder", "layers", "heads", "encoder_layers", "ego_dropout")
-        return build_planner(cls, d, cfg, state, lambda c: cls(torch.zeros(c["n_anchors"], 16), **{k: c[k] for k in keys}), device)
+        return build_planner(cls, d, cfg, state, lambda c: cls(torch.zeros(c["n_anchors"], 16), **{k: c[k] for k in keys},
+                                                               frame=c.get("frame", "ego")), device)
 
     def loss(self, obs, traj, gen=None):
         B = traj.shape[0]
-        x0 = to_norm(traj)
+        x0 = to_norm(to_frame(self.frame, obs, traj))
         t = torch.randint(0, self.t_trunc, (B,), device=x0.device, generator=gen)
         a = self.anchors[None].expand(B, -1, -1)
         ab = self.ab[t][:, None, None]
@@ -201,7 +209,7 @@ class AnchorDiffusionPlanner(nn.Module):
         t0 = self.process.level_time(self.t_start)
         x = self.process.noise_to(a, torch.randn(a.shape, device=a.device, generator=gen), t0)
         x, conf = _denoise(self.den, self.process, x, ctx, self.process.schedule(steps, t0))
-        return from_norm(x[torch.arange(B), conf.argmax(1)])
+        return from_frame(self.frame, obs, from_norm(x[torch.arange(B), conf.argmax(1)]))
 
 
 class VanillaDiffusionPlanner(nn.Module):

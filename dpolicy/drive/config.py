@@ -36,6 +36,8 @@ class DriveModelConfig:
     heads: int = 4
     encoder_layers: int = 2  # vector encoder: transformer layers over the scene tokens
     ego_dropout: float = 0.0  # vector encoder: share of training samples whose ego history is hidden
+    frame: str = "ego"  # the frame plans are written in: ego (x ahead, y left) | route (station along the route
+                        # lane and offset from it, relative to the ego's; vector encoders)
     anchors: int = 20  # anchor planner: K-means anchors of the training plans
     experts: int = 0  # masked planner: routed experts in every feed-forward beside the dense one (WAM-Diff's MoE);
                       # 0: none
@@ -45,6 +47,7 @@ class DriveModelConfig:
     def __post_init__(self):
         check_choice(self, "model", "planner", ("masked", "anchor", "scorer"))
         check_choice(self, "model", "encoder", ENCODERS)
+        check_choice(self, "model", "frame", ("ego", "route"))
         check_min(self, "model", 1, "d", "layers", "heads", "encoder_layers", "anchors", "expert_hidden", "top_k")
         check_min(self, "model", 0, "experts")
         _check(self.experts == 0 or self.top_k <= self.experts,
@@ -59,11 +62,9 @@ class DriveTokenizerConfig:
     resolution: float = 0.2  # metres per bin
     x_range: list[float] = field(default_factory=lambda: [-1.0, 13.0])  # per-step (deltas) or absolute (waypoints)
     y_range: list[float] = field(default_factory=lambda: [-3.0, 3.0])
-    frame: str = "ego"  # ego (x ahead, y left) | route (station along the route lane, offset from it; vector encoders)
 
     def __post_init__(self):
         check_choice(self, "tokenizer", "mode", ("deltas", "waypoints"))
-        check_choice(self, "tokenizer", "frame", ("ego", "route"))
         _check(self.resolution > 0, f"tokenizer.resolution={self.resolution!r} must be positive.")
         for name in ("x_range", "y_range"):
             r = getattr(self, name)
@@ -132,8 +133,8 @@ class DriveConfig:
 
     def __post_init__(self):
         check_device(self.device)
-        _check(self.tokenizer.frame == "ego" or self.model.encoder != "flat",
-               "tokenizer.frame=route reads the route lane from the vectorized observation; model.encoder=flat has none.")
+        _check(self.model.frame == "ego" or self.model.encoder != "flat",
+               "model.frame=route reads the route lane from the vectorized observation; model.encoder=flat has none.")
 
 
 register(DriveDataConfig, DriveModelConfig, DriveTokenizerConfig, DriveTrainConfig, DriveEvalConfig, DriveConfig, RLConfig)

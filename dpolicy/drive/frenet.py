@@ -98,3 +98,13 @@ def from_ego_relative(frame, rel: torch.Tensor) -> torch.Tensor:
     """The inverse of ``ego_relative``."""
     origin = to_route(frame, torch.zeros_like(rel[:, :1]))
     return from_route(frame, rel + origin)
+
+
+def to_frame(frame: str, obs: dict, traj: torch.Tensor) -> torch.Tensor:
+    """Ego-frame plans (B, K, 2) written in a planner's ``frame``: as they are (ego), or ``ego_relative`` (route)."""
+    return traj if frame == "ego" else ego_relative(route_polyline(obs), traj)
+
+
+def from_frame(frame: str, obs: dict, x: torch.Tensor) -> torch.Tensor:
+    """The inverse of ``to_frame``."""
+    return x if frame == "ego" else from_ego_relative(route_polyline(obs), x)
