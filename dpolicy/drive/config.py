@@ -104,14 +104,14 @@ class DriveEvalConfig:
     rule: bool = False  # also propose the map-only rule candidates (lanes x speed profiles)
     scorer: str | None = None  # a learned scorer (train model.planner=scorer) rates the proposals; null: the rule-based
                                # scorer against a constant-speed forecast of the agents (neither reads the log)
-    split: str = "test"  # test | val (choices are made on val)
+    split: str = "test"  # test | val (choices are made on val) | train (the first data.n_train: how well a clone fits)
     closed_loop: bool = False  # also drive planner and expert in closed loop (re-plan every 0.5 s for the 4 s log)
     scenes_in_picture: int = 4
 
     def __post_init__(self):
         if self.order is not None:
             check_choice(self, "eval", "order", ORDERS)
-        check_choice(self, "eval", "split", ("test", "val"))
+        check_choice(self, "eval", "split", ("test", "val", "train"))
         check_min(self, "eval", 1, "scenes_in_picture")
         check_min(self, "eval", 0, "samples")
         _check(self.samples > 0 or self.rule, "eval.samples=0 leaves no proposals; set eval.rule=true or eval.samples >= 1.")
