@@ -103,7 +103,8 @@ def test_scorer_throughput_section_times_each_device_and_batch():
     assert ("GPU rate / CPU rate" in body) == torch.cuda.is_available()
 
 
-@pytest.mark.parametrize("name", ["drive_masked_bc", "drive_masked_gspo", "drive_anchor", "drive_masked_distilled"])
+@pytest.mark.parametrize("name", ["drive_masked_bc", "drive_masked_gspo", "drive_anchor", "drive_masked_distilled",
+                                  "drive_masked_route"])
 def test_shipped_planners_load_through_the_common_loader_and_plan(name):
     from pathlib import Path
 
@@ -116,6 +117,7 @@ def test_shipped_planners_load_through_the_common_loader_and_plan(name):
     planner = load_policy(str(root / name), "cpu")
     assert type(planner).__name__ == {"masked": "MaskedTokenPlanner", "anchor": "AnchorDiffusionPlanner"}[entry["planner"]]
     assert sum(p.numel() for p in planner.parameters()) == entry["params"]
+    assert planner.cfg.get("frame", planner.cfg.get("tokenizer", {}).get("frame", "ego")) == entry.get("frame", "ego").split()[0]
     ds = build_set("test", 8, encoder=planner.cfg["encoder"])
     traj = plan(planner, ds)
     assert traj.shape[0] == 8 and torch.isfinite(traj).all()
