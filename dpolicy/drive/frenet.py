@@ -9,8 +9,10 @@ The frame is read from the vectorized observation alone (``observe_vector``): th
 points 5 m apart at known stations along the road (-10 m to 95 m), each with the lane's direction there.
 Between points the position and direction are interpolated linearly (as the scene's own road is), beyond the
 ends the end directions are followed. ``from_route`` is exact; ``to_route`` inverts it by Newton steps on the
-station, so a plan round-trips to within micrometres on the scenes' gentle curves. Coordinates are taken
-relative to the ego's own projection (the origin of the ego frame), so a plan starts at (0, 0) in both frames.
+station, so a plan round-trips to within hundredths of a millimetre on the scenes' gentle curves. Coordinates
+are taken relative to the ego's own projection (the origin of the ego frame), so a plan starts at (0, 0) in both
+frames. The stations are those ``observe_vector`` lays its map points at (uniform, 5 m apart); an observation
+built another way would be misread.
 """
 
 from __future__ import annotations
