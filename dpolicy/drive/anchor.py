@@ -19,7 +19,7 @@ from torch import nn
 
 from dpolicy.drive.checkpoint import build_planner, read_planner_dir, save_planner
 from dpolicy.drive.encoder import SceneEncoder, make_encoder
-from dpolicy.drive.frenet import from_frame, to_frame
+from dpolicy.drive.frenet import check_frame, from_frame, to_frame
 from dpolicy.errors import ConfigError
 from dpolicy.policy.checkpoint import register_kind
 from dpolicy.process import sample_loop
@@ -172,9 +172,7 @@ class AnchorDiffusionPlanner(nn.Module):
         self.cfg = {"n_anchors": int(anchors.shape[0]), "d": d, "t_trunc": t_trunc, "t_start": t_start, "steps": steps,
                     "encoder": encoder, "layers": layers, "heads": heads, "encoder_layers": encoder_layers,
                     "ego_dropout": ego_dropout}
-        if frame not in ("ego", "route"):
-            raise ConfigError(f"plan frame {frame!r} is unknown; choose ego or route.")
-        self.frame = frame  # anchors, targets and plans in this frame (dpolicy.drive.frenet); ego-frame configs omit it
+        self.frame = check_frame(frame, "plan")  # anchors, targets and plans in this frame (dpolicy.drive.frenet); ego-frame configs omit it
         if frame != "ego":
             self.cfg["frame"] = frame
 

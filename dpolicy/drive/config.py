@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from dpolicy.config import _check, check_choice, check_device, check_min, register
 from dpolicy.drive.encoder import ENCODERS
+from dpolicy.drive.frenet import FRAMES
 from dpolicy.drive.masked import ORDERS
 from dpolicy.drive.rl import RLConfig
 
@@ -47,7 +48,7 @@ class DriveModelConfig:
     def __post_init__(self):
         check_choice(self, "model", "planner", ("masked", "anchor", "scorer"))
         check_choice(self, "model", "encoder", ENCODERS)
-        check_choice(self, "model", "frame", ("ego", "route"))
+        check_choice(self, "model", "frame", FRAMES)
         check_min(self, "model", 1, "d", "layers", "heads", "encoder_layers", "anchors", "expert_hidden", "top_k")
         check_min(self, "model", 0, "experts")
         _check(self.experts == 0 or self.top_k <= self.experts,

@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import torch
 
-from dpolicy.errors import ShapeError
+from dpolicy.errors import ConfigError, ShapeError
 from dpolicy_envs.driving.vector import MAP_TYPES, POINTS, POS_SCALE, SEGMENTS, SPACING
 
+FRAMES = ("ego", "route")  # the frames a planner can write its plans in
 ROUTE_COLUMN = 4 + MAP_TYPES.index("route")  # the route lane's one-hot column among a map point's features
 NEWTON_STEPS = 6
 
@@ -102,11 +103,28 @@ def from_ego_relative(frame, rel: torch.Tensor) -> torch.Tensor:
     return from_route(frame, rel + origin)
 
 
-def to_frame(frame: str, obs: dict, traj: torch.Tensor) -> torch.Tensor:
+def check_frame(frame: str, who: str) -> str:
+    """``frame`` if it is one of ``FRAMES``, else a ConfigError naming ``who`` (the setting or class that holds it)."""
+    if frame not in FRAMES:
+        raise ConfigError(f"{who} frame {frame!r} is unknown; choose {' or '.join(FRAMES)}.")
+    return frame
+
+
+def _route_of(obs: dict | None, batch: int):
+    """The route frame of ``obs``, checked to hold one scene per plan of a ``batch``."""
+    if obs is None:
+        raise ConfigError("a route-frame planner needs the scenes' observation (obs) to encode or decode plans.")
+    frame = route_polyline(obs)
+    if frame[0].shape[0] != batch:
+        raise ShapeError(f"{batch} plans but an observation of {frame[0].shape[0]} scenes.")
+    return frame
+
+
+def to_frame(frame: str, obs: dict | None, traj: torch.Tensor) -> torch.Tensor:
     """Ego-frame plans (B, K, 2) written in a planner's ``frame``: as they are (ego), or ``ego_relative`` (route)."""
-    return traj if frame == "ego" else ego_relative(route_polyline(obs), traj)
+    return traj if frame == "ego" else ego_relative(_route_of(obs, traj.shape[0]), traj)
 
 
-def from_frame(frame: str, obs: dict, x: torch.Tensor) -> torch.Tensor:
+def from_frame(frame: str, obs: dict | None, x: torch.Tensor) -> torch.Tensor:
     """The inverse of ``to_frame``."""
-    return x if frame == "ego" else from_ego_relative(route_polyline(obs), x)
+    return x if frame == "ego" else from_ego_relative(_route_of(obs, x.shape[0]), x)

@@ -16,17 +16,14 @@ import math
 
 import torch
 
+from dpolicy.drive.frenet import check_frame, from_frame, to_frame
 from dpolicy.errors import ConfigError, ShapeError
-
-
-FRAMES = ("ego", "route")
 
 
 class TrajectoryTokenizer:
     def __init__(self, mode: str = "deltas", resolution: float = 0.2, x_range=(-1.0, 13.0), y_range=(-3.0, 3.0),
                  n_waypoints: int = 8, frame: str = "ego"):
-        if frame not in FRAMES:
-            raise ConfigError(f"tokenizer frame {frame!r} is unknown; choose {' or '.join(FRAMES)}.")
+        check_frame(frame, "tokenizer")
         if mode not in ("waypoints", "deltas"):
             raise ConfigError(f"tokenizer mode {mode!r} is unknown; choose waypoints or deltas.")
         # ranges are waypoint ranges in "waypoints" mode and per-step (0.5 s) delta ranges in "deltas" mode
@@ -54,19 +51,6 @@ class TrajectoryTokenizer:
             out["frame"] = self.frame
         return out
 
-    def _frame(self, obs: dict | None, batch: int):
-        """The route frame of ``obs`` for ``batch`` plans (None in the ego frame)."""
-        if self.frame == "ego":
-            return None
-        if obs is None:
-            raise ConfigError("a route-frame tokenizer needs the scenes' observation (obs) to encode or decode plans.")
-        from dpolicy.drive.frenet import route_polyline
-
-        frame = route_polyline(obs)
-        if frame[0].shape[0] != batch:
-            raise ShapeError(f"{batch} plans but an observation of {frame[0].shape[0]} scenes.")
-        return frame
-
     def valid_mask(self, device=None) -> torch.Tensor:
         """(L, V) bool: position 2k takes x ids, 2k+1 takes y ids."""
         m = torch.zeros(self.length, self.vocab, dtype=torch.bool, device=device)
@@ -85,11 +69,7 @@ class TrajectoryTokenizer:
             raise ShapeError(f"trajectories must have shape (B, {self.n_waypoints}, 2), got {tuple(traj.shape)}.")
         if not torch.isfinite(traj).all():
             raise ShapeError("trajectories to encode contain NaN or infinite values.")
-        frame = self._frame(obs, traj.shape[0])
-        if frame is not None:
-            from dpolicy.drive.frenet import ego_relative
-
-            traj = ego_relative(frame, traj)
+        traj = to_frame(self.frame, obs, traj)
         toks = torch.empty(traj.shape[0], self.n_waypoints, 2, dtype=torch.long, device=traj.device)
         if self.mode == "waypoints":
             for c in range(2):
@@ -110,11 +90,5 @@ class TrajectoryTokenizer:
         t = tokens.reshape(-1, self.n_waypoints, 2) - torch.tensor(self.offsets, device=tokens.device)
         if (t < 0).any() or (t[..., 0] >= self.sizes[0]).any() or (t[..., 1] >= self.sizes[1]).any():
             raise ShapeError("tokens hold ids outside their coordinate's range (a mask token left undecoded?).")
-        frame = self._frame(obs, t.shape[0])
         out = torch.stack([self._dq(t[..., c], c) for c in range(2)], -1)
-        out = out.cumsum(1) if self.mode == "deltas" else out
-        if frame is not None:
-            from dpolicy.drive.frenet import from_ego_relative
-
-            out = from_ego_relative(frame, out)
-        return out
+        return from_frame(self.frame, obs, out.cumsum(1) if self.mode == "deltas" else out)
